@@ -1,0 +1,59 @@
+"""`edgepeft VERB ...`: each verb is a module in this package with `add_arguments` and `run`.
+
+Errors that are the user's (EdgepeftError) are printed as one line and exit non-zero
+(2 for bad input, 1 for a runtime failure); nothing else is caught."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..errors import EdgepeftError
+
+# verb -> (module, one-line help). The module list is what the tool does.
+VERBS = {
+    "export": ("export", "export a base (and adapters) to a bundle"),
+    "add-adapter": ("add_adapter", "export one more PEFT adapter into a bundle"),
+    "remove-adapter": ("remove_adapter", "remove an adapter from a bundle"),
+    "inspect": ("inspect", "show a bundle's base, backends, adapters and the support table"),
+    "run": ("run", "generate text from a prompt"),
+    "chat": ("chat", "interactive chat; /adapter NAME switches adapters"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: one line, exit 2 (argparse's default code)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgepeft", description="Ship PEFT adapters to devices.")
+    parser.add_argument("--version", action="version", version=f"edgepeft {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for verb, (module, help_) in VERBS.items():
+        mod = importlib.import_module(f"edgepeft.cli.{module}")
+        p = sub.add_parser(verb, help=help_, description=(mod.__doc__ or help_).strip())
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except EdgepeftError as e:
+        print(f"edgepeft {args.verb}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

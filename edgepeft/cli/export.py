@@ -1,0 +1,46 @@
+"""Export a base model (a local Hugging Face directory or builtin:NAME) to a bundle, with any
+number of PEFT adapters as separate hot-swappable files (or one merged in with --merge)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import BundleError
+
+
+def parse_adapter_arg(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PEFT_DIR, got {value!r}")
+    return name, path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", metavar="BASE", help="Hugging Face model directory or builtin:smollm2-135m")
+    p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
+    p.add_argument("--adapter", action="append", default=[], type=parse_adapter_arg, metavar="NAME=PEFT_DIR",
+                   help="a PEFT adapter directory to export under NAME (repeatable)")
+    p.add_argument("--format", default="onnx", help="comma-separated backends to export (onnx)")
+    p.add_argument("--onnx-quant", default="int4", choices=["int4", "int8", "fp16", "fp32"],
+                   help="ONNX base precision (default int4: MatMulNBits)")
+    p.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size (default 32)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits compute type: 4 = int8 (fast on CPU), 1 = fp32 (default 4)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="longest sequence the bundle supports (default: the model's, at most 8192)")
+    p.add_argument("--merge", metavar="NAME", help="bake adapter NAME into a dedicated base instead of a separate file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from edgepeft.exporters import export_bundle
+
+    names = [n for n, _ in args.adapter]
+    if len(set(names)) != len(names):
+        raise BundleError("each --adapter NAME must be unique")
+    bundle = export_bundle(args.base, args.out, dict(args.adapter), formats=args.format,
+                           onnx_quant=args.onnx_quant, block_size=args.block_size,
+                           accuracy_level=args.accuracy_level, context_length=args.context_length,
+                           merge=args.merge, quiet=args.quiet)
+    print(f"wrote {bundle.root} ({', '.join(bundle.backends)}; adapters: {', '.join(bundle.adapters) or 'none'})")
+    return 0

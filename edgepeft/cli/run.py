@@ -1,0 +1,56 @@
+"""Generate a completion of PROMPT with the bundle's base, or with one of its adapters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--backend", default="onnx", choices=["onnx"], help="engine to run on (default onnx)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
+    p.add_argument("--adapter", default=None, metavar="NAME", help="adapter to apply (default: the plain base)")
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, adapter, backend, timings")
+    p.add_argument("--quiet", action="store_true", help="no timings on stderr")
+    p.add_argument("prompt", metavar="PROMPT")
+
+
+def open_engine(args):
+    from edgepeft.runtime import Engine
+
+    return Engine.open(args.bundle, backend=args.backend, device=args.device, threads=args.threads)
+
+
+def run(args) -> int:
+    from edgepeft.errors import EngineError
+
+    engine = open_engine(args)
+    kw = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat)
+    try:
+        if args.json:
+            print(json.dumps(engine.complete(args.prompt, **kw).to_json()))
+            return 0
+        result = engine.complete(args.prompt, **kw)
+    except ValueError as e:  # sampling parameters out of range
+        raise EngineError(str(e)) from None
+    print(result.text)
+    if not args.quiet:
+        t = result.timings
+        print(f"[{result.backend}, adapter {result.adapter or 'none'}] load {t['load_s']:.2f} s, "
+              f"prefill {result.prompt_tokens} tok at {t['prefill_tokens_per_s']} tok/s, "
+              f"decode {t['decode_tokens']} tok at {t['decode_tokens_per_s']} tok/s", file=sys.stderr)
+    return 0

@@ -1,0 +1,49 @@
+"""One exception type per user-facing failure family; the CLI prints each as one line."""
+
+
+class EdgepeftError(Exception):
+    """Base of every error edgepeft raises on purpose. `exit_code` is what the CLI returns."""
+
+    exit_code = 2
+
+
+class BundleError(EdgepeftError):
+    """A bundle directory, manifest or one of its files is missing, corrupt or inconsistent."""
+
+
+class AdapterError(EdgepeftError):
+    """A PEFT adapter directory or an exported adapter file cannot be read."""
+
+
+class AdapterMismatch(EdgepeftError):
+    """An adapter does not fit the base it is used with (other base, other shapes)."""
+
+
+class UnsupportedAdapter(EdgepeftError):
+    """The adapter kind (or one of its options) cannot run on the requested backend."""
+
+
+class UnsupportedModel(EdgepeftError):
+    """The base model's architecture or configuration is outside what the exporter handles."""
+
+
+class MissingExtra(EdgepeftError):
+    """An optional dependency is not installed; the message names the pip extra."""
+
+
+class EngineError(EdgepeftError):
+    """A failure while running a model (not caused by bad input)."""
+
+    exit_code = 1
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency or raise MissingExtra naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MissingExtra(
+            f"{module} is not installed: pip install 'edgepeft[{extra}]' ({e})"
+        ) from None

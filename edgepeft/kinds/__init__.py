@@ -1,0 +1,63 @@
+"""Adapter kinds: one module per kind, and the table of which kind runs where.
+
+Each kind module exposes `KIND` (our name), `PEFT_TYPES` (PEFT's `peft_type` values it reads)
+and `read(path, config) -> AdapterSpec`. The exporters hold each kind's backend encoding in
+`edgepeft.exporters.kinds`; this table says what exists, and `edgepeft inspect` prints it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import AdapterError, UnsupportedAdapter
+from . import lora
+from .spec import AdapterSpec
+
+KINDS = {m.KIND: m for m in (lora,)}
+_BY_PEFT_TYPE = {t: m for m in KINDS.values() for t in m.PEFT_TYPES}
+
+# How each kind runs on each backend: "swap" = separate file, hot-swapped at run time;
+# "merge" = only baked into a dedicated base; "no" = not supported (yet). One row per kind.
+SUPPORT: dict[str, dict[str, str]] = {
+    "lora": {"onnx": "swap", "gguf": "planned"},
+}
+
+
+def read_peft_adapter(path: str | Path) -> AdapterSpec:
+    """Read a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: not a directory (expected a PEFT adapter directory)")
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise AdapterError(f"{path}: no adapter_config.json (not a PEFT adapter directory)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object")
+    if not (path / "adapter_model.safetensors").is_file():
+        if (path / "adapter_model.bin").exists():
+            raise AdapterError(
+                f"{path}: only adapter_model.bin (a pickle) is present; edgepeft reads safetensors "
+                "only. Re-save it with PeftModel.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise AdapterError(f"{path}: no adapter_model.safetensors")
+    peft_type = str(config.get("peft_type", "")).upper()
+    kind = _BY_PEFT_TYPE.get(peft_type)
+    if kind is None:
+        raise UnsupportedAdapter(
+            f"{cfg_path}: PEFT type {peft_type or '(missing)'} is not supported; "
+            f"supported: {', '.join(sorted(_BY_PEFT_TYPE))}"
+        )
+    return kind.read(path, config)
+
+
+def support_table() -> list[dict[str, str]]:
+    """The kind x backend table as rows, for `inspect` and docs."""
+    return [{"kind": k, **row} for k, row in SUPPORT.items()]
+
+
+__all__ = ["AdapterSpec", "KINDS", "SUPPORT", "read_peft_adapter", "support_table"]

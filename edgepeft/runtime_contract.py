@@ -1,0 +1,13 @@
+"""Small facts both sides of the ONNX path must agree on (exporter writes, runtime checks)."""
+
+from __future__ import annotations
+
+
+def fingerprint_version(fingerprint: str) -> int:
+    """The base fingerprint folded to 31 bits, stored as the adapter file's model_version.
+
+    onnxruntime's adapter format has no free-form metadata; its `model_version` field is meant to
+    identify the model an adapter belongs to, so it carries (a digest of) the base fingerprint and
+    the runtime refuses an adapter file exported for another base."""
+    digest = fingerprint.split(":", 1)[-1]
+    return int(digest[:8], 16) & 0x7FFFFFFF

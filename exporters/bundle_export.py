@@ -1,0 +1,212 @@
+"""`export` and `add-adapter`: write a bundle (base + adapters) atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgepeft.bundle import MANIFEST, Bundle, adapter_file, check_adapter_name, new_manifest
+from edgepeft.errors import BundleError, UnsupportedAdapter, require
+from edgepeft.files import TMP_PREFIX
+from edgepeft.kinds import SUPPORT, AdapterSpec, read_peft_adapter
+
+from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir
+from .onnx_adapter import export_adapter_onnx
+from .onnx_graph import build_decoder
+from .onnx_quant import ONNX_QUANTS, quantize
+
+FORMATS = ("onnx",)
+
+
+def _parse_formats(formats) -> list[str]:
+    formats = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    for f in formats:
+        if f not in FORMATS:
+            raise BundleError(f"format {f!r} is not available (choose from {', '.join(FORMATS)})")
+    if not formats:
+        raise BundleError("no output format given")
+    return formats
+
+
+class _Progress:
+    """A step counter drawn with tqdm; silent with quiet=True."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.bar = None
+        if not quiet:
+            tqdm = require("tqdm", "export").tqdm
+            # disable=None: drawn on a terminal only, so piped stderr carries just our messages.
+            self.bar = tqdm(total=total, unit="step", disable=None, leave=False,
+                            bar_format="{desc:<40}{bar}| {n}/{total} [{elapsed}]")
+
+    def step(self, desc: str):
+        if self.bar:
+            self.bar.set_description_str(desc)
+
+    def done(self):
+        if self.bar:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
+@contextmanager
+def _staging_dir(out: Path):
+    """A fresh directory beside `out`; removed unless the caller moved it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an existing bundle at `out` is replaced whole."""
+    if out.exists():
+        if not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise BundleError(f"{out}: exists and is not an edgepeft bundle; refusing to overwrite it")
+        old = out.parent / f"{TMP_PREFIX}{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
+    how = SUPPORT.get(spec.kind, {}).get(backend, "no")
+    if how != "swap":
+        raise UnsupportedAdapter(
+            f"{spec.path}: adapter {name!r} ({spec.kind}) cannot be hot-swapped on {backend}"
+            + (f"; use --merge {name}" if how == "merge" else "")
+        )
+
+
+def _write_adapter(bundle: Bundle, name: str, spec: AdapterSpec, formats: list[str]) -> None:
+    files = {}
+    for backend in formats:
+        _check_kind(spec, backend, name)
+        rel = adapter_file(name, backend)
+        if backend == "onnx":
+            export_adapter_onnx(spec, bundle.backends["onnx"], bundle.fingerprint, bundle.file(rel))
+        bundle.record_file(rel)
+        files[backend] = rel
+    bundle.adapters[name] = {**spec.summary(), "source": str(spec.path), "files": files}
+
+
+def _merge(base: BaseModel, spec: AdapterSpec) -> None:
+    """Bake a PEFT adapter into the base weights, with PEFT itself (the reference semantics)."""
+    peft = require("peft", "export")
+    merged = peft.PeftModel.from_pretrained(base.model, str(spec.path)).merge_and_unload()
+    base.model = merged.eval()
+    base.fingerprint = fingerprint_state_dict(base.model.state_dict())
+
+
+def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = None,
+                  formats="onnx", onnx_quant: str = "int4", block_size: int = 32,
+                  accuracy_level: int = 4, context_length: int | None = None,
+                  merge: str | None = None, quiet: bool = False) -> Bundle:
+    """Export `base` (HF dir or builtin:NAME) and PEFT `adapters` {name: dir} into bundle `out`."""
+    out = Path(out)
+    formats = _parse_formats(formats)
+    if onnx_quant not in ONNX_QUANTS:
+        raise BundleError(f"unknown ONNX precision {onnx_quant!r} (choose from {', '.join(ONNX_QUANTS)})")
+    adapters = dict(adapters or {})
+    # Read every adapter before the (slow) base export, so bad input fails in a second.
+    specs = {check_adapter_name(n): read_peft_adapter(p) for n, p in adapters.items()}
+    if merge is not None:
+        if merge not in specs:
+            raise BundleError(f"--merge {merge}: no adapter of that name was given with --adapter")
+        if len(specs) > 1:
+            raise BundleError("--merge makes a dedicated base; export the other adapters to another bundle")
+
+    resolve_base_dir(base)  # a wrong path fails here, before anything slow starts
+    progress = _Progress(4 + len(specs), quiet)
+    try:
+        progress.step("loading base")
+        base_model = load_base(base)
+        progress.done()
+        merged = None
+        if merge is not None:
+            merged = {"name": merge, **specs.pop(merge).summary()}
+            _merge(base_model, read_peft_adapter(adapters[merge]))
+        with _staging_dir(out) as tmp:
+            tokenizer = copy_tokenizer(base_model, tmp)
+            manifest = new_manifest(
+                base={"source": base, "architecture": base_model.config.architectures[0]
+                      if getattr(base_model.config, "architectures", None) else base_model.config.model_type,
+                      "model_type": base_model.config.model_type, "fingerprint": base_model.fingerprint,
+                      "dims": base_model.dims, "linear_shapes": base_model.linear_shapes(),
+                      **({"merged_adapter": merged} if merged else {})},
+                tokenizer=tokenizer,
+            )
+            bundle = Bundle(tmp, manifest)
+            for name in tokenizer["files"]:
+                bundle.record_file(name)
+            if "onnx" in formats:
+                progress.step(f"building ONNX graph ({onnx_quant})")
+                graph_dtype = "fp16" if onnx_quant == "fp16" else "fp32"
+                proto, info = build_decoder(base_model, graph_dtype, context_length)
+                progress.done()
+                progress.step(f"quantizing ({onnx_quant})")
+                proto = quantize(proto, onnx_quant, info["lora_nodes"], block_size, accuracy_level)
+                progress.done()
+                progress.step("writing onnx/model.onnx")
+                _save_onnx(proto, tmp / "onnx" / "model.onnx")
+                for rel in ("onnx/model.onnx", "onnx/model.onnx.data"):
+                    if bundle.file(rel).exists():
+                        bundle.record_file(rel)
+                bundle.backends["onnx"] = {
+                    "model": "onnx/model.onnx", "quant": onnx_quant,
+                    **({"block_size": block_size, "accuracy_level": accuracy_level}
+                       if onnx_quant in ("int4", "int8") else {}),
+                    "dtype": info["dtype"], "context_length": info["context_length"],
+                    "kv": info["kv"], "slots": info["slots"],
+                }
+                progress.done()
+            for name, spec in specs.items():
+                progress.step(f"adapter {name}")
+                _write_adapter(bundle, name, spec, formats)
+                progress.done()
+            bundle.save()
+            _replace_dir(tmp, out)
+            progress.done()
+    finally:
+        progress.close()
+    return Bundle.open(out)
+
+
+def _save_onnx(proto, path: Path) -> None:
+    onnx = require("onnx", "export")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+
+
+def add_adapter(bundle_dir: str | Path, name: str, peft_dir: str | Path, formats=None) -> Bundle:
+    """Export one more adapter into an existing bundle. Base files are never rewritten."""
+    bundle = Bundle.open(bundle_dir)
+    check_adapter_name(name)
+    if name in bundle.adapters:
+        raise BundleError(f"{bundle.root}: already has an adapter named {name!r}; remove-adapter it first")
+    formats = _parse_formats(formats) if formats else [b for b in bundle.backends if b in FORMATS]
+    for backend in formats:
+        if backend not in bundle.backends:
+            raise BundleError(f"{bundle.root}: has no {backend} base; export it with --format {backend}")
+    spec = read_peft_adapter(peft_dir)
+    try:
+        _write_adapter(bundle, name, spec, formats)
+    except BaseException:
+        # Nothing but the adapter files may have been written; the manifest is untouched.
+        for backend in formats:
+            bundle.file(adapter_file(name, backend)).unlink(missing_ok=True)
+        raise
+    bundle.save()
+    return bundle

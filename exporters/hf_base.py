@@ -1,0 +1,151 @@
+"""Load a Hugging Face base model and describe it in the manifest's neutral terms."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepeft.errors import UnsupportedModel, require
+
+# Architectures the exporters know; SmolLM models are model_type "llama".
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Linear layers that get adapter slots, with the submodule that owns them.
+LINEAR_TARGETS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+@dataclass
+class BaseModel:
+    """A loaded base: the torch model (float32, eval), its config and the manifest facts."""
+
+    source: str
+    local_dir: Path
+    model: object
+    config: object
+    dims: dict
+    fingerprint: str
+
+    def module_name(self, layer: int, target: str) -> str:
+        return f"model.layers.{layer}.{LINEAR_TARGETS[target]}.{target}"
+
+    def linear_shapes(self) -> dict[str, list[int]]:
+        """[in_features, out_features] of every slot-able linear layer, by short name."""
+        d = self.dims
+        q, kv = d["num_heads"] * d["head_dim"], d["num_kv_heads"] * d["head_dim"]
+        h, i = d["hidden_size"], d["intermediate_size"]
+        return {"q_proj": [h, q], "k_proj": [h, kv], "v_proj": [h, kv], "o_proj": [q, h],
+                "gate_proj": [h, i], "up_proj": [h, i], "down_proj": [i, h]}
+
+
+def resolve_base_dir(source: str) -> Path:
+    """A local HF directory, or a `builtin:` name materialised into the cache."""
+    if source.startswith("builtin:"):
+        from .builtin import materialize
+
+        return materialize(source)
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise UnsupportedModel(f"{source}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def _dims(config) -> dict:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        window = None
+    return {
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_hidden_layers,
+        "num_heads": heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": float(config.rms_norm_eps),
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "max_position_embeddings": int(getattr(config, "max_position_embeddings", 2048)),
+        "sliding_window": int(window) if window else None,
+    }
+
+
+def fingerprint_state_dict(state_dict) -> str:
+    """sha256 over every weight (name, shape, float32 bytes) in name order: the base's identity.
+    The same weights give the same fingerprint whatever file format they came from."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().float().cpu().contiguous().numpy()
+        h.update(name.encode() + b"\0" + str(list(t.shape)).encode() + b"\0")
+        h.update(np.ascontiguousarray(t).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def load_base(source: str) -> BaseModel:
+    """Load `source` (local HF dir or builtin:NAME) as float32 for export."""
+    torch = require("torch", "export")
+    transformers = require("transformers", "export")
+    local = resolve_base_dir(source)
+    try:
+        config = transformers.AutoConfig.from_pretrained(local, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UnsupportedModel(f"{local}/config.json: cannot be read ({str(e).splitlines()[0]})") from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModel(
+            f"{local}: architecture {config.model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedModel(f"{local}: mlp_bias=True is not supported yet")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        local, torch_dtype=torch.float32, local_files_only=True
+    ).eval()
+    if not (local / "tokenizer.json").is_file():
+        raise UnsupportedModel(f"{local}: no tokenizer.json (a fast tokenizer is required)")
+    return BaseModel(source=source, local_dir=local, model=model, config=config,
+                     dims=_dims(config), fingerprint=fingerprint_state_dict(model.state_dict()))
+
+
+def copy_tokenizer(base: BaseModel, dest: Path) -> dict:
+    """Copy the tokenizer files into the bundle; return the manifest's tokenizer section."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = base.local_dir / name
+        if src.is_file():
+            shutil.copyfile(src, dest / name)
+            copied.append(name)
+    tok_cfg = json.loads((base.local_dir / "tokenizer_config.json").read_text()) \
+        if (base.local_dir / "tokenizer_config.json").is_file() else {}
+    gen_cfg = json.loads((base.local_dir / "generation_config.json").read_text()) \
+        if (base.local_dir / "generation_config.json").is_file() else {}
+    vocab = json.loads((base.local_dir / "tokenizer.json").read_text()).get("model", {}).get("vocab", {})
+    added = {t["content"]: t["id"] for t in json.loads(
+        (base.local_dir / "tokenizer.json").read_text()).get("added_tokens", [])}
+
+    def token_id(tok):
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        if tok is None:
+            return None
+        return added.get(tok, vocab.get(tok) if isinstance(vocab, dict) else None)
+
+    eos = gen_cfg.get("eos_token_id", base.config.eos_token_id)
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if token_id(tok_cfg.get("eos_token")) is not None:
+        eos_ids.add(token_id(tok_cfg.get("eos_token")))
+    return {
+        "files": copied,
+        "bos_token_id": token_id(tok_cfg.get("bos_token")),
+        "eos_token_ids": sorted(i for i in eos_ids if i is not None),
+        "pad_token_id": token_id(tok_cfg.get("pad_token")),
+        "chat_template": bool(tok_cfg.get("chat_template")) or "chat_template.jinja" in copied,
+    }

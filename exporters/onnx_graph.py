@@ -1,0 +1,196 @@
+"""Build the ONNX decoder graph for a llama-family base, with swappable LoRA slots.
+
+Why not Optimum: Optimum exports merged models only (no adapter inputs), and its traced graph
+keeps attention as dozens of primitive ops. onnxruntime-genai reaches its speed with a graph made
+of onnxruntime's fused operators, built directly from the weights; we do the same, plus the
+adapter slots, in one pass with onnx.helper:
+
+  Gather(embed) -> [SimplifiedLayerNorm | SkipSimplifiedLayerNorm] -> q,k,v -> GroupQueryAttention
+  (rotary inside, KV cache in/out) -> o -> SkipSimplifiedLayerNorm -> gate,up -> SiLU*up -> down
+  ... -> SkipSimplifiedLayerNorm -> lm_head -> logits
+
+Every slot-able linear layer y = x W^T (+ b) becomes y = x W^T (+ b) + (x A) B, where A [in, r]
+and B [r, out] are graph inputs with rank-0 initializers as defaults: without an adapter the
+extra path multiplies by empty matrices and adds exact zeros, and onnxruntime's adapter files
+(or bound OrtValues) override them per run without touching the base weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgepeft.errors import require
+
+from .hf_base import LINEAR_TARGETS, BaseModel
+
+MS = "com.microsoft"
+OPSET = 17
+
+
+def slot_names(module: str) -> tuple[str, str]:
+    """Graph input names of a linear layer's LoRA slot (A, B)."""
+    return f"lora.{module}.A", f"lora.{module}.B"
+
+
+def kv_names(layer: int) -> tuple[str, str, str, str]:
+    return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+            f"present.{layer}.key", f"present.{layer}.value")
+
+
+@dataclass
+class _Graph:
+    np_dtype: type
+    onnx_dtype: int
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    lora_nodes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.h = require("onnx", "export").helper
+
+    def init(self, name: str, arr: np.ndarray, cast: bool = True) -> str:
+        nh = require("onnx", "export").numpy_helper
+        if cast:
+            arr = arr.astype(self.np_dtype)
+        self.inits.append(nh.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | int, name: str, domain: str = "", **attrs):
+        if isinstance(outputs, int):
+            outputs = [f"{name}/out{i}" for i in range(outputs)]
+        self.nodes.append(self.h.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | None = None):
+    """Return (ModelProto, info) for `base`; info lists slots and KV layout for the manifest.
+
+    dtype is the float type of activations, weights and slots ("fp32" or "fp16"); int4/int8
+    quantize the fp32 graph afterwards (see onnx_quant.py)."""
+    onnx = require("onnx", "export")
+    torch = require("torch", "export")
+    TP = onnx.TensorProto
+    np_dtype, onnx_dtype = (np.float16, TP.FLOAT16) if dtype == "fp16" else (np.float32, TP.FLOAT)
+    g = _Graph(np_dtype, onnx_dtype)
+    h = g.h
+    d = base.dims
+    H, L = d["hidden_size"], d["num_layers"]
+    nh, nkv, hd = d["num_heads"], d["num_kv_heads"], d["head_dim"]
+    ctx = int(context_length or min(d["max_position_embeddings"], 8192))
+    model = base.model
+    inner = model.model
+
+    # ---- inputs ------------------------------------------------------------------------------
+    g.inputs.append(h.make_tensor_value_info("input_ids", TP.INT64, ["batch", "seq"]))
+    g.inputs.append(h.make_tensor_value_info("attention_mask", TP.INT64, ["batch", "total_seq"]))
+    for i in range(L):
+        pk, pv, ok, ov = kv_names(i)
+        for n in (pk, pv):
+            g.inputs.append(h.make_tensor_value_info(n, onnx_dtype, ["batch", nkv, "past_seq", hd]))
+        for n in (ok, ov):
+            g.outputs.append(h.make_tensor_value_info(n, onnx_dtype, ["batch", nkv, "present_seq", hd]))
+
+    # GroupQueryAttention takes per-sequence lengths (total - 1) and the total length as int32.
+    mask_sum = g.node("ReduceSum", ["attention_mask", g.init("const.axes1", np.array([1], np.int64), cast=False)],
+                      1, "/seqlens/ReduceSum", keepdims=0)
+    seqlens = g.node("Sub", [mask_sum, g.init("const.one_i64", np.array(1, np.int64), cast=False)], 1, "/seqlens/Sub")
+    seqlens = g.node("Cast", [seqlens], 1, "/seqlens/Cast", to=TP.INT32)
+    mask_shape = g.node("Shape", ["attention_mask"], 1, "/total/Shape")
+    total = g.node("Gather", [mask_shape, g.init("const.one_idx", np.array(1, np.int64), cast=False)], 1, "/total/Gather", axis=0)
+    total = g.node("Cast", [total], 1, "/total/Cast", to=TP.INT32)
+
+    # Rotary tables from the model's own rotary module, so every rope variant transformers
+    # implements (llama3, linear, dynamic at load, yarn scaling) comes out exactly as in PyTorch.
+    with torch.no_grad():
+        pos = torch.arange(ctx).unsqueeze(0)
+        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    cos_cache = g.init("rotary.cos_cache", _np(cos[0, :, : hd // 2]))
+    sin_cache = g.init("rotary.sin_cache", _np(sin[0, :, : hd // 2]))
+
+    slots = []
+
+    def linear(x: str, module: str, layer_mod, name: str) -> str:
+        y = g.node("MatMul", [x, g.init(f"{module}.weight_T", _np(layer_mod.weight).T)], 1, f"/{name}/MatMul")
+        if layer_mod.bias is not None:
+            y = g.node("Add", [y, g.init(f"{module}.bias", _np(layer_mod.bias))], 1, f"/{name}/BiasAdd")
+        a_name, b_name = slot_names(module)
+        fan_in, fan_out = layer_mod.weight.shape[1], layer_mod.weight.shape[0]
+        rank_dim = f"rank.{module}"
+        g.inputs.append(h.make_tensor_value_info(a_name, onnx_dtype, [fan_in, rank_dim]))
+        g.inputs.append(h.make_tensor_value_info(b_name, onnx_dtype, [rank_dim, fan_out]))
+        g.init(a_name, np.zeros((fan_in, 0)))
+        g.init(b_name, np.zeros((0, fan_out)))
+        xa = g.node("MatMul", [x, a_name], 1, f"/{name}/lora/MatMulA")
+        xab = g.node("MatMul", [xa, b_name], 1, f"/{name}/lora/MatMulB")
+        g.lora_nodes += [f"/{name}/lora/MatMulA", f"/{name}/lora/MatMulB"]
+        slots.append({"module": module, "target": module.rsplit(".", 1)[-1], "in": fan_in, "out": fan_out,
+                      "A": a_name, "B": b_name})
+        return g.node("Add", [y, xab], 1, f"/{name}/lora/Add")
+
+    eps = d["rms_norm_eps"]
+    x = g.node("Gather", [g.init("model.embed_tokens.weight", _np(inner.embed_tokens.weight)), "input_ids"],
+               1, "/embed/Gather")
+    residual = None
+    pending = x  # output of the previous block, to be added to the residual stream
+
+    def norm(inp: str, weight, name: str) -> str:
+        """RMSNorm of residual+inp (fused skip add); updates the residual stream."""
+        nonlocal residual
+        w = g.init(f"{name}.weight", _np(weight))
+        if residual is None:
+            residual = inp
+            return g.node("SimplifiedLayerNormalization", [inp, w], 1, f"/{name}/Norm",
+                          axis=-1, epsilon=eps, stash_type=1)
+        outs = [f"/{name}/out", "", "", f"/{name}/residual"]
+        g.node("SkipSimplifiedLayerNormalization", [inp, residual, w], outs, f"/{name}/SkipNorm",
+               domain=MS, epsilon=eps)
+        residual = outs[3]
+        return outs[0]
+
+    for i, layer in enumerate(inner.layers):
+        p = f"model.layers.{i}"
+        hnorm = norm(pending, layer.input_layernorm.weight, f"{p}.input_layernorm")
+        att = layer.self_attn
+        q = linear(hnorm, f"{p}.self_attn.q_proj", att.q_proj, f"{p}/attn/q_proj")
+        k = linear(hnorm, f"{p}.self_attn.k_proj", att.k_proj, f"{p}/attn/k_proj")
+        v = linear(hnorm, f"{p}.self_attn.v_proj", att.v_proj, f"{p}/attn/v_proj")
+        pk, pv, ok, ov = kv_names(i)
+        attn_out = f"/{p}/attn/GQA/out"
+        g.node("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total, cos_cache, sin_cache],
+               [attn_out, ok, ov], f"/{p}/attn/GQA", domain=MS,
+               num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5), do_rotary=1,
+               rotary_interleaved=0, local_window_size=int(d["sliding_window"] or -1))
+        o = linear(attn_out, f"{p}.self_attn.o_proj", att.o_proj, f"{p}/attn/o_proj")
+        hnorm = norm(o, layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
+        mlp = layer.mlp
+        gate = linear(hnorm, f"{p}.mlp.gate_proj", mlp.gate_proj, f"{p}/mlp/gate_proj")
+        up = linear(hnorm, f"{p}.mlp.up_proj", mlp.up_proj, f"{p}/mlp/up_proj")
+        sig = g.node("Sigmoid", [gate], 1, f"/{p}/mlp/act/Sigmoid")
+        act = g.node("Mul", [gate, sig], 1, f"/{p}/mlp/act/Mul")
+        prod = g.node("Mul", [act, up], 1, f"/{p}/mlp/Mul")
+        pending = linear(prod, f"{p}.mlp.down_proj", mlp.down_proj, f"{p}/mlp/down_proj")
+
+    final = norm(pending, inner.norm.weight, "model.norm")
+    g.node("MatMul", [final, g.init("lm_head.weight_T", _np(model.lm_head.weight).T)], ["logits"], "/lm_head/MatMul")
+    g.outputs.insert(0, h.make_tensor_value_info("logits", onnx_dtype, ["batch", "seq", d["vocab_size"]]))
+
+    graph = h.make_graph(g.nodes, "edgepeft_decoder", g.inputs, g.outputs, g.inits)
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET), h.make_opsetid(MS, 1)],
+                         producer_name="edgepeft")
+    proto.ir_version = 8
+    info = {
+        "context_length": ctx,
+        "dtype": dtype,
+        "slots": slots,
+        "lora_nodes": g.lora_nodes,
+        "kv": {"num_layers": L, "num_kv_heads": nkv, "head_dim": hd},
+    }
+    return proto, info

@@ -1,0 +1,192 @@
+"""The Engine: a bundle's base loaded once, adapters loaded beside it, chosen per call."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgepeft.bundle import Bundle, check_adapter_name
+from edgepeft.errors import BundleError, EngineError
+
+from .sampling import Sampler, SamplingParams
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+BACKENDS = ("onnx",)
+
+
+@dataclass
+class Completion:
+    """What one generate call produced, for `run --json` and the bench."""
+
+    text: str
+    tokens: list[int]
+    adapter: str | None
+    backend: str
+    prompt_tokens: int
+    stop_reason: str
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "adapter": self.adapter,
+                "backend": self.backend, "prompt_tokens": self.prompt_tokens,
+                "stop_reason": self.stop_reason, "timings": self.timings}
+
+
+def _make_backend(bundle: Bundle, backend: str, device: str, threads: int | None):
+    if backend == "onnx":
+        from .onnx_backend import OnnxBackend
+
+        return OnnxBackend(bundle, device=device, threads=threads)
+    raise BundleError(f"backend {backend!r} is not available (choose from {', '.join(BACKENDS)})")
+
+
+class Engine:
+    """Generate with a bundle's base and any of its adapters.
+
+    Thread-safe: calls may run concurrently, each with its own adapter; loading and unloading
+    adapters is safe while other calls run (a call keeps the adapter it started with)."""
+
+    def __init__(self, bundle: Bundle, backend, load_seconds: float):
+        self.bundle = bundle
+        self.backend = backend
+        self.tokenizer = Tokenizer(bundle.root, bundle.manifest["tokenizer"])
+        self.load_seconds = load_seconds
+        self._adapters: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, bundle: str | Path | Bundle, backend: str = "onnx", device: str = "auto",
+             threads: int | None = None, load_adapters: bool = True) -> "Engine":
+        """Open a bundle: the base loads once; with load_adapters, so does every bundled adapter."""
+        t0 = time.perf_counter()
+        b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        engine = cls(b, _make_backend(b, backend, device, threads), 0.0)
+        engine.load_seconds = time.perf_counter() - t0
+        if load_adapters:
+            for name, entry in b.adapters.items():
+                if backend in (entry.get("files") or {}):
+                    engine.load_adapter(name)
+        return engine
+
+    # ---- adapters ------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        with self._lock:
+            return list(self._adapters)
+
+    def load_adapter(self, name: str, path: str | Path | None = None) -> None:
+        """Load adapter `name` from `path` (an adapter file), or from the bundle when omitted."""
+        check_adapter_name(name)
+        path = Path(path) if path is not None else self.bundle.adapter_path(name, self.backend.name)
+        handle = self.backend.load_adapter(path)
+        with self._lock:
+            self._adapters[name] = handle
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if self._adapters.pop(name, None) is None:
+                raise BundleError(f"adapter {name!r} is not loaded")
+
+    def _adapter(self, name: str | None):
+        if name is None:
+            return None
+        with self._lock:
+            handle = self._adapters.get(name)
+        if handle is None:
+            raise BundleError(f"no adapter named {name!r} is loaded (have: {', '.join(self.adapters) or 'none'})")
+        return handle
+
+    # ---- running -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+        if chat or isinstance(prompt, list):
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(messages)
+        return self.tokenizer.encode(prompt)
+
+    def score(self, token_ids, adapter: str | None = None) -> np.ndarray:
+        """Teacher-forced logits [len(token_ids), vocab] for `token_ids` under `adapter`."""
+        ids = [int(t) for t in np.asarray(token_ids).reshape(-1)]
+        seq = self.backend.sequence(self._adapter(adapter), len(ids))
+        return seq.forward(ids)
+
+    def _tokens(self, prompt_ids: list[int], adapter: str | None, max_new_tokens: int,
+                params: SamplingParams, chat: bool, timings: dict) -> Iterator[int]:
+        handle = self._adapter(adapter)
+        if not prompt_ids:
+            raise EngineError("the prompt encodes to no tokens")
+        budget = min(len(prompt_ids) + max_new_tokens, self.backend.context_length)
+        if budget <= len(prompt_ids):
+            raise EngineError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context "
+                              f"({self.backend.context_length})")
+        sampler, stop = Sampler(params), self.tokenizer.stop_ids(chat)
+        seq = self.backend.sequence(handle, budget)
+        t0 = time.perf_counter()
+        logits = seq.forward(prompt_ids)[-1]
+        timings["prefill_s"] = time.perf_counter() - t0
+        t1, n = time.perf_counter(), 0
+        try:
+            while True:
+                token = sampler(logits)
+                if token in stop:
+                    timings["stop_reason"] = "stop"
+                    return
+                n += 1
+                yield token
+                if seq.length >= budget or n >= max_new_tokens:
+                    timings["stop_reason"] = "length"
+                    return
+                logits = seq.forward([token])[-1]
+        finally:
+            timings["decode_s"] = time.perf_counter() - t1
+            timings["decode_tokens"] = n
+
+    def complete(self, prompt: str | list[dict], adapter: str | None = None, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 chat: bool = False) -> Completion:
+        """Generate and return text, token ids and timings."""
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        ids = self.encode_prompt(prompt, chat)
+        timings: dict = {}
+        tokens = list(self._tokens(ids, adapter, max_new_tokens, params, chat, timings))
+        return Completion(
+            text=self.tokenizer.decode(tokens), tokens=tokens, adapter=adapter, backend=self.backend.name,
+            prompt_tokens=len(ids), stop_reason=timings.pop("stop_reason", "length"),
+            timings=_rates(timings, len(ids), self.load_seconds),
+        )
+
+    def generate(self, prompt: str | list[dict], adapter: str | None = None, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 chat: bool = False) -> str:
+        """Generate a completion of `prompt` with `adapter` (None: the plain base)."""
+        return self.complete(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, chat).text
+
+    def stream(self, prompt: str | list[dict], adapter: str | None = None, max_new_tokens: int = 128,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               chat: bool = False) -> Iterator[str]:
+        """Like generate, yielding text pieces as they are decoded."""
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        decoder = IncrementalDecoder(self.tokenizer)
+        for token in self._tokens(self.encode_prompt(prompt, chat), adapter, max_new_tokens, params, chat, {}):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+
+def _rates(t: dict, prompt_tokens: int, load_s: float) -> dict:
+    out = {"load_s": round(load_s, 4), "prefill_s": round(t.get("prefill_s", 0.0), 4),
+           "prefill_tokens_per_s": round(prompt_tokens / t["prefill_s"], 2) if t.get("prefill_s") else None,
+           "decode_tokens": t.get("decode_tokens", 0)}
+    dec = t.get("decode_tokens", 0)
+    # The first generated token comes from the prefill logits; decode rate counts the forward
+    # passes after it.
+    out["decode_tokens_per_s"] = round((dec - 1) / t["decode_s"], 2) if dec > 1 and t.get("decode_s") else None
+    return out

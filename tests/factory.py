@@ -1,0 +1,160 @@
+"""Tiny random bases and PEFT adapters, built in seconds, for parity tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(out: Path):
+    """A byte-level BPE tokenizer (256 byte tokens, a few merges, 3 specials), saved HF-style."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+ARCHS = {
+    # Llama with grouped-query attention (4 query heads share 2 KV heads).
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    # Qwen2: biases on q/k/v.
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+}
+
+
+def make_base(out: Path, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64,
+              tie: bool = False) -> Path:
+    """Save a random tiny `arch` model plus tokenizer at `out` and return `out`."""
+    import torch
+    import transformers
+
+    cfg_name, model_name, extra = ARCHS[arch]
+    tok = make_tokenizer(out)
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=tie,
+        rope_theta=10000.0, **extra,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    with torch.no_grad():  # larger weights than the default init, so outputs differ visibly
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_lora(base_dir: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
+    """A PEFT LoRA adapter with random, non-zero A and B, saved as safetensors at `out`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+    kwargs.update(lora_kwargs)
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def reference_logits(base_dir: Path, adapter_dir: Path | None, ids) -> "np.ndarray":
+    """Logits of PyTorch (+PEFT) for `ids` (a list of token ids)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].numpy()
+
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _train(model, texts: list[str], tok, steps: int, lr: float, seed: int):
+    """A few hundred steps of next-token training on `texts` (whole-sequence teacher forcing)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.tensor([tok.encode(t) for t in texts])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(texts), (8,), generator=g)
+        loss = model(input_ids=batch[idx], labels=batch[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def alphabet_texts(step: int, n: int = 26, length: int = 24) -> list[str]:
+    """Letters walking the alphabet by `step` from each start letter: a task a model can learn."""
+    return ["".join(ALPHABET[(s + step * i) % 26] for i in range(length)) for s in range(n)]
+
+
+def make_trained_base(out: Path, arch: str = "llama", steps: int = 150) -> Path:
+    """A tiny base trained to continue the alphabet (a->b->c): confident, peaked logits, so
+    quantized exports can be compared on greedy continuations."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    make_base(out, arch, seed=0)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    torch.manual_seed(0)
+    _train(model, alphabet_texts(1), tok, steps, 3e-3, seed=0)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_trained_lora(base_dir: Path, out: Path, step: int = -1, steps: int = 120, **lora_kwargs) -> Path:
+    """A LoRA trained on the base to walk the alphabet by `step` (default backwards)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    kwargs = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+              "gate_proj", "up_proj", "down_proj"], "lora_dropout": 0.0}
+    kwargs.update(lora_kwargs)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    _train(peft_model, alphabet_texts(step), tok, steps, 1e-2, seed=1)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out
