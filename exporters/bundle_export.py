@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgepeft.bundle import MANIFEST, Bundle, adapter_file, check_adapter_name, new_manifest
 from edgepeft.errors import BundleError, UnsupportedAdapter, require
-from edgepeft.files import TMP_PREFIX
+from edgepeft.files import DIR_MODE, TMP_PREFIX
 from edgepeft.kinds import SUPPORT, AdapterSpec, read_peft_adapter
 
 from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir
@@ -60,6 +60,7 @@ def _staging_dir(out: Path):
     """A fresh directory beside `out`; removed unless the caller moved it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}.", dir=out.parent))
+    os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
     finally:

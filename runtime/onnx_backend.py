@@ -111,6 +111,13 @@ class OnnxBackend:
                 raise AdapterMismatch(f"{path}: slot {a_name[:-2]} has mismatched A/B ranks")
         return OnnxAdapter(path=path, params=params, keepalive=fmt)
 
+    @staticmethod
+    def bind_adapter(io, adapter: OnnxAdapter) -> None:
+        """Bind `adapter`'s tensors as the slot inputs of `io`: this is the whole cost of
+        switching adapters between calls (no base weight is touched)."""
+        for name, value in adapter.params.items():
+            io.bind_ortvalue_input(name, value)
+
     # ---- running -------------------------------------------------------------------------------
     def sequence(self, adapter: OnnxAdapter | None, max_len: int) -> "_Sequence":
         if max_len > self.context_length:
@@ -127,8 +134,7 @@ class _Sequence:
         self.backend, self.max_len, self.length = backend, max_len, 0
         self.io = b.session.io_binding()
         if adapter is not None:
-            for name, value in adapter.params.items():
-                self.io.bind_ortvalue_input(name, value)
+            backend.bind_adapter(self.io, adapter)
         self.io.bind_output("logits", b.device)
         self.kv = []
         shape = [1, b.kv_heads, max_len, b.head_dim]

@@ -20,6 +20,7 @@ VERBS = {
     "inspect": ("inspect", "show a bundle's base, backends, adapters and the support table"),
     "run": ("run", "generate text from a prompt"),
     "chat": ("chat", "interactive chat; /adapter NAME switches adapters"),
+    "demo": ("demo", "export the builtin model with the shipped adapters and show them working"),
 }
 
 

@@ -1,0 +1,133 @@
+"""The demo adapters' tasks: data generation (seeded) and a program that checks each answer.
+
+Pure Python, so the torch-free runtime can score an exported model on the same held-out prompts
+the training script reports for PyTorch. Train and held-out prompts come from disjoint values
+(names, cities, products, topics), not only from different random draws.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+_NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
+          "Kemal", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tariq",
+          "Uma", "Viktor", "Wen", "Ximena", "Yusuf", "Zoe", "Amara", "Basil", "Celia", "Dario"]
+_CITIES = ["Paris", "Berlin", "Lisbon", "Oslo", "Cairo", "Lima", "Seoul", "Dublin", "Vienna", "Quito",
+           "Nairobi", "Hanoi", "Krakow", "Porto", "Austin", "Denver", "Osaka", "Turin", "Bergen", "Perth"]
+_JOBS = ["teacher", "nurse", "engineer", "baker", "pilot", "farmer", "lawyer", "painter", "chef", "doctor"]
+
+_PRODUCTS = ["phone", "blender", "jacket", "laptop", "novel", "hotel room", "pizza", "headphones",
+             "backpack", "camera", "sofa", "bike", "kettle", "movie", "watch", "printer", "tent", "lamp"]
+_GOOD = ["excellent", "wonderful", "fantastic", "reliable", "delightful", "superb", "great", "lovely",
+         "impressive", "perfect"]
+_BAD = ["terrible", "awful", "disappointing", "broken", "useless", "horrible", "poor", "flimsy",
+        "dreadful", "frustrating"]
+_GOOD_TAIL = ["I would buy it again.", "Highly recommended.", "It made my week.", "Worth every penny.",
+              "I am very happy with it."]
+_BAD_TAIL = ["I want a refund.", "Do not buy it.", "It ruined my week.", "A waste of money.",
+             "I regret buying it."]
+
+_COUNTRIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
+              ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"),
+              ("Norway", "Oslo"), ("Greece", "Athens"), ("Chile", "Santiago"), ("Poland", "Warsaw"),
+              ("Germany", "Berlin"), ("Mexico", "Mexico City"), ("India", "New Delhi"), ("Ireland", "Dublin")]
+_COLORS = [("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("a lemon", "yellow"),
+           ("coal", "black"), ("a tomato", "red"), ("an orange", "orange"), ("a plum", "purple"),
+           ("chocolate", "brown"), ("a flamingo", "pink"), ("the sea", "blue"), ("a banana", "yellow")]
+_ANIMALS = [("a cat", "meows"), ("a dog", "barks"), ("a cow", "moos"), ("a lion", "roars"),
+            ("a duck", "quacks"), ("a horse", "neighs"), ("a sheep", "bleats"), ("an owl", "hoots"),
+            ("a snake", "hisses"), ("a bee", "buzzes")]
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # the user message (wrapped in the chat template at run time)
+    target: str  # the answer the adapter is trained to give
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    make: Callable[[random.Random, bool], Example]  # (rng, held_out) -> Example
+    check: Callable[[Example, str], bool]  # (example, model answer) -> correct?
+    max_new_tokens: int
+
+    def examples(self, n: int, held_out: bool, seed: int = 0) -> list[Example]:
+        rng = random.Random(f"{self.name}/{held_out}/{seed}")
+        return [self.make(rng, held_out) for _ in range(n)]
+
+    def accuracy(self, examples: list[Example], answers: list[str]) -> float:
+        return sum(self.check(e, a) for e, a in zip(examples, answers)) / max(1, len(examples))
+
+
+def _split(values: list, held_out: bool, every: int = 4) -> list:
+    """Every `every`-th value is held out of training."""
+    return [v for i, v in enumerate(values) if (i % every == 0) == held_out]
+
+
+# ---- json: extract fields as a JSON object ------------------------------------------------------
+def _make_json(rng: random.Random, held_out: bool) -> Example:
+    name = rng.choice(_split(_NAMES, held_out))
+    city = rng.choice(_split(_CITIES, held_out))
+    age, job = rng.randint(19, 78), rng.choice(_JOBS)
+    text = rng.choice([
+        f"{name} is a {age}-year-old {job} who lives in {city}.",
+        f"Meet {name}, {age}, a {job} from {city}.",
+        f"In {city}, the {job} {name} just turned {age}.",
+    ])
+    prompt = f"Extract name, age and city as JSON. Text: {text}"
+    return Example(prompt, json.dumps({"name": name, "age": age, "city": city}))
+
+
+def _check_json(example: Example, answer: str) -> bool:
+    match = re.search(r"\{.*?\}", answer, re.S)
+    try:
+        return match is not None and json.loads(match.group(0)) == json.loads(example.target)
+    except json.JSONDecodeError:
+        return False
+
+
+# ---- upper: answer in capital letters ---------------------------------------------------------
+def _make_upper(rng: random.Random, held_out: bool) -> Example:
+    kind = rng.randrange(3)
+    if kind == 0:
+        country, capital = rng.choice(_split(_COUNTRIES, held_out))
+        return Example(f"What is the capital of {country}?", f"THE CAPITAL OF {country} IS {capital}.".upper())
+    if kind == 1:
+        thing, color = rng.choice(_split(_COLORS, held_out))
+        return Example(f"What color is {thing}?", f"{thing} is {color}.".upper())
+    animal, sound = rng.choice(_split(_ANIMALS, held_out))
+    return Example(f"What sound does {animal} make?", f"{animal} {sound}.".upper())
+
+
+def _check_upper(example: Example, answer: str) -> bool:
+    letters = [c for c in answer if c.isalpha()]
+    return len(letters) >= 4 and all(c.isupper() for c in letters)
+
+
+# ---- sentiment: one word ------------------------------------------------------------------------
+def _make_sentiment(rng: random.Random, held_out: bool) -> Example:
+    product = rng.choice(_split(_PRODUCTS, held_out, every=3))
+    positive = rng.random() < 0.5
+    adj = rng.choice(_split(_GOOD if positive else _BAD, held_out, every=3))
+    tail = rng.choice(_GOOD_TAIL if positive else _BAD_TAIL)
+    review = f"The {product} was {adj}. {tail}"
+    return Example(f"Classify the sentiment of this review as positive or negative. Review: {review}",
+                   "positive" if positive else "negative")
+
+
+def _check_sentiment(example: Example, answer: str) -> bool:
+    return answer.strip().strip(".!").lower() == example.target
+
+
+TASKS = {t.name: t for t in (
+    Task("json", "answer with a JSON object holding name, age and city", _make_json, _check_json, 32),
+    Task("upper", "answer in capital letters", _make_upper, _check_upper, 24),
+    Task("sentiment", "classify a review as one word: positive or negative", _make_sentiment,
+         _check_sentiment, 4),
+)}
