@@ -14,11 +14,13 @@ from edgepeft.files import DIR_MODE, TMP_PREFIX
 from edgepeft.kinds import SUPPORT, AdapterSpec, read_peft_adapter
 
 from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir
+from .gguf_adapter import export_adapter_gguf
+from .gguf_base import quantize_gguf, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
 from .onnx_graph import build_decoder
 from .onnx_quant import ONNX_QUANTS, quantize
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "gguf")
 
 
 def _parse_formats(formats) -> list[str]:
@@ -97,6 +99,8 @@ def _write_adapter(bundle: Bundle, name: str, spec: AdapterSpec, formats: list[s
         rel = adapter_file(name, backend)
         if backend == "onnx":
             export_adapter_onnx(spec, bundle.backends["onnx"], bundle.fingerprint, bundle.file(rel))
+        elif backend == "gguf":
+            export_adapter_gguf(spec, bundle.base, bundle.file(rel))
         bundle.record_file(rel)
         files[backend] = rel
     bundle.adapters[name] = {**spec.summary(), "source": str(spec.path), "files": files}
@@ -111,7 +115,7 @@ def _merge(base: BaseModel, spec: AdapterSpec) -> None:
 
 
 def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = None,
-                  formats="onnx", onnx_quant: str = "int4", block_size: int = 32,
+                  formats="onnx", onnx_quant: str = "int4", gguf_quant: str = "Q4_K_M", block_size: int = 32,
                   accuracy_level: int = 4, context_length: int | None = None,
                   merge: str | None = None, quiet: bool = False) -> Bundle:
     """Export `base` (HF dir or builtin:NAME) and PEFT `adapters` {name: dir} into bundle `out`."""
@@ -129,7 +133,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
             raise BundleError("--merge makes a dedicated base; export the other adapters to another bundle")
 
     resolve_base_dir(base)  # a wrong path fails here, before anything slow starts
-    progress = _Progress(4 + len(specs), quiet)
+    progress = _Progress(2 + 3 * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
     try:
         progress.step("loading base")
         base_model = load_base(base)
@@ -172,6 +176,15 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                     "kv": info["kv"], "slots": info["slots"],
                 }
                 progress.done()
+            if "gguf" in formats:
+                progress.step(f"writing GGUF ({gguf_quant})")
+                rel = _write_gguf(base_model, tmp, gguf_quant)
+                bundle.record_file(rel)
+                bundle.backends["gguf"] = {
+                    "model": rel, "quant": gguf_quant.upper(),
+                    "context_length": int(context_length or min(base_model.dims["max_position_embeddings"], 8192)),
+                }
+                progress.done()
             for name, spec in specs.items():
                 progress.step(f"adapter {name}")
                 _write_adapter(bundle, name, spec, formats)
@@ -182,6 +195,23 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     finally:
         progress.close()
     return Bundle.open(out)
+
+
+def _write_gguf(base: BaseModel, root: Path, quant: str) -> str:
+    """Write the base GGUF: F32/F16 directly, anything else through llama.cpp's quantizer."""
+    quant = quant.upper()
+    rel = f"gguf/base-{quant}.gguf"
+    (root / "gguf").mkdir(exist_ok=True)
+    if quant in ("F32", "F16"):
+        write_base_gguf(base, root / rel, quant)
+    else:
+        source = root / "gguf" / f"{TMP_PREFIX}base-F32.gguf"
+        write_base_gguf(base, source, "F32")
+        try:
+            quantize_gguf(source, root / rel, quant)
+        finally:
+            source.unlink(missing_ok=True)
+    return rel
 
 
 def _save_onnx(proto, path: Path) -> None:

@@ -16,7 +16,7 @@ from edgepeft.errors import BundleError, EngineError
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
 
-BACKENDS = ("onnx",)
+BACKENDS = ("onnx", "gguf")
 
 
 @dataclass
@@ -42,6 +42,10 @@ def _make_backend(bundle: Bundle, backend: str, device: str, threads: int | None
         from .onnx_backend import OnnxBackend
 
         return OnnxBackend(bundle, device=device, threads=threads)
+    if backend == "gguf":
+        from .gguf_backend import GgufBackend
+
+        return GgufBackend(bundle, device=device, threads=threads)
     raise BundleError(f"backend {backend!r} is not available (choose from {', '.join(BACKENDS)})")
 
 
@@ -90,8 +94,12 @@ class Engine:
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
-            if self._adapters.pop(name, None) is None:
-                raise BundleError(f"adapter {name!r} is not loaded")
+            handle = self._adapters.pop(name, None)
+        if handle is None:
+            raise BundleError(f"adapter {name!r} is not loaded")
+        free = getattr(self.backend, "free_adapter", None)
+        if free is not None:  # llama.cpp handles are freed explicitly; ONNX ones by refcount
+            free(handle)
 
     def _adapter(self, name: str | None):
         if name is None:
@@ -111,9 +119,16 @@ class Engine:
 
     def score(self, token_ids, adapter: str | None = None) -> np.ndarray:
         """Teacher-forced logits [len(token_ids), vocab] for `token_ids` under `adapter`."""
-        ids = [int(t) for t in np.asarray(token_ids).reshape(-1)]
-        seq = self.backend.sequence(self._adapter(adapter), len(ids))
-        return seq.forward(ids)
+        ids = self._check_ids([int(t) for t in np.asarray(token_ids).reshape(-1)])
+        with self.backend.sequence(self._adapter(adapter), len(ids)) as seq:
+            return seq.forward(ids, all_logits=True)
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        vocab = self.bundle.base["dims"]["vocab_size"]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise EngineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        return ids
 
     def _tokens(self, prompt_ids: list[int], adapter: str | None, max_new_tokens: int,
                 params: SamplingParams, chat: bool, timings: dict) -> Iterator[int]:
@@ -124,27 +139,28 @@ class Engine:
         if budget <= len(prompt_ids):
             raise EngineError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context "
                               f"({self.backend.context_length})")
+        self._check_ids(prompt_ids)
         sampler, stop = Sampler(params), self.tokenizer.stop_ids(chat)
-        seq = self.backend.sequence(handle, budget)
-        t0 = time.perf_counter()
-        logits = seq.forward(prompt_ids)[-1]
-        timings["prefill_s"] = time.perf_counter() - t0
-        t1, n = time.perf_counter(), 0
-        try:
-            while True:
-                token = sampler(logits)
-                if token in stop:
-                    timings["stop_reason"] = "stop"
-                    return
-                n += 1
-                yield token
-                if seq.length >= budget or n >= max_new_tokens:
-                    timings["stop_reason"] = "length"
-                    return
-                logits = seq.forward([token])[-1]
-        finally:
-            timings["decode_s"] = time.perf_counter() - t1
-            timings["decode_tokens"] = n
+        with self.backend.sequence(handle, budget) as seq:
+            t0 = time.perf_counter()
+            logits = seq.forward(prompt_ids)[-1]
+            timings["prefill_s"] = time.perf_counter() - t0
+            t1, n = time.perf_counter(), 0
+            try:
+                while True:
+                    token = sampler(logits)
+                    if token in stop:
+                        timings["stop_reason"] = "stop"
+                        return
+                    n += 1
+                    yield token
+                    if seq.length >= budget or n >= max_new_tokens:
+                        timings["stop_reason"] = "length"
+                        return
+                    logits = seq.forward([token])[-1]
+            finally:
+                timings["decode_s"] = time.perf_counter() - t1
+                timings["decode_tokens"] = n
 
     def complete(self, prompt: str | list[dict], adapter: str | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,

@@ -146,8 +146,15 @@ class _Sequence:
                 self.kv.append(v)
         self.mask = np.ones((1, max_len), np.int64)
 
-    def forward(self, ids) -> np.ndarray:
-        """Run `ids` after what is cached; return logits [len(ids), vocab] as float32."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.io = self.kv = None  # release the KV buffers now, not at garbage collection
+
+    def forward(self, ids, all_logits: bool = True) -> np.ndarray:
+        """Run `ids` after what is cached; return logits [len(ids), vocab] as float32 (the graph
+        computes every position, so all_logits changes nothing here)."""
         n = len(ids)
         if n == 0:
             raise EngineError("empty input: nothing to run")

@@ -20,9 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
     p.add_argument("--adapter", action="append", default=[], type=parse_adapter_arg, metavar="NAME=PEFT_DIR",
                    help="a PEFT adapter directory to export under NAME (repeatable)")
-    p.add_argument("--format", default="onnx", help="comma-separated backends to export (onnx)")
+    p.add_argument("--format", default="onnx", help="comma-separated backends to export: onnx, gguf (default onnx)")
     p.add_argument("--onnx-quant", default="int4", choices=["int4", "int8", "fp16", "fp32"],
                    help="ONNX base precision (default int4: MatMulNBits)")
+    p.add_argument("--gguf-quant", default="Q4_K_M", metavar="TYPE",
+                   help="GGUF base type: F32, F16 or any llama.cpp quant type (Q8_0, Q4_K_M, ...; default Q4_K_M)")
     p.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size (default 32)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type: 4 = int8 (fast on CPU), 1 = fp32 (default 4)")
@@ -39,7 +41,7 @@ def run(args) -> int:
     if len(set(names)) != len(names):
         raise BundleError("each --adapter NAME must be unique")
     bundle = export_bundle(args.base, args.out, dict(args.adapter), formats=args.format,
-                           onnx_quant=args.onnx_quant, block_size=args.block_size,
+                           onnx_quant=args.onnx_quant, gguf_quant=args.gguf_quant, block_size=args.block_size,
                            accuracy_level=args.accuracy_level, context_length=args.context_length,
                            merge=args.merge, quiet=args.quiet)
     print(f"wrote {bundle.root} ({', '.join(bundle.backends)}; adapters: {', '.join(bundle.adapters) or 'none'})")

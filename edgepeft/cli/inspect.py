@@ -20,7 +20,8 @@ def describe(bundle: Bundle) -> dict:
     backends = {}
     for name, info in bundle.backends.items():
         entry = {k: v for k, v in info.items() if k != "slots"}
-        entry["slots"] = len(info.get("slots", []))
+        if "slots" in info:
+            entry["slots"] = len(info["slots"])
         entry["bytes"] = sum(f["size"] for rel, f in files.items() if rel.startswith(f"{name}/"))
         backends[name] = entry
     adapters = {}
@@ -51,8 +52,8 @@ def run(args) -> int:
         print(f"         merged adapter: {b['merged_adapter']['name']}")
     for name, be in info["backends"].items():
         extra = f", block {be['block_size']}" if "block_size" in be else ""
-        print(f"{name:<8} {be['model']}  {be['quant']}{extra}  {_mb(be['bytes'])}  "
-              f"context {be['context_length']}  {be['slots']} adapter slots")
+        slots = f"  {be['slots']} adapter slots" if "slots" in be else ""
+        print(f"{name:<8} {be['model']}  {be['quant']}{extra}  {_mb(be['bytes'])}  context {be['context_length']}{slots}")
     print(f"adapters {len(info['adapters'])}")
     for name, a in info["adapters"].items():
         files = ", ".join(f"{bk} {_mb(f['bytes'])}" for bk, f in a["files"].items())

@@ -9,7 +9,7 @@ import sys
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--backend", default="onnx", choices=["onnx"], help="engine to run on (default onnx)")
+    p.add_argument("--backend", default="onnx", choices=["onnx", "gguf"], help="engine to run on (default onnx)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
     p.add_argument("--max-new-tokens", type=int, default=128)

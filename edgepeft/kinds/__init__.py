@@ -20,7 +20,7 @@ _BY_PEFT_TYPE = {t: m for m in KINDS.values() for t in m.PEFT_TYPES}
 # How each kind runs on each backend: "swap" = separate file, hot-swapped at run time;
 # "merge" = only baked into a dedicated base; "no" = not supported (yet). One row per kind.
 SUPPORT: dict[str, dict[str, str]] = {
-    "lora": {"onnx": "swap", "gguf": "planned"},
+    "lora": {"onnx": "swap", "gguf": "swap"},
 }
 
 

@@ -9,9 +9,9 @@ from edgepeft.errors import BundleError, EngineError
 from edgepeft.runtime import Engine
 
 
-@pytest.fixture(scope="module")
-def engine(llama_bundle):
-    return Engine.open(llama_bundle.root)
+@pytest.fixture(scope="module", params=["onnx", "gguf"])
+def engine(llama_bundle, request):
+    return Engine.open(llama_bundle.root, backend=request.param)
 
 
 def test_open_loads_every_bundled_adapter_once(engine):
@@ -40,8 +40,9 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_without(engine):
     assert any(engine.complete("abc", seed=s, **kw).tokens != a for s in range(4, 9))
 
 
-def test_generation_stops_before_a_stop_token(llama_bundle):
-    engine = Engine.open(llama_bundle.root)
+@pytest.mark.parametrize("backend", ["onnx", "gguf"])
+def test_generation_stops_before_a_stop_token(llama_bundle, backend):
+    engine = Engine.open(llama_bundle.root, backend=backend)
     free = engine.complete("hello", max_new_tokens=8)
     assert free.stop_reason == "length" and len(free.tokens) == 8
     third = free.tokens[2]
@@ -61,7 +62,9 @@ def test_unknown_adapter_and_overlong_requests_fail_clearly(engine):
     with pytest.raises(BundleError, match="no adapter named 'nope'"):
         engine.generate("x", adapter="nope")
     with pytest.raises(EngineError, match="context length"):
-        engine.score(list(range(10)) * 100)
+        engine.score(list(range(10)) * 1000)
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        engine.score([1, 2, 10**6])
 
 
 def test_concurrent_calls_each_get_their_own_adapter(engine):

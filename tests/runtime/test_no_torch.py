@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 BLOCKER = """
 import sys
 class Block:
@@ -14,10 +16,11 @@ sys.meta_path.insert(0, Block())
 """
 
 
-def test_runtime_generates_with_torch_and_friends_blocked(llama_bundle):
+@pytest.mark.parametrize("backend", ["onnx", "gguf"])
+def test_runtime_generates_with_torch_and_friends_blocked(llama_bundle, backend):
     code = BLOCKER + f"""
 from edgepeft.runtime import Engine
-e = Engine.open({str(llama_bundle.root)!r})
+e = Engine.open({str(llama_bundle.root)!r}, backend={backend!r})
 text = e.generate("hi", adapter="qv", max_new_tokens=5)
 import json
 print(json.dumps({{"text": text, "mods": sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum'))}}))

@@ -1,0 +1,172 @@
+"""Base -> GGUF with the `gguf` package, quantized by llama.cpp's own quantizer.
+
+Tensor names come from gguf's TensorNameMap; hyper-parameters and tokenizer keys from its
+constants. llama.cpp applies rotary embeddings to interleaved pairs for the llama architecture,
+so q_proj/k_proj rows are permuted here exactly as llama.cpp's converter does (and LoRA B of
+those modules must get the same permutation: see gguf_adapter.py). Qwen2 uses the NeoX rotary
+layout in llama.cpp and needs no permutation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft.errors import UnsupportedModel, require
+
+from .hf_base import BaseModel
+
+GGUF_QUANTS = ("F32", "F16", "Q8_0", "Q4_K_M")  # common ones; any LLAMA_FTYPE_MOSTLY_* name works
+_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
+_PERMUTED = {"llama", "mistral"}
+
+
+def gguf_arch(model_type: str) -> str:
+    return _ARCH[model_type].lower()
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's row order for q/k (per head: interleave the two rotary halves).
+    Works on any array whose first axis is n_head * head_dim (weights, biases, LoRA B)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def needs_permutation(model_type: str) -> bool:
+    return model_type in _PERMUTED
+
+
+def _pre_tokenizer(base: BaseModel, tok_json: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer regex (tokenizer.ggml.pre).
+
+    llama.cpp's converter identifies it by hashing the tokenization of a probe text against a
+    table of known models; we name the families we export from their own structure."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    kinds = [p.get("type") for p in pre.get("pretokenizers", [pre])]
+    if base.config.model_type == "qwen2":
+        return "qwen2"
+    if kinds[:1] == ["Digits"] and "ByteLevel" in kinds:
+        return "smollm"
+    if kinds == ["ByteLevel"] and pre.get("use_regex", True):
+        return "gpt-2"
+    if "Split" in kinds and "ByteLevel" in kinds:
+        return "llama-bpe"  # Llama 3 style: split regex + byte level
+    raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: pre-tokenizer {kinds} has no known llama.cpp equivalent")
+
+
+def _add_tokenizer(writer, gguf, base: BaseModel) -> None:
+    tok_json = json.loads((base.local_dir / "tokenizer.json").read_text())
+    model = tok_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: only byte-level BPE tokenizers are exported to GGUF")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in tok_json.get("added_tokens", [])}
+    for text, t in added.items():
+        vocab.setdefault(text, t["id"])
+    n = max(base.dims["vocab_size"], max(vocab.values()) + 1)
+    tokens, types = [f"[PAD{i}]" for i in range(n)], [gguf.TokenType.UNUSED] * n
+    # gguf's BpeVocab types every in-vocabulary token NORMAL; llama.cpp must see special added
+    # tokens (<|im_end|>, ...) as CONTROL to stop on them and keep them out of decoded text.
+    for text, i in vocab.items():
+        tokens[i] = text
+        t = added.get(text)
+        types[i] = gguf.TokenType.NORMAL if t is None else (
+            gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(base, tok_json))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(base.local_dir, load_merges=True, n_vocab=n)
+    if special.chat_template is None and (base.local_dir / "chat_template.jinja").is_file():
+        special.chat_template = (base.local_dir / "chat_template.jinja").read_text()
+    # Whether a BOS is prepended is the tokenizer's behaviour, not a config flag: ask it.
+    from tokenizers import Tokenizer
+
+    hf_tok = Tokenizer.from_file(str(base.local_dir / "tokenizer.json"))
+    probe = hf_tok.encode("a", add_special_tokens=True).ids
+    bos = special.special_token_ids.get("bos")
+    special.add_special_token["bos"] = bool(bos is not None and probe and probe[0] == bos)
+    special.add_special_token["eos"] = False
+    special.add_to_gguf(writer, quiet=True)
+
+
+def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
+    """Write `base` as a GGUF file of type F32 or F16 at `dest` (quantize() makes the rest)."""
+    gguf = require("gguf", "export")
+    d, cfg = base.dims, base.config
+    arch = getattr(gguf.MODEL_ARCH, _ARCH[cfg.model_type])
+    names = gguf.get_tensor_name_map(arch, d["num_layers"])
+    writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(Path(base.source).name or base.source)
+    writer.add_context_length(d["max_position_embeddings"])
+    writer.add_embedding_length(d["hidden_size"])
+    writer.add_block_count(d["num_layers"])
+    writer.add_feed_forward_length(d["intermediate_size"])
+    writer.add_head_count(d["num_heads"])
+    writer.add_head_count_kv(d["num_kv_heads"])
+    writer.add_key_length(d["head_dim"])
+    writer.add_value_length(d["head_dim"])
+    writer.add_rope_dimension_count(d["head_dim"])
+    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(d["rms_norm_eps"])
+    writer.add_vocab_size(d["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if ftype == "F16" else gguf.LlamaFileType.ALL_F32)
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif rope_type not in (None, "default", "llama3"):
+        raise UnsupportedModel(f"{base.local_dir}: rope scaling {rope_type!r} is not exported to GGUF yet")
+    _add_tokenizer(writer, gguf, base)
+
+    state = base.model.state_dict()
+    if rope_type == "llama3":
+        # llama.cpp reads llama3 rope scaling as a rope_freqs tensor (inverse frequency factors).
+        inv = base.model.model.rotary_emb.inv_freq.detach().float().numpy()
+        base_inv = 1.0 / (float(cfg.rope_theta) ** (np.arange(0, d["head_dim"], 2, dtype=np.float32) / d["head_dim"]))
+        writer.add_tensor("rope_freqs.weight", (base_inv / inv).astype(np.float32))
+    tied = d["tie_word_embeddings"]
+    for name in sorted(state, key=_tensor_order):
+        if name == "lm_head.weight" and tied:
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        stem, _, suffix = name.rpartition(".")
+        target = names.get_name(stem)
+        if target is None:
+            if "rotary_emb" in name:
+                continue
+            raise UnsupportedModel(f"{base.local_dir}: tensor {name} has no GGUF name")
+        w = state[name].detach().float().numpy()
+        if needs_permutation(cfg.model_type):
+            if stem.endswith("q_proj"):
+                w = permute_rows(w, d["num_heads"])
+            elif stem.endswith("k_proj"):
+                w = permute_rows(w, d["num_kv_heads"])
+        # ggml keeps norms and biases in F32 whatever the file type, like llama.cpp's converter.
+        keep_f32 = ftype == "F32" or w.ndim == 1
+        writer.add_tensor(f"{target}.{suffix}", w.astype(np.float32 if keep_f32 else np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _tensor_order(name: str):
+    parts = name.split(".")
+    layer = int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else (-1 if "embed" in name else 10**9)
+    return layer, name
+
+
+def quantize_gguf(src: Path, dest: Path, quant: str, threads: int = 0) -> None:
+    """Quantize with llama.cpp's own quantizer (any LLAMA_FTYPE_MOSTLY_<quant> name)."""
+    llama_cpp = require("llama_cpp", "gguf")
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}", None)
+    if ftype is None:
+        raise UnsupportedModel(f"unknown GGUF quant type {quant!r} (e.g. {', '.join(GGUF_QUANTS)})")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)
+    if rc != 0:
+        raise UnsupportedModel(f"{src}: llama.cpp could not quantize it to {quant} (code {rc})")
