@@ -36,14 +36,16 @@ def test_run_json_has_the_documented_fields(cli_bundle):
 
 def test_add_inspect_remove_round_trip(cli_bundle, llama_adapters, capsys):
     assert main(["add-adapter", str(cli_bundle), f"mixed={llama_adapters['mixed']}"]) == 0
-    assert main(["inspect", str(cli_bundle), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-    assert set(info["adapters"]) == {"qv", "mixed"}
-    assert info["adapters"]["mixed"]["rank"] == [2, 6]
-    assert {"kind": "lora", "onnx": "swap", "gguf": "planned"} in info["support"]
-    assert main(["inspect", str(cli_bundle)]) == 0
-    assert "mixed" in capsys.readouterr().out
-    assert main(["remove-adapter", str(cli_bundle), "mixed"]) == 0
+    try:
+        assert main(["inspect", str(cli_bundle), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+        assert set(info["adapters"]) == {"qv", "mixed"}
+        assert info["adapters"]["mixed"]["rank"] == [2, 6]
+        assert {"kind": "lora", "onnx": "swap", "gguf": "swap"} in info["support"]
+        assert main(["inspect", str(cli_bundle)]) == 0
+        assert "mixed" in capsys.readouterr().out
+    finally:
+        assert main(["remove-adapter", str(cli_bundle), "mixed"]) == 0
 
 
 def test_chat_switches_adapters_from_stdin(cli_bundle):
