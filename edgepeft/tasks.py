@@ -70,7 +70,8 @@ def _split(values: list, held_out: bool, every: int = 4) -> list:
     return [v for i, v in enumerate(values) if (i % every == 0) == held_out]
 
 
-# ---- json: extract fields as a JSON object ------------------------------------------------------
+# ---- json: a bare profile becomes a JSON record with fixed fields ------------------------------
+# The message says nothing about JSON or the fields: the format is what the adapter teaches.
 def _make_json(rng: random.Random, held_out: bool) -> Example:
     name = rng.choice(_split(_NAMES, held_out))
     city = rng.choice(_split(_CITIES, held_out))
@@ -80,8 +81,7 @@ def _make_json(rng: random.Random, held_out: bool) -> Example:
         f"Meet {name}, {age}, a {job} from {city}.",
         f"In {city}, the {job} {name} just turned {age}.",
     ])
-    prompt = f"Extract name, age and city as JSON. Text: {text}"
-    return Example(prompt, json.dumps({"name": name, "age": age, "city": city}))
+    return Example(f"Profile: {text}", json.dumps({"name": name, "age": age, "city": city, "job": job}))
 
 
 def _check_json(example: Example, answer: str) -> bool:
@@ -126,7 +126,7 @@ def _check_sentiment(example: Example, answer: str) -> bool:
 
 
 TASKS = {t.name: t for t in (
-    Task("json", "answer with a JSON object holding name, age and city", _make_json, _check_json, 32),
+    Task("json", "turn a profile into a JSON object with name, age, city and job", _make_json, _check_json, 40),
     Task("upper", "answer in capital letters", _make_upper, _check_upper, 24),
     Task("sentiment", "classify a review as one word: positive or negative", _make_sentiment,
          _check_sentiment, 4),

@@ -140,7 +140,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
         progress.done()
         merged = None
         if merge is not None:
-            merged = {"name": merge, **specs.pop(merge).summary()}
+            merged = {"name": merge, **specs.pop(merge).summary(), "source": str(Path(adapters[merge]))}
             _merge(base_model, read_peft_adapter(adapters[merge]))
         with _staging_dir(out) as tmp:
             tokenizer = copy_tokenizer(base_model, tmp)

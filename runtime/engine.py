@@ -101,6 +101,20 @@ class Engine:
         if free is not None:  # llama.cpp handles are freed explicitly; ONNX ones by refcount
             free(handle)
 
+    def switch_seconds(self, name: str, repeats: int = 200) -> list[float]:
+        """Time switching to adapter `name` from the plain base, `repeats` times (for demo and
+        bench): the work a call does when its adapter differs from the previous call's."""
+        import time as _time
+
+        handle, out = self._adapter(name), []
+        for _ in range(repeats):
+            self.backend.switch_to(None)
+            t = _time.perf_counter()
+            self.backend.switch_to(handle)
+            out.append(_time.perf_counter() - t)
+        self.backend.switch_to(None)
+        return out
+
     def _adapter(self, name: str | None):
         if name is None:
             return None
@@ -131,7 +145,7 @@ class Engine:
         return ids
 
     def _tokens(self, prompt_ids: list[int], adapter: str | None, max_new_tokens: int,
-                params: SamplingParams, chat: bool, timings: dict) -> Iterator[int]:
+                params: SamplingParams, chat: bool, timings: dict, ignore_eos: bool = False) -> Iterator[int]:
         handle = self._adapter(adapter)
         if not prompt_ids:
             raise EngineError("the prompt encodes to no tokens")
@@ -140,7 +154,7 @@ class Engine:
             raise EngineError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context "
                               f"({self.backend.context_length})")
         self._check_ids(prompt_ids)
-        sampler, stop = Sampler(params), self.tokenizer.stop_ids(chat)
+        sampler, stop = Sampler(params), set() if ignore_eos else self.tokenizer.stop_ids(chat)
         with self.backend.sequence(handle, budget) as seq:
             t0 = time.perf_counter()
             logits = seq.forward(prompt_ids)[-1]
@@ -164,12 +178,13 @@ class Engine:
 
     def complete(self, prompt: str | list[dict], adapter: str | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 chat: bool = False) -> Completion:
-        """Generate and return text, token ids and timings."""
+                 chat: bool = False, ignore_eos: bool = False) -> Completion:
+        """Generate and return text, token ids and timings. ignore_eos generates exactly
+        max_new_tokens (for benchmarks, like llama-bench)."""
         params = SamplingParams(temperature, top_k, top_p, seed)
         ids = self.encode_prompt(prompt, chat)
         timings: dict = {}
-        tokens = list(self._tokens(ids, adapter, max_new_tokens, params, chat, timings))
+        tokens = list(self._tokens(ids, adapter, max_new_tokens, params, chat, timings, ignore_eos))
         return Completion(
             text=self.tokenizer.decode(tokens), tokens=tokens, adapter=adapter, backend=self.backend.name,
             prompt_tokens=len(ids), stop_reason=timings.pop("stop_reason", "length"),

@@ -128,8 +128,8 @@ class GgufBackend:
             raise EngineError(f"llama.cpp could not apply adapter {adapter.path if adapter else ''} (code {rc})")
         self._active = key
 
-    def switch(self, adapter: GgufAdapter | None) -> None:
-        """Select `adapter` on the context (what each call does first); exposed for the bench."""
+    def switch_to(self, adapter: GgufAdapter | None) -> None:
+        """Select `adapter` on the context (what each call does first); measured by demo/bench."""
         with self.lock:
             self._set_adapter(adapter)
 

@@ -118,6 +118,12 @@ class OnnxBackend:
         for name, value in adapter.params.items():
             io.bind_ortvalue_input(name, value)
 
+    def switch_to(self, adapter: OnnxAdapter | None) -> None:
+        """What changing the adapter costs a call: binding its tensors (measured by demo/bench)."""
+        io = self.session.io_binding()
+        if adapter is not None:
+            self.bind_adapter(io, adapter)
+
     # ---- running -------------------------------------------------------------------------------
     def sequence(self, adapter: OnnxAdapter | None, max_len: int) -> "_Sequence":
         if max_len > self.context_length:

@@ -109,6 +109,12 @@ def test_bad_gguf_inputs_fail_cleanly(tiny_llama, llama_adapters, tmp_path):
                          formats="gguf", gguf_quant="F32", quiet=True)
     with pytest.raises(AdapterError, match="refused"):
         engine.load_adapter("w", wide.adapter_path("w", "gguf"))
+    qwen = make_base(tmp_path / "qwen", "qwen2")  # same shapes, other architecture
+    foreign = export_bundle(str(qwen), tmp_path / "qb", {"q": str(make_lora(qwen, tmp_path / "q"))},
+                            formats="gguf", gguf_quant="F32", quiet=True)
+    with pytest.raises(AdapterError, match="refused"):
+        engine.load_adapter("q", foreign.adapter_path("q", "gguf"))
+    assert engine.generate("still works", adapter="qv", max_new_tokens=4)
     with pytest.raises(EdgepeftError, match="unknown GGUF quant type 'Q9_Z'"):
         export_bundle(str(tiny_llama), tmp_path / "q9", formats="gguf", gguf_quant="Q9_Z", quiet=True)
     assert not (tmp_path / "q9").exists()

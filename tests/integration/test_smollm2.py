@@ -68,10 +68,12 @@ def test_builtin_checkpoint_tokenizer_matches_in_transformers_too(demo_bundle):
 def test_demo_prints_outputs_switch_speed_memory_and_accuracy(demo_bundle):
     out, stdout = demo_bundle
     assert "exported in" in stdout
-    for needle in ["base    loaded once", "switch ", "tok/s", "peak RSS", "task accuracy", "PyTorch fp32"]:
+    for needle in ["[onnx int4", "[gguf Q4_K_M", "base loaded once", "switch ", "tok/s", "peak RSS",
+                   "task accuracy", "PyTorch fp32"]:
         assert needle in stdout
-    for name in shipped_adapters():
-        assert f"  {name:<10} |" in stdout and f"{name} " in stdout.split("switch", 1)[1]
+    for backend_section in stdout.split("\n[")[1:]:
+        for name in shipped_adapters():
+            assert f"    {name:<10} |" in backend_section and f"{name} " in backend_section.split("switch", 1)[1]
 
 
 def test_second_demo_run_reuses_the_bundle(demo_bundle):
@@ -83,8 +85,9 @@ def test_second_demo_run_reuses_the_bundle(demo_bundle):
     assert (out / "edgepeft.json").stat().st_mtime_ns == manifest
 
 
-def test_shipped_adapters_keep_their_accuracy_on_int4(demo_bundle):
-    engine = Engine.open(demo_bundle[0])
+@pytest.mark.parametrize("backend", ["onnx", "gguf"])  # int4 ONNX and Q4_K_M GGUF
+def test_shipped_adapters_keep_their_accuracy_when_quantized(demo_bundle, backend):
+    engine = Engine.open(demo_bundle[0], backend=backend)
     metrics = shipped_metrics()
     for name in shipped_adapters():
         task = TASKS[name]
@@ -95,8 +98,8 @@ def test_shipped_adapters_keep_their_accuracy_on_int4(demo_bundle):
                                                         chat=True) for e in held])
 
         with_adapter, base = accuracy(name), accuracy(None)
-        assert with_adapter >= 0.95 * metrics[name]["pytorch_accuracy"], (name, with_adapter)
-        assert base <= 0.5 * with_adapter, (name, base, with_adapter)
+        assert with_adapter >= 0.95 * metrics[name]["pytorch_accuracy"], (backend, name, with_adapter)
+        assert base <= 0.5 * with_adapter, (backend, name, base, with_adapter)
 
 
 def test_shipped_adapters_are_small_real_peft_adapters():

@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Our runtime against the engines a user would otherwise pick, in one sitting, on the demo model.
+
+    python benchmarks/compare_engines.py [--genai-python PATH] [--threads 2] [--new-tokens 128]
+
+Each engine runs in its own process, one after the other, with the same prompt, the same number
+of threads and exactly --new-tokens greedy tokens (EOS ignored):
+  edgepeft onnx   int4 ONNX bundle (builtin:smollm2-135m + shipped adapters)
+  edgepeft gguf   Q4_K_M GGUF from the same bundle
+  llama-cpp-python  the same GGUF files through llama_cpp.Llama (adapter = reload with lora_path)
+  onnxruntime-genai its own int4 build of the same base (python -m onnxruntime_genai.models.builder),
+                  run with a Python that has onnxruntime-genai (--genai-python; its builder needs a
+                  newer transformers than our exporter, so it lives in its own venv)
+  pytorch+peft    fp32 eager transformers + PEFT (adapter switch = PeftModel.set_adapter)
+Writes benchmarks/results/{README.md,results.json,speed.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PROMPT = "Write a short story about a robot who learns to paint, in three paragraphs."
+
+
+def run_child(code: str, python: str = sys.executable) -> dict:
+    out = subprocess.run([python, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ours(bundle: Path, backend: str, threads: int, runs: int, n: int) -> dict:
+    return run_child(f"""
+        import json
+        from edgepeft.runtime.bench import run_bench
+        r = run_bench({str(bundle)!r}, backend={backend!r}, threads={threads}, runs={runs}, new_tokens={n})
+        print(json.dumps(r))
+    """)
+
+
+def llama_cpp_direct(bundle: Path, threads: int, runs: int, n: int) -> dict:
+    return run_child(f"""
+        import json, statistics, time
+        from llama_cpp import Llama
+        from edgepeft.bundle import Bundle
+        from edgepeft.runtime.tokenizer import Tokenizer
+        b = Bundle.open({str(bundle)!r})
+        model = str(b.file(b.backends["gguf"]["model"]))
+        tok = Tokenizer(b.root, b.manifest["tokenizer"])
+        ids = tok.apply_chat_template([{{"role": "user", "content": {PROMPT!r}}}])
+
+        def decode(llm):
+            rates, ttft = [], []
+            for _ in range({runs} + 1):
+                llm.reset()
+                t0 = time.perf_counter(); count = 0
+                for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+                    count += 1
+                    if count == 1:
+                        t1 = time.perf_counter()
+                    if count == {n}:
+                        break
+                t2 = time.perf_counter()
+                rates.append(({n} - 1) / (t2 - t1)); ttft.append(t1 - t0)
+            return statistics.median(rates[1:]), statistics.median(ttft[1:]) * 1e3
+
+        t = time.perf_counter()
+        llm = Llama(model_path=model, n_ctx=4096, n_threads={threads}, n_threads_batch={threads}, verbose=False)
+        load = time.perf_counter() - t
+        base_rate, base_ttft = decode(llm)
+        res = {{"load_s": load, "decode_tokens_per_s": base_rate, "ttft_ms": base_ttft, "adapters": {{}}}}
+        for name in b.adapters:
+            del llm
+            t = time.perf_counter()
+            llm = Llama(model_path=model, lora_path=str(b.adapter_path(name, "gguf")), n_ctx=4096,
+                        n_threads={threads}, n_threads_batch={threads}, verbose=False)
+            reload = time.perf_counter() - t
+            rate, _ = decode(llm)
+            res["adapters"][name] = {{"switch_ms": reload * 1e3, "decode_tokens_per_s": rate, "switch_is": "reload with lora_path"}}
+        print(json.dumps(res))
+    """)
+
+
+def genai(python: str, model_dir: Path, threads: int, runs: int, n: int) -> dict:
+    return run_child(f"""
+        import json, statistics, time
+        import onnxruntime_genai as og
+        t = time.perf_counter()
+        model = og.Model({str(model_dir)!r})
+        load = time.perf_counter() - t
+        tok = og.Tokenizer(model)
+        ids = tok.encode(tok.apply_chat_template(json.dumps([{{"role": "user", "content": {PROMPT!r}}}]),
+                                                 add_generation_prompt=True))
+        rates, ttft = [], []
+        for _ in range({runs} + 1):
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(ids) + {n}, min_length=len(ids) + {n}, do_sample=False)
+            gen = og.Generator(model, params)
+            t0 = time.perf_counter()
+            gen.append_tokens(ids)
+            gen.generate_next_token()
+            t1 = time.perf_counter(); count = 1
+            while not gen.is_done():
+                gen.generate_next_token(); count += 1
+            t2 = time.perf_counter()
+            rates.append((count - 1) / (t2 - t1)); ttft.append(t1 - t0)
+        print(json.dumps({{"load_s": load, "decode_tokens_per_s": statistics.median(rates[1:]),
+                          "ttft_ms": statistics.median(ttft[1:]) * 1e3, "version": og.__version__}}))
+    """, python)
+
+
+def pytorch(base_dir: Path, adapters: dict, threads: int, runs: int, n: int) -> dict:
+    return run_child(f"""
+        import json, statistics, time, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from peft import PeftModel
+        torch.set_num_threads({threads})
+        tok = AutoTokenizer.from_pretrained({str(base_dir)!r})
+        ids = torch.tensor([tok.apply_chat_template([{{"role": "user", "content": {PROMPT!r}}}], add_generation_prompt=True)])
+        t = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained({str(base_dir)!r}, dtype=torch.float32).eval()
+        load = time.perf_counter() - t
+        adapters = {json.dumps({k: str(v) for k, v in adapters.items()})}
+        first = next(iter(adapters))
+        model = PeftModel.from_pretrained(model, adapters[first], adapter_name=first)
+        for name, path in adapters.items():
+            if name != first:
+                model.load_adapter(path, adapter_name=name)
+
+        def rate():
+            rs = []
+            for _ in range({runs}):
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+                    t1 = time.perf_counter()
+                    model.generate(ids, max_new_tokens={n}, min_new_tokens={n}, do_sample=False)
+                    t2 = time.perf_counter()
+                rs.append(({n} - 1) / ((t2 - t1) - (t1 - t0)))
+            return statistics.median(rs)
+
+        with model.disable_adapter():
+            base = rate()
+        res = {{"load_s": load, "decode_tokens_per_s": base, "adapters": {{}}}}
+        for name in adapters:
+            sw = []
+            for _ in range(50):
+                model.set_adapter(first if name != first else list(adapters)[-1])
+                t = time.perf_counter(); model.set_adapter(name); sw.append(time.perf_counter() - t)
+            res["adapters"][name] = {{"switch_ms": statistics.median(sw) * 1e3, "decode_tokens_per_s": rate(),
+                                     "switch_is": "PeftModel.set_adapter"}}
+        print(json.dumps(res))
+    """)
+
+
+def table(results: dict) -> list[str]:
+    rows = ["| engine | model file | decode tok/s, base | decode tok/s, with adapter (median over adapters) | adapter switch, median | TTFT, base |",
+            "|---|---|---|---|---|---|"]
+    for name, r in results["engines"].items():
+        if "error" in r:
+            rows.append(f"| {name} | | failed: {r['error']} | | | |")
+            continue
+        base = r.get("base", r)
+        ads = r.get("adapters", {})
+        ad_rates = sorted(a["decode_tokens_per_s"] for a in ads.values())
+        ad_rate = f"{ad_rates[len(ad_rates) // 2]:.1f}" if ad_rates else "n/a (no adapter API)"
+        sw = sorted(a.get("switch_ms_median", a.get("switch_ms")) for a in ads.values())
+        switch = f"{sw[len(sw) // 2]:.4f} ms" if sw else "n/a"
+        if ads and "switch_is" in next(iter(ads.values())):
+            switch += f" ({next(iter(ads.values()))['switch_is']})"
+        ttft = f"{base['ttft_ms']:.1f} ms" if base.get("ttft_ms") is not None else ""
+        rows.append(f"| {name} | {r.get('file', '')} | {base['decode_tokens_per_s']:.1f} | {ad_rate} | {switch} | {ttft} |")
+    return rows
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, base, adapted, switch = [], [], [], []
+    for name, r in results["engines"].items():
+        if "error" in r:
+            continue
+        names.append(name)
+        base.append(r.get("base", r)["decode_tokens_per_s"])
+        ads = r.get("adapters", {})
+        rates = sorted(a["decode_tokens_per_s"] for a in ads.values())
+        adapted.append(rates[len(rates) // 2] if rates else 0)
+        sws = sorted(a.get("switch_ms_median", a.get("switch_ms")) for a in ads.values())
+        switch.append(sws[len(sws) // 2] if sws else float("nan"))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = range(len(names))
+    a1.bar([i - 0.2 for i in x], base, 0.4, label="base")
+    a1.bar([i + 0.2 for i in x], adapted, 0.4, label="with adapter")
+    a1.set_xticks(list(x), names, rotation=20, ha="right")
+    a1.set_ylabel("decode tokens/s (higher is better)")
+    a1.legend()
+    a1.set_title(f"SmolLM2-135M, {results['new_tokens']} greedy tokens, {results['threads']} threads")
+    a2.bar(list(x), switch)
+    a2.set_yscale("log")
+    a2.set_xticks(list(x), names, rotation=20, ha="right")
+    a2.set_ylabel("adapter switch, ms (log; lower is better)")
+    a2.set_title("switching task adapters")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--genai-python", default=os.environ.get("GENAI_PYTHON"),
+                    help="python with onnxruntime-genai (and its builder) installed")
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "edgepeft" / "bench"))
+    args = ap.parse_args()
+
+    from edgepeft.cli.demo import QUANTS, demo_bundle
+    from edgepeft.exporters.builtin import materialize
+    from edgepeft.shipped import shipped_adapters
+
+    work = Path(args.work)
+    adapters = shipped_adapters()
+    bundle, _ = demo_bundle(work / "smollm2-135m", adapters, list(QUANTS), quiet=True)
+    base_dir = materialize("builtin:smollm2-135m")
+    size = lambda rel: f"{bundle.file(rel).stat().st_size / 2**20:.0f} MiB"  # noqa: E731
+    onnx_files = sum(bundle.file(r).stat().st_size for r in bundle.manifest["files"] if r.startswith("onnx/"))
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": args.threads,
+               "new_tokens": args.new_tokens, "runs": args.runs, "prompt": PROMPT,
+               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+               "engines": {}}
+    started = time.strftime("%Y-%m-%d %H:%M")
+    e = results["engines"]
+    e["edgepeft onnx int4"] = {**ours(bundle.root, "onnx", args.threads, args.runs, args.new_tokens),
+                               "file": f"{onnx_files / 2**20:.0f} MiB"}
+    e["edgepeft gguf Q4_K_M"] = {**ours(bundle.root, "gguf", args.threads, args.runs, args.new_tokens),
+                                 "file": size(bundle.backends["gguf"]["model"])}
+    e["llama-cpp-python Q4_K_M"] = {**llama_cpp_direct(bundle.root, args.threads, args.runs, args.new_tokens),
+                                    "file": size(bundle.backends["gguf"]["model"])}
+    if args.genai_python:
+        model_dir = work / "genai-int4"
+        if not (model_dir / "genai_config.json").is_file():
+            subprocess.run([args.genai_python, "-m", "onnxruntime_genai.models.builder", "-m",
+                            "HuggingFaceTB/SmolLM2-135M-Instruct", "-i", str(base_dir), "-o", str(model_dir),
+                            "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")],
+                           check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        cfg = json.loads((model_dir / "genai_config.json").read_text())
+        cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = args.threads
+        (model_dir / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+        e["onnxruntime-genai int4"] = {**genai(args.genai_python, model_dir, args.threads, args.runs, args.new_tokens),
+                                       "file": f"{(model_dir / 'model.onnx.data').stat().st_size / 2**20:.0f} MiB"}
+    else:
+        e["onnxruntime-genai int4"] = {"error": "not run: pass --genai-python"}
+    e["pytorch+peft fp32"] = {**pytorch(base_dir, adapters, args.threads, args.runs, args.new_tokens), "file": ""}
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"# Engine comparison: SmolLM2-135M-Instruct with the demo adapters", "",
+             f"- when: {started}; machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs",
+             f"- command: `python benchmarks/compare_engines.py --threads {args.threads} --runs {args.runs} "
+             f"--new-tokens {args.new_tokens}{' --genai-python ' + Path(args.genai_python).name if args.genai_python else ''}`",
+             f"- each engine in its own process, one after the other; {args.new_tokens} greedy tokens (EOS ignored), "
+             f"{args.threads} threads, median of {args.runs} runs after a warm-up", ""]
+    lines += table(results)
+    ours_onnx = e["edgepeft onnx int4"]
+    if "error" not in ours_onnx:
+        lines += ["", "edgepeft's own figures (from `edgepeft bench`) for each adapter:", ""]
+        for eng in ("edgepeft onnx int4", "edgepeft gguf Q4_K_M"):
+            r = e[eng]
+            if "error" in r:
+                continue
+            for name, a in r["adapters"].items():
+                lines.append(f"- {eng}, {name}: decode {a['decode_tokens_per_s']} tok/s, switch median "
+                             f"{a['switch_ms_median']} ms / p95 {a['switch_ms_p95']} ms, {a['switch_vs_reload']}x "
+                             f"faster than reloading the base ({r['base']['reload_s']} s)")
+            m = r.get("memory")
+            if m:
+                lines.append(f"- {eng} peak RSS: {m['peak_rss_0_adapters'] / 2**20:.0f} MiB (0 adapters), "
+                             f"{m['peak_rss_1_adapter'] / 2**20:.0f} MiB (1), {m['peak_rss_all_adapters'] / 2**20:.0f} MiB "
+                             f"(all); adapters add {m['added_per_file_byte']}x their file size")
+    (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
+    try:
+        plot(results, RESULTS / "speed.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

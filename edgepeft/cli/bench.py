@@ -1,0 +1,53 @@
+"""Measure a bundle on this machine: for the base and each adapter, load time, time to first
+token, prefill and decode tokens/s (median of several runs), adapter load and switch time
+(median, p95), peak RSS with 0, 1 and all adapters, and the cost of reloading the base per task
+(what hot-swapping replaces)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--backend", default="onnx", choices=["onnx", "gguf"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median; default 3)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def run(args) -> int:
+    from edgepeft.runtime.bench import run_bench
+
+    r = run_bench(args.bundle, backend=args.backend, threads=args.threads, runs=args.runs,
+                  new_tokens=args.new_tokens, memory=not args.no_memory)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    b = r["base"]
+    print(f"edgepeft bench: {r['bundle']} ({r['backend']} {r['quant']}, {r['provider']}, threads {r['threads'] or 'default'}), "
+          f"{r['new_tokens']} new tokens, median of {r['runs']} runs")
+    print(f"{'':<12}{'file':>10}{'load':>10}{'switch med':>12}{'p95':>9}{'vs reload':>11}"
+          f"{'TTFT':>9}{'prefill':>10}{'decode':>10}{'vs base':>9}")
+    print(f"{'base':<12}{'':>10}{b['load_s'] * 1e3:>8.0f}ms{'':>12}{'':>9}{'':>11}"
+          f"{b['ttft_ms']:>7.1f}ms{b['prefill_tokens_per_s']:>10.0f}{b['decode_tokens_per_s']:>10.1f}{'':>9}")
+    for name, a in r["adapters"].items():
+        print(f"{name:<12}{_mib(a['file_bytes']):>10}{a['load_ms']:>8.1f}ms{a['switch_ms_median']:>10.4f}ms"
+              f"{a['switch_ms_p95']:>7.4f}ms{a['switch_vs_reload']:>10}x{a['ttft_ms']:>7.1f}ms"
+              f"{a['prefill_tokens_per_s']:>10.0f}{a['decode_tokens_per_s']:>10.1f}"
+              f"{a['decode_tokens_per_s'] / b['decode_tokens_per_s']:>8.2f}x")
+    print(f"reload base per task instead: {b['reload_s'] * 1e3:.0f} ms each")
+    m = r.get("memory")
+    if m:
+        ratio = f", {m['added_per_file_byte']:.2f}x their file size" if m["added_per_file_byte"] is not None else ""
+        print(f"peak RSS: 0 adapters {_mib(m['peak_rss_0_adapters'])}, 1 adapter {_mib(m['peak_rss_1_adapter'])}, "
+              f"all {_mib(m['peak_rss_all_adapters'])} (+{_mib(m['added_by_all_adapters'])} for "
+              f"{_mib(m['adapter_files_bytes'])} of adapter files{ratio})")
+    return 0

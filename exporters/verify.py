@@ -1,0 +1,128 @@
+"""`edgepeft verify`: each backend and adapter of a bundle against the PyTorch+PEFT reference.
+
+For a fixed set of chat prompts, teacher-forced logits of the exported model are compared with
+the reference's: max abs difference, mean KL(reference || exported) and top-1 agreement per
+position. Adapters with a task check (the shipped demo adapters) are also scored on their
+held-out prompts. Thresholds depend on the backend's precision and are printed with the results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft.bundle import Bundle
+from edgepeft.errors import BundleError, require
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain in two sentences why the sky is blue.",
+    "List three prime numbers greater than 10.",
+    "Translate 'good morning' into Spanish.",
+    "Profile: Basil is a 41-year-old pilot who lives in Bergen.",
+    "Classify the sentiment of this review as positive or negative. Review: The tent was superb.",
+]
+
+# (max KL, min top-1 agreement) by precision; max abs is reported, and bounded for full precision.
+THRESHOLDS = {
+    "fp32": {"kl": 1e-5, "top1": 0.999, "max_abs": 1e-3},
+    "F32": {"kl": 1e-5, "top1": 0.999, "max_abs": 1e-2},
+    "fp16": {"kl": 1e-3, "top1": 0.98}, "F16": {"kl": 1e-3, "top1": 0.98},
+    "int8": {"kl": 0.02, "top1": 0.93}, "Q8_0": {"kl": 0.02, "top1": 0.93},
+}
+QUANTIZED_4BIT = {"kl": 0.15, "top1": 0.8}
+TASK_KEEP = 0.95  # an adapter must keep this share of its PyTorch task accuracy
+
+
+def thresholds(quant: str) -> dict:
+    return THRESHOLDS.get(quant, QUANTIZED_4BIT)
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lr, lg = log_softmax(ref), log_softmax(got)
+    return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
+
+
+def _reference_models(reference: str, bundle: Bundle, adapter_dirs: dict[str, str]):
+    """{adapter or None: torch model} built with transformers + PEFT."""
+    torch = require("torch", "export")
+    peft = require("peft", "export")
+    transformers = require("transformers", "export")
+    from .hf_base import resolve_base_dir
+
+    base_dir = resolve_base_dir(reference)
+
+    def base():
+        return transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+    merged = bundle.base.get("merged_adapter")
+    if merged:
+        src = adapter_dirs.get(merged["name"], merged.get("source"))
+        yield None, peft.PeftModel.from_pretrained(base(), src).eval()
+        return
+    yield None, base()
+    for name, entry in bundle.adapters.items():
+        src = adapter_dirs.get(name, entry.get("source"))
+        if not src or not (Path(src) / "adapter_config.json").is_file():
+            raise BundleError(f"adapter {name!r}: its PEFT directory {src} is not here; pass --adapter {name}=DIR")
+        yield name, peft.PeftModel.from_pretrained(base(), src).eval()
+
+
+def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str, str] | None = None,
+                  backends: list[str] | None = None, task_prompts: int = 40) -> dict:
+    torch = require("torch", "export")
+    from edgepeft.runtime import Engine
+    from edgepeft.shipped import shipped_adapters, shipped_metrics
+    from edgepeft.tasks import TASKS
+
+    bundle = Bundle.open(bundle_dir)
+    bundle.verify_hashes()
+    fp = bundle.fingerprint
+    backends = backends or list(bundle.backends)
+    engines = {b: Engine.open(bundle, backend=b) for b in backends}
+    tok = next(iter(engines.values())).tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    results: dict = {"bundle": str(bundle.root), "reference": reference, "fingerprint": fp, "checks": []}
+
+    # Shipped adapters with a task check, recognised by their source hash.
+    from edgepeft.files import sha256_file
+
+    shipped = {n: sha256_file(p / "adapter_model.safetensors") for n, p in shipped_adapters().items()}
+    metrics = shipped_metrics()
+
+    for name, model in _reference_models(reference, bundle, dict(adapter_dirs or {})):
+        refs = []
+        with torch.no_grad():
+            for ids in prompts:
+                refs.append(model(torch.tensor([ids])).logits[0].numpy())
+        del model
+        for backend, engine in engines.items():
+            got = [engine.score(ids, adapter=name) for ids in prompts]
+            max_abs = max(float(np.abs(g - r).max()) for g, r in zip(got, refs))
+            kl = float(np.mean([_kl(r, g) for g, r in zip(got, refs)]))
+            top1 = float(np.mean(np.concatenate([g.argmax(-1) == r.argmax(-1) for g, r in zip(got, refs)])))
+            quant = bundle.backends[backend]["quant"]
+            limit = thresholds(quant)
+            check = {"backend": backend, "quant": quant, "adapter": name, "max_abs": max_abs, "kl": kl,
+                     "top1": top1, "thresholds": limit}
+            ok = kl <= limit["kl"] and top1 >= limit["top1"] and max_abs <= limit.get("max_abs", float("inf"))
+            entry = bundle.adapters.get(name) if name else None
+            if entry and shipped.get(name) == entry.get("source_hash") and name in TASKS and name in metrics:
+                task = TASKS[name]
+                held = task.examples(task_prompts, held_out=True, seed=0)
+                answers = [engine.generate(e.prompt, adapter=name, max_new_tokens=task.max_new_tokens, chat=True)
+                           for e in held]
+                check["task_accuracy"] = task.accuracy(held, answers)
+                check["pytorch_task_accuracy"] = metrics[name]["pytorch_accuracy"]
+                ok = ok and check["task_accuracy"] >= TASK_KEEP * check["pytorch_task_accuracy"]
+            check["ok"] = ok
+            results["checks"].append(check)
+    results["ok"] = all(c["ok"] for c in results["checks"])
+    return results
