@@ -7,14 +7,13 @@ Layout (see docs/bundle.md):
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .errors import BundleError
-from .files import sha256_file, write_json_atomic
+from .files import read_json_object, sha256_file, write_json_atomic
 
 MANIFEST = "edgepeft.json"
 FORMAT = "edgepeft-bundle"
@@ -53,11 +52,7 @@ class Bundle:
             raise BundleError(f"{root}: not a bundle directory (does not exist)")
         if not path.is_file():
             raise BundleError(f"{root}: not a bundle ({MANIFEST} is missing)")
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"{path}: corrupt manifest ({e})") from None
-        bundle = cls(root, manifest)
+        bundle = cls(root, read_json_object(path, BundleError, "manifest"))
         bundle.validate()
         return bundle
 

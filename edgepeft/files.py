@@ -57,6 +57,17 @@ def write_json_atomic(dest: str | os.PathLike, obj) -> None:
     write_bytes_atomic(dest, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception], what: str = "JSON") -> dict:
+    """Parse `path` as a JSON object, raising `error` with a one-line message naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: corrupt {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: corrupt {what} (expected a JSON object)")
+    return obj
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

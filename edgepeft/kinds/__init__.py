@@ -7,10 +7,10 @@ and `read(path, config) -> AdapterSpec`. The exporters hold each kind's backend 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import AdapterError, UnsupportedAdapter
+from ..files import read_json_object
 from . import lora
 from .spec import AdapterSpec
 
@@ -32,12 +32,7 @@ def read_peft_adapter(path: str | Path) -> AdapterSpec:
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():
         raise AdapterError(f"{path}: no adapter_config.json (not a PEFT adapter directory)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{cfg_path}: expected a JSON object")
+    config = read_json_object(cfg_path, AdapterError)
     if not (path / "adapter_model.safetensors").is_file():
         if (path / "adapter_model.bin").exists():
             raise AdapterError(

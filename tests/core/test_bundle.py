@@ -36,6 +36,7 @@ def test_a_replaced_file_is_detected(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("{", "corrupt manifest"),
+    ("[1, 2]", "expected a JSON object"),
     ('{"format": "other"}', "not an edgepeft manifest"),
     ('{"format": "edgepeft-bundle", "format_version": 99}', "format version 99"),
 ])

@@ -81,7 +81,7 @@ def test_pickle_only_adapter_is_refused_with_a_hint(tmp_path):
 
 @pytest.mark.parametrize("breakage, message", [
     (lambda d: (d / "adapter_config.json").unlink(), "no adapter_config.json"),
-    (lambda d: (d / "adapter_config.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "adapter_config.json").write_text("{not json"), "corrupt JSON"),
     (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x01\x02"), "truncated header"),
     (lambda d: (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"})), "LOHA is not supported"),
     (lambda d: (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 3})), "says 3"),
