@@ -56,15 +56,22 @@ def _pre_tokenizer(base: BaseModel, tok_json: dict) -> str:
 
 
 def _add_tokenizer(writer, gguf, base: BaseModel) -> None:
-    tok_json = json.loads((base.local_dir / "tokenizer.json").read_text())
+    path = base.local_dir / "tokenizer.json"
+    if not path.is_file():
+        writer.add_tokenizer_model("none")  # llama.cpp's "no vocab": ids in, logits out
+        return
+    tok_json = json.loads(path.read_text())
     model = tok_json.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _add_sentencepiece_style(writer, gguf, base)
     if model.get("type") != "BPE":
-        raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: only byte-level BPE tokenizers are exported to GGUF")
+        raise UnsupportedModel(f"{path}: {model.get('type')} tokenizers are not exported to GGUF yet")
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in tok_json.get("added_tokens", [])}
     for text, t in added.items():
         vocab.setdefault(text, t["id"])
-    n = max(base.dims["vocab_size"], max(vocab.values()) + 1)
+    _check_vocab(base, max(vocab.values()) + 1)
+    n = base.dims["vocab_size"]
     tokens, types = [f"[PAD{i}]" for i in range(n)], [gguf.TokenType.UNUSED] * n
     # gguf's BpeVocab types every in-vocabulary token NORMAL; llama.cpp must see special added
     # tokens (<|im_end|>, ...) as CONTROL to stop on them and keep them out of decoded text.
@@ -88,6 +95,37 @@ def _add_tokenizer(writer, gguf, base: BaseModel) -> None:
     bos = special.special_token_ids.get("bos")
     special.add_special_token["bos"] = bool(bos is not None and probe and probe[0] == bos)
     special.add_special_token["eos"] = False
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _check_vocab(base: BaseModel, n_tokens: int) -> None:
+    if n_tokens > base.dims["vocab_size"]:
+        raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: {n_tokens} tokens, but the model's vocabulary "
+                               f"has {base.dims['vocab_size']} rows")
+
+
+def _add_sentencepiece_style(writer, gguf, base: BaseModel) -> None:
+    """Llama-2 / Mistral style tokenizers (BPE with byte fallback): gguf's LlamaHfVocab gives the
+    tokens, scores and types llama.cpp's "llama" tokenizer expects."""
+    vocab = gguf.vocab.LlamaHfVocab(base.local_dir)
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    _check_vocab(base, len(tokens))
+    for i in range(len(tokens), base.dims["vocab_size"]):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(base.local_dir, load_merges=False, n_vocab=len(tokens))
+    if special.chat_template is None and (base.local_dir / "chat_template.jinja").is_file():
+        special.chat_template = (base.local_dir / "chat_template.jinja").read_text()
     special.add_to_gguf(writer, quiet=True)
 
 

@@ -109,8 +109,6 @@ def load_base(source: str) -> BaseModel:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         local, torch_dtype=torch.float32, local_files_only=True
     ).eval()
-    if not (local / "tokenizer.json").is_file():
-        raise UnsupportedModel(f"{local}: no tokenizer.json (a fast tokenizer is required)")
     return BaseModel(source=source, local_dir=local, model=model, config=config,
                      dims=_dims(config), fingerprint=fingerprint_state_dict(model.state_dict()))
 
@@ -127,9 +125,12 @@ def copy_tokenizer(base: BaseModel, dest: Path) -> dict:
         if (base.local_dir / "tokenizer_config.json").is_file() else {}
     gen_cfg = json.loads((base.local_dir / "generation_config.json").read_text()) \
         if (base.local_dir / "generation_config.json").is_file() else {}
-    vocab = json.loads((base.local_dir / "tokenizer.json").read_text()).get("model", {}).get("vocab", {})
-    added = {t["content"]: t["id"] for t in json.loads(
-        (base.local_dir / "tokenizer.json").read_text()).get("added_tokens", [])}
+    # A base without tokenizer.json (e.g. a bare test checkpoint) still exports: the bundle then
+    # scores token ids but cannot encode text.
+    tok_json = json.loads((base.local_dir / "tokenizer.json").read_text()) \
+        if (base.local_dir / "tokenizer.json").is_file() else {}
+    vocab = tok_json.get("model", {}).get("vocab", {})
+    added = {t["content"]: t["id"] for t in tok_json.get("added_tokens", [])}
 
     def token_id(tok):
         if isinstance(tok, dict):

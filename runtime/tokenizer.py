@@ -19,28 +19,35 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         path = root / "tokenizer.json"
-        try:
-            self.tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises plain Exception subclasses
-            raise BundleError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+        self.tok = None  # a bundle exported from a base without tokenizer scores ids only
+        if "tokenizer.json" in (manifest_section.get("files") or []):
+            try:
+                self.tok = HFTokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises plain Exception subclasses
+                raise BundleError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
         cfg_path = root / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         # Newer transformers save the template beside the config (chat_template.jinja).
         if (root / CHAT_TEMPLATE_FILE).is_file():
             self.config["chat_template"] = (root / CHAT_TEMPLATE_FILE).read_text()
         self.eos_ids = set(manifest_section.get("eos_token_ids") or [])
-        self.chat_end_ids = {i for t in CHAT_END_TOKENS if (i := self.tok.token_to_id(t)) is not None}
+        self.chat_end_ids = {i for t in CHAT_END_TOKENS if self.tok and (i := self.tok.token_to_id(t)) is not None}
         self._template = None
 
     def _special(self, key: str) -> str:
         v = self.config.get(key)
         return v.get("content", "") if isinstance(v, dict) else (v or "")
 
+    def _require(self):
+        if self.tok is None:
+            raise BundleError("this bundle has no tokenizer (its base had no tokenizer.json): use score() with token ids")
+        return self.tok
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._require().encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        return self._require().decode(ids, skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """Render the model's chat template (as transformers does) and tokenize the result."""

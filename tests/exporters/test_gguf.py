@@ -129,3 +129,47 @@ def test_add_adapter_writes_both_formats(tiny_llama, llama_adapters, tmp_path):
     onnx_logits = Engine.open(bundle.root).score(ids, adapter="all")
     gguf_logits = Engine.open(bundle.root, backend="gguf").score(ids, adapter="all")
     assert rel_err(gguf_logits, onnx_logits) <= 1e-3
+
+
+def test_a_base_without_tokenizer_exports_and_scores_ids(tmp_path):
+    base = make_base(tmp_path / "bare", "llama", seed=21)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (base / name).unlink(missing_ok=True)
+    ad = make_lora(base, tmp_path / "ad", seed=22, target_modules=["q_proj", "k_proj"])
+    bundle = export_bundle(str(base), tmp_path / "b", {"a": str(ad)}, formats="onnx,gguf", onnx_quant="fp32",
+                           gguf_quant="F32", quiet=True)
+    ids = [5, 17, 42, 99, 3, 250, 7]
+    for backend in ("onnx", "gguf"):
+        engine = Engine.open(bundle.root, backend=backend)
+        for name, path in (("a", ad), (None, None)):
+            assert rel_err(engine.score(ids, adapter=name), reference_logits(base, path, ids)) <= 1e-3
+        with pytest.raises(EdgepeftError, match="no tokenizer"):
+            engine.generate("text needs a tokenizer")
+
+
+def test_sentencepiece_style_tokenizer_exports_to_gguf(tmp_path):
+    """Llama-2/Mistral style: BPE with byte fallback, written as llama.cpp's "llama" vocab."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for piece in ["▁", "a", "b", "▁a", "ab"]:  # 264 tokens: the tiny base's vocabulary size
+        vocab[piece] = len(vocab)
+    merges = [("▁", "a"), ("a", "b")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    base = make_base(tmp_path / "spm", "mistral", seed=23)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (base / name).unlink(missing_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(base)
+    bundle = export_bundle(str(base), tmp_path / "b", formats="gguf", gguf_quant="F32", quiet=True)
+    engine = Engine.open(bundle.root, backend="gguf")
+    ids = engine.tokenizer.encode("ab ab a b")
+    assert rel_err(engine.score(ids), reference_logits(base, None, ids)) <= 1e-3
+    from llama_cpp import Llama
+
+    stock = Llama(model_path=str(bundle.file(bundle.backends["gguf"]["model"])), n_ctx=64, verbose=False)
+    assert stock.tokenize(b"ab ab a b", add_bos=False) == [i for i in ids if i != 1]
+    stock.close()
