@@ -158,7 +158,8 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
             if "onnx" in formats:
                 progress.step(f"building ONNX graph ({onnx_quant})")
                 graph_dtype = "fp16" if onnx_quant == "fp16" else "fp32"
-                proto, info = build_decoder(base_model, graph_dtype, context_length)
+                proto, info = build_decoder(base_model, graph_dtype, context_length,
+                                            fp16_embedding=onnx_quant in ("int4", "int8"))
                 progress.done()
                 progress.step(f"quantizing ({onnx_quant})")
                 proto = quantize(proto, onnx_quant, info["lora_nodes"], block_size, accuracy_level)
