@@ -69,8 +69,7 @@ class Engine:
         """Open a bundle: the base loads once; with load_adapters, so does every bundled adapter."""
         t0 = time.perf_counter()
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        engine = cls(b, _make_backend(b, backend, device, threads), 0.0)
-        engine.load_seconds = time.perf_counter() - t0
+        engine = cls(b, _make_backend(b, backend, device, threads), time.perf_counter() - t0)
         if load_adapters:
             for name, entry in b.adapters.items():
                 if backend in (entry.get("files") or {}):
@@ -90,13 +89,18 @@ class Engine:
         path = Path(path) if path is not None else self.bundle.adapter_path(name, self.backend.name)
         handle = self.backend.load_adapter(path)
         with self._lock:
-            self._adapters[name] = handle
+            old, self._adapters[name] = self._adapters.get(name), handle
+        if old is not None:
+            self._free(old)
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
             handle = self._adapters.pop(name, None)
         if handle is None:
             raise BundleError(f"adapter {name!r} is not loaded")
+        self._free(handle)
+
+    def _free(self, handle) -> None:
         free = getattr(self.backend, "free_adapter", None)
         if free is not None:  # llama.cpp handles are freed explicitly; ONNX ones by refcount
             free(handle)
@@ -104,14 +108,12 @@ class Engine:
     def switch_seconds(self, name: str, repeats: int = 200) -> list[float]:
         """Time switching to adapter `name` from the plain base, `repeats` times (for demo and
         bench): the work a call does when its adapter differs from the previous call's."""
-        import time as _time
-
         handle, out = self._adapter(name), []
         for _ in range(repeats):
             self.backend.switch_to(None)
-            t = _time.perf_counter()
+            t = time.perf_counter()
             self.backend.switch_to(handle)
-            out.append(_time.perf_counter() - t)
+            out.append(time.perf_counter() - t)
         self.backend.switch_to(None)
         return out
 

@@ -39,6 +39,7 @@ class GgufAdapter:
     path: Path
     handle: object  # llama_adapter_lora_p
     scale: float = 1.0
+    freed: bool = False  # set under the context lock; a call never applies a freed handle
 
     @property
     def nbytes(self) -> int:
@@ -110,10 +111,13 @@ class GgufBackend:
         with self.lock:
             if self._active and self._active[0] is adapter:
                 self._set_adapter(None)
+            adapter.freed = True
             self.llama_cpp.llama_adapter_lora_free(adapter.handle)
 
     def _set_adapter(self, adapter: GgufAdapter | None) -> None:
         """Make `adapter` (or none) the context's only LoRA. Caller holds the lock."""
+        if adapter is not None and adapter.freed:
+            raise BundleError(f"adapter {adapter.path.name} was unloaded while this call waited for it")
         key = (adapter,) if adapter is not None else ()
         if key == self._active:
             return

@@ -107,6 +107,7 @@ def train_one(name: str, base_dir: Path, device: str, steps: int | None) -> dict
     out = OUT / name
     model = model.to("cpu").half()  # fp16 halves the shipped file; the exporter reads F16
     model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card template; the set has one README
     metrics = {
         "task": task.description, "rank": recipe["r"], "alpha": recipe["lora_alpha"],
         "targets": recipe["target_modules"], "steps": steps, "batch": BATCH, "lr": lr,

@@ -96,3 +96,42 @@ def test_score_without_adapter_equals_base_after_adapter_calls(engine):
     before = engine.score(ids)
     engine.score(ids, adapter="all")
     np.testing.assert_array_equal(engine.score(ids), before)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "gguf"])
+def test_adapters_load_and_unload_while_other_threads_generate(llama_bundle, backend):
+    """Calls keep getting their own adapter's output while another thread churns the registry."""
+    engine = Engine.open(llama_bundle.root, backend=backend)
+    want = {n: engine.complete("steady", adapter=n, max_new_tokens=6).tokens for n in (None, "qv", "all")}
+    errors, stop = [], threading.Event()
+
+    def churn():
+        path = engine.bundle.adapter_path("mixed", backend)
+        while not stop.is_set():
+            engine.load_adapter("mixed", path)
+            engine.unload_adapter("mixed")
+
+    def call(name):
+        try:
+            for _ in range(10):
+                assert engine.complete("steady", adapter=name, max_new_tokens=6).tokens == want[name]
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    workers = [threading.Thread(target=call, args=(n,)) for n in want for _ in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    churner.join()
+    assert not errors, errors[0]
+
+
+def test_reloading_an_adapter_under_the_same_name_replaces_it(llama_bundle):
+    engine = Engine.open(llama_bundle.root, backend="gguf")
+    ids = engine.encode_prompt("swap")
+    engine.load_adapter("qv", engine.bundle.adapter_path("all", "gguf"))
+    np.testing.assert_array_equal(engine.score(ids, adapter="qv"), engine.score(ids, adapter="all"))
