@@ -164,6 +164,46 @@ def pytorch(base_dir: Path, adapters: dict, threads: int, runs: int, n: int) -> 
     """)
 
 
+def r16_all_adapter(base_dir: Path, out: Path) -> Path:
+    """A rank-16 LoRA on all seven projections with random non-zero B: for speed only (issue 5's
+    'rank-16 adapter on all seven linear projections' case)."""
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path]):
+    """The demo bundle's content plus the rank-16 all-projection adapter."""
+    from edgepeft.bundle import Bundle
+    from edgepeft.cli.demo import BASE, QUANTS
+    from edgepeft.errors import EdgepeftError
+    from edgepeft.exporters import export_bundle
+
+    adapters = {**adapters, "r16-all7": r16_all_adapter(base_dir, work / "r16-all7")}
+    out = work / "smollm2-135m-bench"
+    try:
+        b = Bundle.open(out)
+        if set(b.adapters) == set(adapters):
+            return b
+    except EdgepeftError:
+        pass
+    return export_bundle(BASE, out, {n: str(p) for n, p in adapters.items()}, formats=",".join(QUANTS),
+                         onnx_quant=QUANTS["onnx"], gguf_quant=QUANTS["gguf"], quiet=True)
+
+
 def table(results: dict) -> list[str]:
     rows = ["| engine | model file | decode tok/s, base | decode tok/s, with adapter (median over adapters) | adapter switch, median | TTFT, base |",
             "|---|---|---|---|---|---|"]
@@ -228,14 +268,15 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "edgepeft" / "bench"))
     args = ap.parse_args()
 
-    from edgepeft.cli.demo import QUANTS, demo_bundle
     from edgepeft.exporters.builtin import materialize
     from edgepeft.shipped import shipped_adapters
 
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     adapters = shipped_adapters()
-    bundle, _ = demo_bundle(work / "smollm2-135m", adapters, list(QUANTS), quiet=True)
     base_dir = materialize("builtin:smollm2-135m")
+    bundle = bench_bundle(work, base_dir, adapters)
+    adapters = {n: Path(a["source"]) for n, a in bundle.adapters.items()}
     size = lambda rel: f"{bundle.file(rel).stat().st_size / 2**20:.0f} MiB"  # noqa: E731
     onnx_files = sum(bundle.file(r).stat().st_size for r in bundle.manifest["files"] if r.startswith("onnx/"))
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": args.threads,
@@ -268,7 +309,9 @@ def main() -> None:
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"# Engine comparison: SmolLM2-135M-Instruct with the demo adapters", "",
+    lines = ["# Engine comparison: SmolLM2-135M-Instruct with the demo adapters", "",
+             "Adapters: the three shipped demo adapters, and `r16-all7`, a random rank-16 LoRA on all seven "
+             "projections (for speed only).", "",
              f"- when: {started}; machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs",
              f"- command: `python benchmarks/compare_engines.py --threads {args.threads} --runs {args.runs} "
              f"--new-tokens {args.new_tokens}{' --genai-python ' + Path(args.genai_python).name if args.genai_python else ''}`",

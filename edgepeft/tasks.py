@@ -13,12 +13,22 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+# Many names and cities, so the json adapter learns to copy them rather than memorise a few.
 _NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
           "Kemal", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tariq",
-          "Uma", "Viktor", "Wen", "Ximena", "Yusuf", "Zoe", "Amara", "Basil", "Celia", "Dario"]
+          "Uma", "Viktor", "Wen", "Ximena", "Yusuf", "Zoe", "Amara", "Basil", "Celia", "Dario",
+          "Emil", "Fatima", "Gustav", "Hana", "Igor", "Julia", "Kofi", "Lucia", "Milan", "Nora",
+          "Omar", "Paula", "Rafael", "Sofia", "Tomas", "Ursula", "Vera", "Walter", "Yara", "Zeno",
+          "Anton", "Bianca", "Carlos", "Daria", "Erik", "Flora", "Georg", "Helga", "Ivan", "Jana",
+          "Karim", "Lotte", "Marco", "Nils", "Olga", "Pavel", "Rita", "Samir", "Tina", "Ugo",
+          "Vince", "Wanda", "Xavier", "Yosef", "Zara", "Adele", "Boris", "Carmen", "Dennis", "Edith"]
 _CITIES = ["Paris", "Berlin", "Lisbon", "Oslo", "Cairo", "Lima", "Seoul", "Dublin", "Vienna", "Quito",
-           "Nairobi", "Hanoi", "Krakow", "Porto", "Austin", "Denver", "Osaka", "Turin", "Bergen", "Perth"]
-_JOBS = ["teacher", "nurse", "engineer", "baker", "pilot", "farmer", "lawyer", "painter", "chef", "doctor"]
+           "Nairobi", "Hanoi", "Krakow", "Porto", "Austin", "Denver", "Osaka", "Turin", "Bergen", "Perth",
+           "Madrid", "Prague", "Athens", "Warsaw", "Zurich", "Geneva", "Munich", "Milan", "Naples", "Seville",
+           "Boston", "Chicago", "Toronto", "Montreal", "Sydney", "Auckland", "Santiago", "Bogota", "Manila",
+           "Jakarta", "Mumbai", "Delhi", "Dhaka", "Lagos", "Accra", "Tunis", "Rabat", "Riga", "Tallinn", "Minsk"]
+_JOBS = ["teacher", "nurse", "engineer", "baker", "pilot", "farmer", "lawyer", "painter", "chef", "doctor",
+         "writer", "dentist", "plumber", "singer", "tailor", "driver"]
 
 _PRODUCTS = ["phone", "blender", "jacket", "laptop", "novel", "hotel room", "pizza", "headphones",
              "backpack", "camera", "sofa", "bike", "kettle", "movie", "watch", "printer", "tent", "lamp"]

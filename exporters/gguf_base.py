@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepeft.errors import UnsupportedModel, require
+from edgepeft.llama_log import quiet_llama_cpp
 
 from .hf_base import BaseModel
 
@@ -62,10 +63,10 @@ def _add_tokenizer(writer, gguf, base: BaseModel) -> None:
         return
     tok_json = json.loads(path.read_text())
     model = tok_json.get("model", {})
-    if model.get("type") == "BPE" and model.get("byte_fallback"):
-        return _add_sentencepiece_style(writer, gguf, base)
     if model.get("type") != "BPE":
         raise UnsupportedModel(f"{path}: {model.get('type')} tokenizers are not exported to GGUF yet")
+    if not _is_byte_level(tok_json):
+        return _add_sentencepiece_style(writer, gguf, base)
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in tok_json.get("added_tokens", [])}
     for text, t in added.items():
@@ -98,6 +99,16 @@ def _add_tokenizer(writer, gguf, base: BaseModel) -> None:
     special.add_to_gguf(writer, quiet=True)
 
 
+def _is_byte_level(tok_json: dict) -> bool:
+    """GPT-2 style byte-level BPE (a ByteLevel pre-tokenizer or decoder), as opposed to
+    sentencepiece-style BPE with byte fallback."""
+    def kinds(node):
+        node = node or {}
+        return [node.get("type")] + [k for sub in node.get("pretokenizers", node.get("decoders", [])) for k in kinds(sub)]
+
+    return "ByteLevel" in kinds(tok_json.get("pre_tokenizer")) + kinds(tok_json.get("decoder"))
+
+
 def _check_vocab(base: BaseModel, n_tokens: int) -> None:
     if n_tokens > base.dims["vocab_size"]:
         raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: {n_tokens} tokens, but the model's vocabulary "
@@ -107,7 +118,10 @@ def _check_vocab(base: BaseModel, n_tokens: int) -> None:
 def _add_sentencepiece_style(writer, gguf, base: BaseModel) -> None:
     """Llama-2 / Mistral style tokenizers (BPE with byte fallback): gguf's LlamaHfVocab gives the
     tokens, scores and types llama.cpp's "llama" tokenizer expects."""
-    vocab = gguf.vocab.LlamaHfVocab(base.local_dir)
+    try:
+        vocab = gguf.vocab.LlamaHfVocab(base.local_dir)
+    except (FileNotFoundError, TypeError, ValueError) as e:
+        raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: cannot be written as a GGUF vocabulary ({e})") from None
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
         tokens.append(text)
@@ -202,6 +216,7 @@ def quantize_gguf(src: Path, dest: Path, quant: str, threads: int = 0) -> None:
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}", None)
     if ftype is None:
         raise UnsupportedModel(f"unknown GGUF quant type {quant!r} (e.g. {', '.join(GGUF_QUANTS)})")
+    quiet_llama_cpp(llama_cpp)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads

@@ -21,17 +21,9 @@ import numpy as np
 
 from edgepeft.bundle import Bundle
 from edgepeft.errors import AdapterError, BundleError, EngineError, require
+from edgepeft.llama_log import quiet_llama_cpp
 
-_log_callback = None  # kept alive for the process: llama.cpp holds the pointer
-
-
-def _quiet_llama(llama_cpp) -> None:
-    """Route llama.cpp's logging to nowhere (our errors carry the message that matters)."""
-    global _log_callback
-    if _log_callback is None:
-        _log_callback = llama_cpp.llama_log_callback(lambda level, text, data: None)
-        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
+BATCH = 512  # tokens per llama_decode; longer inputs are decoded in chunks
 
 
 @dataclass
@@ -56,7 +48,7 @@ class GgufBackend:
         info = bundle.backends.get("gguf")
         if info is None:
             raise BundleError(f"{bundle.root}: has no GGUF base (export with --format gguf)")
-        _quiet_llama(llama_cpp)
+        quiet_llama_cpp(llama_cpp)
         path = bundle.file(info["model"])
         gpu = llama_cpp.llama_supports_gpu_offload()
         if device not in ("auto", "cpu", "cuda", "gpu"):
@@ -78,8 +70,8 @@ class GgufBackend:
         self.context_length = int(context_length or min(info["context_length"], 4096))
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.context_length
-        cparams.n_batch = self.context_length  # score() decodes a whole sequence in one batch
-        cparams.n_ubatch = min(512, self.context_length)
+        # llama.cpp reserves logits for n_batch rows: keep it small and decode long inputs in chunks.
+        cparams.n_batch = cparams.n_ubatch = min(BATCH, self.context_length)
         n_threads = threads or max(1, os.cpu_count() or 1)
         cparams.n_threads = cparams.n_threads_batch = n_threads
         if info.get("quant") == "F32":
@@ -94,7 +86,7 @@ class GgufBackend:
             raise EngineError(f"{path}: llama.cpp could not create a context of {self.context_length} tokens")
         self.lock = threading.Lock()
         self._active: tuple = ()
-        self._batch = llama_cpp.llama_batch_init(self.context_length, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(min(BATCH, self.context_length), 0, 1)
 
     # ---- adapters ------------------------------------------------------------------------------
     def load_adapter(self, path: Path) -> GgufAdapter:
@@ -182,12 +174,18 @@ class _GgufSequence:
 
     def forward(self, ids, all_logits: bool = False) -> np.ndarray:
         """Decode `ids` after what is cached; logits [len(ids) or 1, vocab]."""
-        b, llama_cpp = self.backend, self.backend.llama_cpp
         n = len(ids)
         if n == 0:
             raise EngineError("empty input: nothing to run")
         if self.length + n > self.max_len:
             raise EngineError(f"sequence of {self.length + n} tokens exceeds the buffer of {self.max_len}")
+        chunks = [ids[i : i + BATCH] for i in range(0, n, BATCH)]
+        rows = [self._decode(c, all_logits or i == len(chunks) - 1, all_logits) for i, c in enumerate(chunks)]
+        return np.concatenate([r for r in rows if r is not None]) if all_logits else rows[-1]
+
+    def _decode(self, ids, want_logits: bool, all_rows: bool) -> np.ndarray | None:
+        b, llama_cpp = self.backend, self.backend.llama_cpp
+        n = len(ids)
         batch = b._batch
         batch.n_tokens = n
         for i, tok in enumerate(ids):
@@ -195,11 +193,13 @@ class _GgufSequence:
             batch.pos[i] = self.length + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
-            batch.logits[i] = all_logits or i == n - 1
+            batch.logits[i] = all_rows or (want_logits and i == n - 1)
         rc = llama_cpp.llama_decode(b.ctx, batch)
         if rc != 0:
             raise EngineError(f"llama.cpp decode failed (code {rc})")
         self.length += n
-        rows = n if all_logits else 1
+        if not want_logits:
+            return None
+        rows = n if all_rows else 1
         ptr = llama_cpp.llama_get_logits(b.ctx)
         return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(rows, b.n_vocab)).copy()

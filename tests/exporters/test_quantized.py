@@ -47,8 +47,13 @@ def test_int4_base_uses_matmulnbits_and_keeps_adapter_slots_float(trained, tmp_p
     base, _, _ = trained
     bundle = export_bundle(str(base), tmp_path / "int4", onnx_quant="int4", block_size=32, quiet=True)
     model = onnx.load(str(bundle.file("onnx/model.onnx")), load_external_data=False)
-    ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulNBits") == 2 * 7 + 1  # 7 projections per layer and the lm_head
+    nbits = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert len(nbits) == 2 * 7 + 1  # 7 projections per layer and the lm_head
+    eight = sorted(name for name, a in nbits.items() if a["bits"] == 8)
+    assert eight == sorted(["/lm_head/MatMul_Q8"] + [f"/model.layers.{i}/{m}/MatMul_Q8" for i in range(2)
+                                                      for m in ("attn/v_proj", "mlp/down_proj")])
+    assert all(a["bits"] == 4 for name, a in nbits.items() if name not in eight)
+    assert all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in nbits.values())
     slot_inits = [i for i in model.graph.initializer if i.name.startswith("lora.")]
     assert slot_inits and all(i.data_type == onnx.TensorProto.FLOAT for i in slot_inits)
     assert bundle.backends["onnx"]["quant"] == "int4" and bundle.backends["onnx"]["block_size"] == 32

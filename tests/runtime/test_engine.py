@@ -135,3 +135,16 @@ def test_reloading_an_adapter_under_the_same_name_replaces_it(llama_bundle):
     ids = engine.encode_prompt("swap")
     engine.load_adapter("qv", engine.bundle.adapter_path("all", "gguf"))
     np.testing.assert_array_equal(engine.score(ids, adapter="qv"), engine.score(ids, adapter="all"))
+
+
+def test_scoring_longer_than_one_llama_batch_matches_onnx(tiny_llama, tmp_path):
+    from edgepeft.exporters import export_bundle
+    from edgepeft.runtime.gguf_backend import BATCH
+
+    bundle = export_bundle(str(tiny_llama), tmp_path / "long", formats="onnx,gguf", onnx_quant="fp32",
+                           gguf_quant="F32", context_length=BATCH * 2, quiet=True)
+    ids = [(i * 7919) % 200 + 3 for i in range(BATCH + 37)]
+    onnx_logits = Engine.open(bundle.root).score(ids)
+    gguf_logits = Engine.open(bundle.root, backend="gguf").score(ids)
+    assert gguf_logits.shape == onnx_logits.shape == (len(ids), onnx_logits.shape[1])
+    assert np.abs(gguf_logits - onnx_logits).max() / np.ptp(onnx_logits) <= 1e-3
