@@ -1,0 +1,25 @@
+"""`edgepeft bench`: the documented figures, for both backends."""
+
+import json
+
+import pytest
+
+from edgepeft.cli import main
+
+
+@pytest.mark.parametrize("backend", ["onnx", "gguf"])
+def test_bench_reports_speed_switch_and_memory_per_adapter(llama_bundle, backend, capsys):
+    assert main(["bench", str(llama_bundle.root), "--backend", backend, "--runs", "1", "--new-tokens", "8",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["backend"] == backend and set(r["adapters"]) == {"qv", "all", "mixed"}
+    assert r["base"]["decode_tokens_per_s"] > 0 and r["base"]["reload_s"] > 0
+    for a in r["adapters"].values():
+        assert 0 < a["switch_ms_median"] <= a["switch_ms_p95"]
+        assert a["switch_vs_reload"] >= 1 and a["decode_tokens_per_s"] > 0 and a["file_bytes"] > 0
+    m = r["memory"]
+    assert m["peak_rss_0_adapters"] > 0 and m["peak_rss_all_adapters"] >= m["peak_rss_0_adapters"] - 2**20
+    assert main(["bench", str(llama_bundle.root), "--backend", backend, "--runs", "1", "--new-tokens", "8",
+                 "--no-memory"]) == 0
+    text = capsys.readouterr().out
+    assert "switch med" in text and "reload base per task" in text and "peak RSS" not in text
