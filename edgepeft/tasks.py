@@ -26,7 +26,12 @@ _CITIES = ["Paris", "Berlin", "Lisbon", "Oslo", "Cairo", "Lima", "Seoul", "Dubli
            "Nairobi", "Hanoi", "Krakow", "Porto", "Austin", "Denver", "Osaka", "Turin", "Bergen", "Perth",
            "Madrid", "Prague", "Athens", "Warsaw", "Zurich", "Geneva", "Munich", "Milan", "Naples", "Seville",
            "Boston", "Chicago", "Toronto", "Montreal", "Sydney", "Auckland", "Santiago", "Bogota", "Manila",
-           "Jakarta", "Mumbai", "Delhi", "Dhaka", "Lagos", "Accra", "Tunis", "Rabat", "Riga", "Tallinn", "Minsk"]
+           "Jakarta", "Mumbai", "Delhi", "Dhaka", "Lagos", "Accra", "Tunis", "Rabat", "Riga", "Tallinn", "Minsk",
+           "Kyoto", "Busan", "Taipei", "Bangkok", "Lahore", "Karachi", "Tehran", "Baku", "Tbilisi", "Yerevan",
+           "Sofia", "Zagreb", "Split", "Malaga", "Bilbao", "Lyon", "Nantes", "Bruges", "Ghent", "Utrecht",
+           "Leiden", "Bremen", "Leipzig", "Dresden", "Graz", "Salzburg", "Bern", "Basel", "Lugano", "Verona",
+           "Genoa", "Palermo", "Valletta", "Nicosia", "Izmir", "Ankara", "Beirut", "Amman", "Doha", "Muscat",
+           "Kigali", "Kampala", "Lusaka", "Harare", "Maputo", "Luanda", "Dakar", "Bamako", "Havana", "Cusco"]
 _JOBS = ["teacher", "nurse", "engineer", "baker", "pilot", "farmer", "lawyer", "painter", "chef", "doctor",
          "writer", "dentist", "plumber", "singer", "tailor", "driver"]
 

@@ -30,3 +30,14 @@ def peak_rss_bytes() -> int:
         return kb * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kB
+
+
+def reset_peak() -> bool:
+    """Reset the peak-RSS mark (Linux: `echo 5 > /proc/self/clear_refs`), so a later
+    peak_rss_bytes() covers only what follows. Returns False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

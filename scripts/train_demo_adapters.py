@@ -28,9 +28,9 @@ from edgepeft.tasks import TASKS
 
 OUT = Path(__file__).resolve().parent.parent / "edgepeft" / "data" / "adapters" / "smollm2-135m"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Two ranks and three target sets, on purpose: the demo exercises per-adapter shapes.
+# Three ranks and two target sets, on purpose: the demo exercises per-adapter shapes.
 RECIPES = {
-    "json": dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], steps=240, lr=1e-3),
+    "json": dict(r=12, lora_alpha=24, target_modules=ALL_LINEAR, steps=300, lr=1e-3),
     "upper": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR, steps=120, lr=1e-3),
     "sentiment": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], steps=100, lr=1e-3),
 }
