@@ -160,6 +160,8 @@ def pytorch(base_dir: Path, adapters: dict, threads: int, runs: int, n: int) -> 
                 t = time.perf_counter(); model.set_adapter(name); sw.append(time.perf_counter() - t)
             res["adapters"][name] = {{"switch_ms": statistics.median(sw) * 1e3, "decode_tokens_per_s": rate(),
                                      "switch_is": "PeftModel.set_adapter"}}
+        import peft, transformers
+        res["versions"] = {{"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
         print(json.dumps(res))
     """)
 
@@ -202,6 +204,15 @@ def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path]):
         pass
     return export_bundle(BASE, out, {n: str(p) for n, p in adapters.items()}, formats=",".join(QUANTS),
                          onnx_quant=QUANTS["onnx"], gguf_quant=QUANTS["gguf"], quiet=True)
+
+
+def versions(results: dict) -> str:
+    e = results["engines"]
+    m = e.get("edgepeft onnx int4", {}).get("machine", {})
+    out = {"edgepeft": m.get("edgepeft"), "onnxruntime": m.get("onnxruntime"), "llama-cpp-python": m.get("llama_cpp"),
+           "onnxruntime-genai": e.get("onnxruntime-genai int4", {}).get("version"),
+           **e.get("pytorch+peft fp32", {}).get("versions", {})}
+    return ", ".join(f"{k} {v}" for k, v in out.items() if v)
 
 
 def table(results: dict) -> list[str]:
@@ -314,7 +325,8 @@ def main() -> None:
              "projections (for speed only).", "",
              f"- when: {started}; machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs",
              f"- command: `python benchmarks/compare_engines.py --threads {args.threads} --runs {args.runs} "
-             f"--new-tokens {args.new_tokens}{' --genai-python ' + Path(args.genai_python).name if args.genai_python else ''}`",
+             f"--new-tokens {args.new_tokens}{' --genai-python GENAI_VENV/bin/python' if args.genai_python else ''}`",
+             f"- versions: {versions(results)}",
              f"- each engine in its own process, one after the other; {args.new_tokens} greedy tokens (EOS ignored), "
              f"{args.threads} threads, median of {args.runs} runs after a warm-up", ""]
     lines += table(results)
