@@ -74,7 +74,7 @@ def materialize(source: str) -> Path:
     os.chmod(tmp, DIR_MODE)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         fast = transformers.PreTrainedTokenizerFast(
             tokenizer_object=tok.backend_tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",

@@ -15,7 +15,7 @@ from edgepeft.kinds import SUPPORT, AdapterSpec, read_peft_adapter
 
 from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir
 from .gguf_adapter import export_adapter_gguf
-from .gguf_base import quantize_gguf, write_base_gguf
+from .gguf_base import gguf_ftype, quantize_gguf, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
 from .onnx_graph import build_decoder
 from .onnx_quant import ONNX_QUANTS, quantize
@@ -132,7 +132,9 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
         if len(specs) > 1:
             raise BundleError("--merge makes a dedicated base; export the other adapters to another bundle")
 
-    resolve_base_dir(base)  # a wrong path fails here, before anything slow starts
+    resolve_base_dir(base)  # a wrong path or quant type fails here, before anything slow starts
+    if "gguf" in formats:
+        gguf_ftype(gguf_quant)
     progress = _Progress(2 + 3 * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
     try:
         progress.step("loading base")

@@ -210,12 +210,21 @@ def _tensor_order(name: str):
     return layer, name
 
 
-def quantize_gguf(src: Path, dest: Path, quant: str, threads: int = 0) -> None:
-    """Quantize with llama.cpp's own quantizer (any LLAMA_FTYPE_MOSTLY_<quant> name)."""
+def gguf_ftype(quant: str) -> int | None:
+    """llama.cpp's file type for `quant`; None for F32/F16, which we write directly."""
+    if quant.upper() in ("F32", "F16"):
+        return None
     llama_cpp = require("llama_cpp", "gguf")
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}", None)
     if ftype is None:
         raise UnsupportedModel(f"unknown GGUF quant type {quant!r} (e.g. {', '.join(GGUF_QUANTS)})")
+    return ftype
+
+
+def quantize_gguf(src: Path, dest: Path, quant: str, threads: int = 0) -> None:
+    """Quantize with llama.cpp's own quantizer (any LLAMA_FTYPE_MOSTLY_<quant> name)."""
+    llama_cpp = require("llama_cpp", "gguf")
+    ftype = gguf_ftype(quant)
     quiet_llama_cpp(llama_cpp)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

@@ -107,7 +107,7 @@ def load_base(source: str) -> BaseModel:
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModel(f"{local}: mlp_bias=True is not supported yet")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        local, torch_dtype=torch.float32, local_files_only=True
+        local, dtype=torch.float32, local_files_only=True
     ).eval()
     return BaseModel(source=source, local_dir=local, model=model, config=config,
                      dims=_dims(config), fingerprint=fingerprint_state_dict(model.state_dict()))

@@ -74,7 +74,7 @@ def make_lora(base_dir: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
     kwargs.update(lora_kwargs)
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **kwargs))
@@ -93,7 +93,7 @@ def reference_logits(base_dir: Path, adapter_dir: Path | None, ids) -> "np.ndarr
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     with torch.no_grad():
@@ -135,7 +135,7 @@ def make_trained_base(out: Path, arch: str = "llama", steps: int = 150) -> Path:
 
     make_base(out, arch, seed=0)
     tok = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.manual_seed(0)
     _train(model, alphabet_texts(1), tok, steps, 3e-3, seed=0)
     model.save_pretrained(out, safe_serialization=True)
@@ -149,7 +149,7 @@ def make_trained_lora(base_dir: Path, out: Path, step: int = -1, steps: int = 12
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     kwargs = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
               "gate_proj", "up_proj", "down_proj"], "lora_dropout": 0.0}
     kwargs.update(lora_kwargs)

@@ -72,3 +72,18 @@ def test_bad_input_exits_2_with_one_line(args, message, cli_bundle, tiny_llama, 
     assert code == 2, stderr
     assert message in stderr and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_gguf_run_and_a_truncated_gguf_base_exit_2_before_llama_cpp(tiny_llama, llama_adapters, tmp_path):
+    out = tmp_path / "g"
+    code, _, err = edgepeft("export", tiny_llama, "--out", out, "--format", "gguf", "--gguf-quant", "F32", "--quiet",
+                            "--adapter", f"qv={llama_adapters['qv']}")
+    assert code == 0, err
+    code, stdout, err = edgepeft("run", out, "--backend", "gguf", "--adapter", "qv", "--json", "--max-new-tokens", "3", "hi")
+    assert code == 0 and json.loads(stdout)["backend"] == "gguf", err
+    base = next((out / "gguf").glob("base-*.gguf"))
+    base.write_bytes(base.read_bytes()[: base.stat().st_size // 3])
+    code, _, err = edgepeft("run", out, "--backend", "gguf", "hi")
+    assert code == 2 and "size differs" in err and len(err.strip().splitlines()) == 1
+    code, _, err = edgepeft("export", tiny_llama, "--out", tmp_path / "q", "--format", "gguf", "--gguf-quant", "Q9_Z")
+    assert code == 2 and "unknown GGUF quant type" in err and len(err.strip().splitlines()) == 1
