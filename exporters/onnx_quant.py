@@ -33,7 +33,8 @@ def quantize(proto, quant: str, lora_nodes: list[str], block_size: int = 32, acc
         return proto
     if block_size < 16 or block_size & (block_size - 1):
         raise UnsupportedModel(f"block size {block_size} must be a power of two >= 16")
-    nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "export")
+    # onnxruntime comes from the onnx or onnx-gpu extra (the two packages cannot share a venv).
+    nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnx")
     algo = None
     if quant == "int4":
         wide = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name.endswith(SENSITIVE)]
