@@ -24,10 +24,6 @@ _ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
 _PERMUTED = {"llama", "mistral"}
 
 
-def gguf_arch(model_type: str) -> str:
-    return _ARCH[model_type].lower()
-
-
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's row order for q/k (per head: interleave the two rotary halves).
     Works on any array whose first axis is n_head * head_dim (weights, biases, LoRA B)."""

@@ -12,11 +12,6 @@ from edgepeft.errors import UnsupportedModel, require
 
 # Architectures the exporters know; SmolLM models are model_type "llama".
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# Linear layers that get adapter slots, with the submodule that owns them.
-LINEAR_TARGETS = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 
@@ -31,9 +26,6 @@ class BaseModel:
     config: object
     dims: dict
     fingerprint: str
-
-    def module_name(self, layer: int, target: str) -> str:
-        return f"model.layers.{layer}.{LINEAR_TARGETS[target]}.{target}"
 
     def linear_shapes(self) -> dict[str, list[int]]:
         """[in_features, out_features] of every slot-able linear layer, by short name."""

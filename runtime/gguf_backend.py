@@ -33,10 +33,6 @@ class GgufAdapter:
     scale: float = 1.0
     freed: bool = False  # set under the context lock; a call never applies a freed handle
 
-    @property
-    def nbytes(self) -> int:
-        return self.path.stat().st_size
-
 
 class GgufBackend:
     name = "gguf"

@@ -48,10 +48,6 @@ class OnnxAdapter:
     params: dict  # slot input name -> OrtValue
     keepalive: object  # the AdapterFormat that owns the mapping
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(np.prod(v.shape())) * (2 if "16" in v.data_type() else 4) for v in self.params.values())
-
 
 class OnnxBackend:
     name = "onnx"
