@@ -79,6 +79,13 @@ class Task:
     def accuracy(self, examples: list[Example], answers: list[str]) -> float:
         return sum(self.check(e, a) for e, a in zip(examples, answers)) / max(1, len(examples))
 
+    def evaluate(self, engine, adapter: str | None, n: int, seed: int = 0) -> float:
+        """Accuracy of `engine` (an edgepeft.runtime.Engine) with `adapter` on `n` held-out prompts,
+        greedy, in the chat template: the figure demo, verify and the tests report."""
+        held = self.examples(n, held_out=True, seed=seed)
+        return self.accuracy(held, [engine.generate(e.prompt, adapter=adapter, max_new_tokens=self.max_new_tokens,
+                                                    chat=True) for e in held])
+
 
 def _split(values: list, held_out: bool, every: int = 4) -> list:
     """Every `every`-th value is held out of training."""

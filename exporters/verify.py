@@ -115,11 +115,7 @@ def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str
             ok = kl <= limit["kl"] and top1 >= limit["top1"] and max_abs <= limit.get("max_abs", float("inf"))
             entry = bundle.adapters.get(name) if name else None
             if entry and shipped.get(name) == entry.get("source_hash") and name in TASKS and name in metrics:
-                task = TASKS[name]
-                held = task.examples(task_prompts, held_out=True, seed=0)
-                answers = [engine.generate(e.prompt, adapter=name, max_new_tokens=task.max_new_tokens, chat=True)
-                           for e in held]
-                check["task_accuracy"] = task.accuracy(held, answers)
+                check["task_accuracy"] = TASKS[name].evaluate(engine, name, task_prompts)
                 check["pytorch_task_accuracy"] = metrics[name]["pytorch_accuracy"]
                 ok = ok and check["task_accuracy"] >= TASK_KEEP * check["pytorch_task_accuracy"]
             check["ok"] = ok

@@ -109,10 +109,7 @@ def run(args) -> int:
               + f" (+{_mb(rss_bytes() - rss_base)} RSS)")
         _show(engine, adapters, tasks)
         for name, task in tasks.items():
-            held = task.examples(args.held_out, held_out=True, seed=0)
-            answers = [engine.generate(e.prompt, adapter=name, max_new_tokens=task.max_new_tokens, chat=True)
-                       for e in held]
-            accuracy[(backend, name)] = task.accuracy(held, answers)
+            accuracy[(backend, name)] = task.evaluate(engine, name, args.held_out)
         del engine
 
     metrics = shipped_metrics()

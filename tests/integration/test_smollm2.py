@@ -90,14 +90,8 @@ def test_shipped_adapters_keep_their_accuracy_when_quantized(demo_bundle, backen
     engine = Engine.open(demo_bundle[0], backend=backend)
     metrics = shipped_metrics()
     for name in shipped_adapters():
-        task = TASKS[name]
-        held = task.examples(metrics[name]["held_out"], held_out=True, seed=0)
-
-        def accuracy(adapter):
-            return task.accuracy(held, [engine.generate(e.prompt, adapter=adapter, max_new_tokens=task.max_new_tokens,
-                                                        chat=True) for e in held])
-
-        with_adapter, base = accuracy(name), accuracy(None)
+        n = metrics[name]["held_out"]
+        with_adapter, base = TASKS[name].evaluate(engine, name, n), TASKS[name].evaluate(engine, None, n)
         assert with_adapter >= 0.95 * metrics[name]["pytorch_accuracy"], (backend, name, with_adapter)
         assert base <= 0.5 * with_adapter, (backend, name, base, with_adapter)
 
