@@ -5,7 +5,8 @@
 
 Each engine runs in its own process, one after the other, with the same prompt, the same number
 of threads and exactly --new-tokens greedy tokens (EOS ignored):
-  edgepeft onnx   int4 ONNX bundle (builtin:smollm2-135m + shipped adapters)
+  edgepeft onnx   int4 ONNX bundle (builtin:smollm2-135m + shipped adapters; down_proj and
+                  lm_head at 8 bits), and int4-pure (every MatMul at 4 bits, like genai's int4)
   edgepeft gguf   Q4_K_M GGUF from the same bundle
   llama-cpp-python  the same GGUF files through llama_cpp.Llama (adapter = reload with lora_path)
   onnxruntime-genai its own int4 build of the same base (python -m onnxruntime_genai.models.builder),
@@ -186,23 +187,26 @@ def r16_all_adapter(base_dir: Path, out: Path) -> Path:
     return out
 
 
-def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path]):
-    """The demo bundle's content plus the rank-16 all-projection adapter."""
+def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_quant: str, formats: str):
+    """The demo bundle's content plus the rank-16 all-projection adapter, at `onnx_quant`.
+    Reused when it exists with the same adapters, precision and graph layout."""
     from edgepeft.bundle import Bundle
     from edgepeft.cli.demo import BASE, QUANTS
     from edgepeft.errors import EdgepeftError
     from edgepeft.exporters import export_bundle
 
     adapters = {**adapters, "r16-all7": r16_all_adapter(base_dir, work / "r16-all7")}
-    out = work / "smollm2-135m-bench"
+    out = work / f"smollm2-135m-bench-{onnx_quant}"
     try:
         b = Bundle.open(out)
-        if set(b.adapters) == set(adapters):
+        onnx = b.backends.get("onnx", {})
+        packed = all("parts" in s for s in onnx.get("slots", [{}]))  # bundles before packed slots are rebuilt
+        if set(b.adapters) == set(adapters) and onnx.get("quant") == onnx_quant and packed:
             return b
     except EdgepeftError:
         pass
-    return export_bundle(BASE, out, {n: str(p) for n, p in adapters.items()}, formats=",".join(QUANTS),
-                         onnx_quant=QUANTS["onnx"], gguf_quant=QUANTS["gguf"], quiet=True)
+    return export_bundle(BASE, out, {n: str(p) for n, p in adapters.items()}, formats=formats,
+                         onnx_quant=onnx_quant, gguf_quant=QUANTS["gguf"], quiet=True)
 
 
 def versions(results: dict) -> str:
@@ -285,7 +289,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     adapters = shipped_adapters()
     base_dir = materialize("builtin:smollm2-135m")
-    bundle = bench_bundle(work, base_dir, adapters)
+    bundle = bench_bundle(work, base_dir, adapters, "int4", "onnx,gguf")
+    pure = bench_bundle(work, base_dir, adapters, "int4-pure", "onnx")
     adapters = {n: Path(a["source"]) for n, a in bundle.adapters.items()}
     size = lambda rel: f"{bundle.file(rel).stat().st_size / 2**20:.0f} MiB"  # noqa: E731
     onnx_files = sum(bundle.file(r).stat().st_size for r in bundle.manifest["files"] if r.startswith("onnx/"))
@@ -297,6 +302,9 @@ def main() -> None:
     e = results["engines"]
     e["edgepeft onnx int4"] = {**ours(bundle.root, "onnx", args.threads, args.runs, args.new_tokens),
                                "file": f"{onnx_files / 2**20:.0f} MiB"}
+    pure_files = sum(pure.file(r).stat().st_size for r in pure.manifest["files"] if r.startswith("onnx/"))
+    e["edgepeft onnx int4-pure"] = {**ours(pure.root, "onnx", args.threads, args.runs, args.new_tokens),
+                                    "file": f"{pure_files / 2**20:.0f} MiB"}
     e["edgepeft gguf Q4_K_M"] = {**ours(bundle.root, "gguf", args.threads, args.runs, args.new_tokens),
                                  "file": size(bundle.backends["gguf"]["model"])}
     e["llama-cpp-python Q4_K_M"] = {**llama_cpp_direct(bundle.root, args.threads, args.runs, args.new_tokens),
@@ -332,7 +340,7 @@ def main() -> None:
     ours_onnx = e["edgepeft onnx int4"]
     if "error" not in ours_onnx:
         lines += ["", "edgepeft's own figures (from `edgepeft bench`) for each adapter:", ""]
-        for eng in ("edgepeft onnx int4", "edgepeft gguf Q4_K_M"):
+        for eng in ("edgepeft onnx int4", "edgepeft onnx int4-pure", "edgepeft gguf Q4_K_M"):
             r = e[eng]
             if "error" in r:
                 continue

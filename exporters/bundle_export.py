@@ -18,7 +18,7 @@ from .gguf_adapter import export_adapter_gguf
 from .gguf_base import gguf_ftype, quantize_gguf, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
 from .onnx_graph import build_decoder
-from .onnx_quant import ONNX_QUANTS, quantize
+from .onnx_quant import ONNX_QUANTS, WEIGHT_ONLY, quantize
 
 FORMATS = ("onnx", "gguf")
 
@@ -161,7 +161,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                 progress.step(f"building ONNX graph ({onnx_quant})")
                 graph_dtype = "fp16" if onnx_quant == "fp16" else "fp32"
                 proto, info = build_decoder(base_model, graph_dtype, context_length,
-                                            fp16_embedding=onnx_quant in ("int4", "int8"))
+                                            fp16_embedding=onnx_quant in WEIGHT_ONLY)
                 progress.done()
                 progress.step(f"quantizing ({onnx_quant})")
                 proto = quantize(proto, onnx_quant, info["lora_nodes"], block_size, accuracy_level)
@@ -174,7 +174,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                 bundle.backends["onnx"] = {
                     "model": "onnx/model.onnx", "quant": onnx_quant,
                     **({"block_size": block_size, "accuracy_level": accuracy_level}
-                       if onnx_quant in ("int4", "int8") else {}),
+                       if onnx_quant in WEIGHT_ONLY else {}),
                     "dtype": info["dtype"], "context_length": info["context_length"],
                     "kv": info["kv"], "slots": info["slots"],
                 }

@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
     return base, adapters, Engine.open(fp32.root)
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8", "fp16"])
+@pytest.mark.parametrize("quant", ["int4", "int4-pure", "int8", "fp16"])
 def test_quantized_greedy_matches_fp32_on_most_prompts(quant, trained, tmp_path):
     base, adapters, fp32 = trained
     engine = Engine.open(export_bundle(str(base), tmp_path / quant, {n: str(p) for n, p in adapters.items()},
@@ -48,12 +48,22 @@ def test_int4_base_uses_matmulnbits_and_keeps_adapter_slots_float(trained, tmp_p
     bundle = export_bundle(str(base), tmp_path / "int4", onnx_quant="int4", block_size=32, quiet=True)
     model = onnx.load(str(bundle.file("onnx/model.onnx")), load_external_data=False)
     nbits = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"}
-    assert len(nbits) == 2 * 7 + 1  # 7 projections per layer and the lm_head
+    assert len(nbits) == 2 * 4 + 1  # per layer qkv, o, gate_up, down (packed); and the lm_head
     eight = sorted(name for name, a in nbits.items() if a["bits"] == 8)
-    assert eight == sorted(["/lm_head/MatMul_Q8"] + [f"/model.layers.{i}/{m}/MatMul_Q8" for i in range(2)
-                                                      for m in ("attn/v_proj", "mlp/down_proj")])
+    assert eight == sorted(["/lm_head/MatMul_Q8"] + [f"/model.layers.{i}.mlp/down_proj/MatMul_Q8" for i in range(2)])
     assert all(a["bits"] == 4 for name, a in nbits.items() if name not in eight)
     assert all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in nbits.values())
     slot_inits = [i for i in model.graph.initializer if i.name.startswith("lora.")]
     assert slot_inits and all(i.data_type == onnx.TensorProto.FLOAT for i in slot_inits)
     assert bundle.backends["onnx"]["quant"] == "int4" and bundle.backends["onnx"]["block_size"] == 32
+
+
+def test_int4_pure_puts_every_matmul_at_4_bits(trained, tmp_path):
+    import onnx
+
+    base, _, _ = trained
+    bundle = export_bundle(str(base), tmp_path / "pure", onnx_quant="int4-pure", quiet=True)
+    model = onnx.load(str(bundle.file("onnx/model.onnx")), load_external_data=False)
+    bits = [a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+    assert len(bits) == 2 * 4 + 1 and set(bits) == {4}
+    assert bundle.backends["onnx"]["quant"] == "int4-pure"
