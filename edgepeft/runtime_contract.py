@@ -11,3 +11,10 @@ def fingerprint_version(fingerprint: str) -> int:
     the runtime refuses an adapter file exported for another base."""
     digest = fingerprint.split(":", 1)[-1]
     return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+def prefix_names(layer: int) -> tuple[str, str]:
+    """Adapter-file parameter names of a layer's KV prefix (prompt and prefix tuning): each is
+    [num_kv_heads, P, head_dim] in the base graph's float type. They are not graph inputs: the
+    runtime copies them into the first P positions of a sequence's KV cache."""
+    return f"prefix.{layer}.key", f"prefix.{layer}.value"

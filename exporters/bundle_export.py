@@ -9,9 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgepeft.bundle import MANIFEST, Bundle, adapter_file, check_adapter_name, new_manifest
-from edgepeft.errors import BundleError, UnsupportedAdapter, require
+from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, require
 from edgepeft.files import DIR_MODE, TMP_PREFIX
-from edgepeft.kinds import SUPPORT, AdapterSpec, read_peft_adapter
+from edgepeft.peft_config import read_checked_adapter
+from edgepeft.recovery import recover, writer_lock
+from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, read_peft_adapter
 
 from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir
 from .gguf_adapter import export_adapter_gguf
@@ -61,12 +63,14 @@ class _Progress:
 def _staging_dir(out: Path):
     """A fresh directory beside `out`; removed unless the caller moved it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}.", dir=out.parent))
-    os.chmod(tmp, DIR_MODE)
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writer_lock(out):  # held until the new bundle is in place (see edgepeft.recovery)
+        recover(out)  # leftovers of an earlier export or add-adapter killed half-way
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}.", dir=out.parent))
+        os.chmod(tmp, DIR_MODE)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -84,21 +88,62 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
-    how = SUPPORT.get(spec.kind, {}).get(backend, "no")
-    if how != "swap":
+    for feature in features(spec):  # the kind, and LoRA extras (embedding/lm_head, biases)
+        row = SUPPORT.get(feature, {})
+        how = row.get(backend, "no")
+        if how != "swap":
+            others = [b for b, h in row.items() if h == "swap" and b != backend]
+            hint = (f"; use --merge {name}" + (f", or the {others[0]} backend" if others else "") if how == "merge"
+                    else f"; it runs on the {others[0]} backend (--format {others[0]})" if others else "")
+            raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({feature}) cannot be hot-swapped on {backend}{hint}")
+
+
+def needs_full_slots(spec: AdapterSpec) -> bool:
+    """Whether `spec` needs the ONNX base's scale and bias slots (--slots full)."""
+    return spec.kind in ("dora", "ia3") or "bias" in features(spec)
+
+
+def _check_mergeable(spec: AdapterSpec, name: str) -> None:
+    """Kinds that add virtual tokens (prompt, prefix) have no weight delta to bake in."""
+    if not getattr(KINDS[spec.kind], "MERGEABLE", True):
         raise UnsupportedAdapter(
-            f"{spec.path}: adapter {name!r} ({spec.kind}) cannot be hot-swapped on {backend}"
-            + (f"; use --merge {name}" if how == "merge" else "")
+            f"{spec.path}: --merge {name}: {spec.kind} adapters add virtual tokens, not weight changes, and cannot "
+            "be merged into the base; export it as a swappable adapter (--format onnx)"
         )
 
 
-def _write_adapter(bundle: Bundle, name: str, spec: AdapterSpec, formats: list[str]) -> None:
+def _base_loader(bundle: Bundle):
+    """Load the bundle's base from its recorded source, on first use, for kinds computed from the
+    base at export (prompt tuning); refuse a source whose weights changed since the export."""
+    loaded = []
+
+    def load() -> BaseModel:
+        if not loaded:
+            source = bundle.base["source"]
+            try:
+                base = load_base(source)
+            except Exception as e:
+                raise BundleError(f"{bundle.root}: this adapter kind needs the base model, and its source "
+                                  f"{source} cannot be loaded ({str(e).splitlines()[0]})") from None
+            if base.fingerprint != bundle.fingerprint:
+                raise AdapterMismatch(f"{bundle.root}: the base at {source} is not the one this bundle was "
+                                      "exported from (fingerprint differs)")
+            loaded.append(base)
+        return loaded[0]
+
+    return load
+
+
+def _write_adapter(bundle: Bundle, name: str, spec: AdapterSpec, formats: list[str], base=None) -> None:
+    """`base`: the loaded BaseModel or a function returning it (for kinds computed from it)."""
     files = {}
     for backend in formats:
         _check_kind(spec, backend, name)
+    for backend in formats:
         rel = adapter_file(name, backend)
         if backend == "onnx":
-            export_adapter_onnx(spec, bundle.backends["onnx"], bundle.fingerprint, bundle.file(rel))
+            export_adapter_onnx(spec, bundle.backends["onnx"], bundle.fingerprint, bundle.file(rel),
+                                base=base if base is not None else _base_loader(bundle))
         elif backend == "gguf":
             export_adapter_gguf(spec, bundle.base, bundle.file(rel))
         bundle.record_file(rel)
@@ -117,20 +162,29 @@ def _merge(base: BaseModel, spec: AdapterSpec) -> None:
 def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = None,
                   formats="onnx", onnx_quant: str = "int4", gguf_quant: str = "Q4_K_M", block_size: int = 32,
                   accuracy_level: int = 4, context_length: int | None = None,
-                  merge: str | None = None, quiet: bool = False) -> Bundle:
-    """Export `base` (HF dir or builtin:NAME) and PEFT `adapters` {name: dir} into bundle `out`."""
+                  merge: str | None = None, quiet: bool = False, slots: str | None = None) -> Bundle:
+    """Export `base` (HF dir or builtin:NAME) and PEFT `adapters` {name: dir} into bundle `out`.
+
+    slots: the ONNX base's adapter slots, "lora" (LoRA only, fastest) or "full" (also the scale
+    and bias slots IA3, DoRA and bias tuning need; ~20% slower decode on SmolLM2). Default: "full"
+    when one of `adapters` needs it, else "lora"."""
     out = Path(out)
     formats = _parse_formats(formats)
     if onnx_quant not in ONNX_QUANTS:
         raise BundleError(f"unknown ONNX precision {onnx_quant!r} (choose from {', '.join(ONNX_QUANTS)})")
     adapters = dict(adapters or {})
     # Read every adapter before the (slow) base export, so bad input fails in a second.
-    specs = {check_adapter_name(n): read_peft_adapter(p) for n, p in adapters.items()}
+    specs = {check_adapter_name(n): read_checked_adapter(p) for n, p in adapters.items()}
     if merge is not None:
         if merge not in specs:
             raise BundleError(f"--merge {merge}: no adapter of that name was given with --adapter")
         if len(specs) > 1:
             raise BundleError("--merge makes a dedicated base; export the other adapters to another bundle")
+        _check_mergeable(specs[merge], merge)
+    for name, spec in specs.items():
+        if name != merge:
+            for backend in formats:
+                _check_kind(spec, backend, name)
 
     resolve_base_dir(base)  # a wrong path or quant type fails here, before anything slow starts
     if "gguf" in formats:
@@ -160,7 +214,8 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
             if "onnx" in formats:
                 progress.step(f"building ONNX graph ({onnx_quant})")
                 graph_dtype = "fp16" if onnx_quant == "fp16" else "fp32"
-                proto, info = build_decoder(base_model, graph_dtype, context_length,
+                slot_set = slots or ("full" if any(needs_full_slots(sp) for sp in specs.values()) else "lora")
+                proto, info = build_decoder(base_model, graph_dtype, context_length, slot_set=slot_set,
                                             fp16_embedding=onnx_quant in WEIGHT_ONLY)
                 progress.done()
                 progress.step(f"quantizing ({onnx_quant})")
@@ -176,7 +231,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                     **({"block_size": block_size, "accuracy_level": accuracy_level}
                        if onnx_quant in WEIGHT_ONLY else {}),
                     "dtype": info["dtype"], "context_length": info["context_length"],
-                    "kv": info["kv"], "slots": info["slots"],
+                    "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
                 }
                 progress.done()
             if "gguf" in formats:
@@ -190,7 +245,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                 progress.done()
             for name, spec in specs.items():
                 progress.step(f"adapter {name}")
-                _write_adapter(bundle, name, spec, formats)
+                _write_adapter(bundle, name, spec, formats, base=base_model)
                 progress.done()
             bundle.save()
             _replace_dir(tmp, out)
@@ -226,6 +281,12 @@ def _save_onnx(proto, path: Path) -> None:
 
 def add_adapter(bundle_dir: str | Path, name: str, peft_dir: str | Path, formats=None) -> Bundle:
     """Export one more adapter into an existing bundle. Base files are never rewritten."""
+    with writer_lock(bundle_dir):
+        recover(bundle_dir)
+        return _add_adapter(bundle_dir, name, peft_dir, formats)
+
+
+def _add_adapter(bundle_dir, name, peft_dir, formats) -> Bundle:
     bundle = Bundle.open(bundle_dir)
     check_adapter_name(name)
     if name in bundle.adapters:
@@ -234,7 +295,7 @@ def add_adapter(bundle_dir: str | Path, name: str, peft_dir: str | Path, formats
     for backend in formats:
         if backend not in bundle.backends:
             raise BundleError(f"{bundle.root}: has no {backend} base; export it with --format {backend}")
-    spec = read_peft_adapter(peft_dir)
+    spec = read_checked_adapter(peft_dir)
     try:
         _write_adapter(bundle, name, spec, formats)
     except BaseException:
@@ -242,5 +303,5 @@ def add_adapter(bundle_dir: str | Path, name: str, peft_dir: str | Path, formats
         for backend in formats:
             bundle.file(adapter_file(name, backend)).unlink(missing_ok=True)
         raise
-    bundle.save()
+    bundle.save()  # the commit point: killed before it, the adapter files are orphans recover() removes
     return bundle

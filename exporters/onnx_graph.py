@@ -17,7 +17,15 @@ exact zeros, and onnxruntime's adapter files (or bound OrtValues) override them 
 touching the base weights. One slot per group, not per layer, because each slot costs three
 small operators per token whether or not an adapter is active (measured: per-layer slots cost
 30% of decode speed, per-group slots 15%). An adapter's modules are packed into its group's slot:
-A = [A_q | A_k | A_v] along the rank, B block-diagonal (see onnx_adapter.py).
+A = [A_q | A_k | A_v] along the rank, B block-diagonal (see onnx_adapter.py). The embedding and
+the lm_head have LoRA slots too (x += A[ids] B for the embedding).
+
+slot_set "full" (the default) adds, per group, an output scale (ones), an overridable bias (the
+base's, or zeros) and, on down_proj, an input scale (ones):
+    y = ((x * s_in) W^T + (x * s_in) A B) * s_out + bias
+which is what IA3 (scales on k/v outputs and the down_proj input), DoRA (a per-output magnitude
+scale, computed at export) and bias tuning / lora_bias (a new bias) need. "lora" leaves them out
+for the last few percent of decode speed.
 """
 
 from __future__ import annotations
@@ -26,11 +34,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgepeft.errors import require
+from edgepeft.errors import UnsupportedModel, require
 
 from .hf_base import BaseModel
 
 MS = "com.microsoft"
+SLOT_SETS = ("full", "lora")
 OPSET = 17
 
 
@@ -76,13 +85,16 @@ def _np(t) -> np.ndarray:
 
 
 def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | None = None,
-                  fp16_embedding: bool = False):
+                  fp16_embedding: bool = False, slot_set: str = "full"):
     """Return (ModelProto, info) for `base`; info lists slots and KV layout for the manifest.
 
     dtype is the float type of activations, weights and slots ("fp32" or "fp16"); int4/int8
     quantize the fp32 graph afterwards (see onnx_quant.py), and pass fp16_embedding: the
     embedding table (not a MatMul, so not quantized) is then stored in fp16 and cast after the
-    lookup, halving the largest tensor of small models at an error far below 4/8-bit weights'."""
+    lookup, halving the largest tensor of small models at an error far below 4/8-bit weights'.
+    slot_set: "full" (LoRA, scale and bias slots) or "lora" (LoRA slots only)."""
+    if slot_set not in SLOT_SETS:
+        raise UnsupportedModel(f"unknown slot set {slot_set!r} (choose from {', '.join(SLOT_SETS)})")
     onnx = require("onnx", "export")
     torch = require("torch", "export")
     TP = onnx.TensorProto
@@ -124,20 +136,32 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
     sin_cache = g.init("rotary.sin_cache", _np(sin[0, :, : hd // 2]))
 
     slots = []
+    full = slot_set == "full"
 
-    def linear(x: str, prefix: str, group: str, parent, members: tuple[str, ...]) -> str:
+    def vector_slot(name: str, size: int, default: np.ndarray) -> str:
+        g.inputs.append(h.make_tensor_value_info(name, onnx_dtype, [size]))
+        return g.init(name, default)
+
+    def linear(x: str, prefix: str | None, group: str, parent, members: tuple[str, ...],
+               in_scale: bool = False) -> str:
         """One MatMul for `members` (linear layers of `parent` that read the same input, their
-        outputs concatenated), plus one LoRA slot pair for the whole group."""
+        outputs concatenated), plus one LoRA slot pair for the whole group; with full slots also
+        an output scale, an overridable bias and (in_scale) an input scale:
+            y = ((x * s_in) W^T + (x * s_in) A B) * s_out + bias"""
         mods = [getattr(parent, m) for m in members]
-        module, name = f"{prefix}.{group}", f"/{prefix}/{group}"
+        module = f"{prefix}.{group}" if prefix else group
+        name = f"/{prefix}/{group}" if prefix else f"/{group}"
         w = np.concatenate([_np(m.weight) for m in mods], axis=0)  # [out_total, in]
-        y = g.node("MatMul", [x, g.init(f"{module}.weight_T", w.T)], 1, f"{name}/MatMul")
-        if any(m.bias is not None for m in mods):
-            bias = np.concatenate([_np(m.bias) if m.bias is not None else np.zeros(m.weight.shape[0], np.float32)
-                                   for m in mods])
-            y = g.node("Add", [y, g.init(f"{module}.bias", bias)], 1, f"{name}/BiasAdd")
-        a_name, b_name = slot_names(module)
         fan_in, fan_out = w.shape[1], w.shape[0]
+        has_bias = any(m.bias is not None for m in mods)
+        bias = np.concatenate([_np(m.bias) if m.bias is not None else np.zeros(m.weight.shape[0], np.float32)
+                               for m in mods]) if has_bias else np.zeros(fan_out, np.float32)
+        slot = {"module": module, "in": int(fan_in), "out": int(fan_out), "has_bias": has_bias}
+        if full and in_scale:
+            slot["scale_in"] = vector_slot(f"scale.{module}.in", fan_in, np.ones(fan_in))
+            x = g.node("Mul", [x, slot["scale_in"]], 1, f"{name}/ScaleIn")
+        y = g.node("MatMul", [x, g.init(f"{module}.weight_T", w.T)], 1, f"{name}/MatMul")
+        a_name, b_name = slot_names(module)
         rank_dim = f"rank.{module}"
         g.inputs.append(h.make_tensor_value_info(a_name, onnx_dtype, [fan_in, rank_dim]))
         g.inputs.append(h.make_tensor_value_info(b_name, onnx_dtype, [rank_dim, fan_out]))
@@ -146,14 +170,21 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
         xa = g.node("MatMul", [x, a_name], 1, f"{name}/lora/MatMulA")
         xab = g.node("MatMul", [xa, b_name], 1, f"{name}/lora/MatMulB")
         g.lora_nodes += [f"{name}/lora/MatMulA", f"{name}/lora/MatMulB"]
+        y = g.node("Add", [y, xab], 1, f"{name}/lora/Add")
+        if full:
+            slot["scale_out"] = vector_slot(f"scale.{module}.out", fan_out, np.ones(fan_out))
+            y = g.node("Mul", [y, slot["scale_out"]], 1, f"{name}/ScaleOut")
+            slot["bias"] = vector_slot(f"bias.{module}", fan_out, bias)
+            y = g.node("Add", [y, slot["bias"]], 1, f"{name}/BiasAdd")
+        elif has_bias:
+            y = g.node("Add", [y, g.init(f"{module}.bias", bias)], 1, f"{name}/BiasAdd")
         parts, offset = [], 0
         for member, m in zip(members, mods):
-            parts.append({"module": f"{prefix}.{member}", "target": member, "offset": offset,
-                          "out": int(m.weight.shape[0])})
+            parts.append({"module": f"{prefix}.{member}" if prefix else member, "target": member,
+                          "offset": offset, "out": int(m.weight.shape[0])})
             offset += int(m.weight.shape[0])
-        slots.append({"module": module, "in": int(fan_in), "out": int(fan_out), "A": a_name, "B": b_name,
-                      "parts": parts})
-        return g.node("Add", [y, xab], 1, f"{name}/lora/Add")
+        slots.append({**slot, "A": a_name, "B": b_name, "parts": parts})
+        return y
 
     eps = d["rms_norm_eps"]
     embed = _np(inner.embed_tokens.weight)
@@ -163,6 +194,20 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
         x = g.node("Cast", [x], 1, "/embed/Cast", to=onnx_dtype)
     else:
         x = g.node("Gather", [g.init("model.embed_tokens.weight", embed), "input_ids"], 1, "/embed/Gather")
+    # Embedding LoRA (PEFT's lora_embedding_A/B): x += A[ids] B, A [vocab, r], B [r, hidden].
+    vocab, hidden = embed.shape
+    a_name, b_name = slot_names("model.embed_tokens")
+    g.inputs.append(h.make_tensor_value_info(a_name, onnx_dtype, [vocab, "rank.model.embed_tokens"]))
+    g.inputs.append(h.make_tensor_value_info(b_name, onnx_dtype, ["rank.model.embed_tokens", hidden]))
+    g.init(a_name, np.zeros((vocab, 0)))
+    g.init(b_name, np.zeros((0, hidden)))
+    xa = g.node("Gather", [a_name, "input_ids"], 1, "/embed/lora/GatherA")
+    xab = g.node("MatMul", [xa, b_name], 1, "/embed/lora/MatMulB")
+    g.lora_nodes.append("/embed/lora/MatMulB")
+    x = g.node("Add", [x, xab], 1, "/embed/lora/Add")
+    slots.append({"module": "model.embed_tokens", "embedding": True, "in": int(vocab), "out": int(hidden),
+                  "has_bias": False, "A": a_name, "B": b_name,
+                  "parts": [{"module": "model.embed_tokens", "target": "embed_tokens", "offset": 0, "out": int(hidden)}]})
     residual = None
     pending = x  # output of the previous block, to be added to the residual stream
 
@@ -203,10 +248,11 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
         sig = g.node("Sigmoid", [gate], 1, f"/{p}/mlp/act/Sigmoid")
         act = g.node("Mul", [gate, sig], 1, f"/{p}/mlp/act/Mul")
         prod = g.node("Mul", [act, up], 1, f"/{p}/mlp/Mul")
-        pending = linear(prod, f"{p}.mlp", "down_proj", mlp, ("down_proj",))
+        pending = linear(prod, f"{p}.mlp", "down_proj", mlp, ("down_proj",), in_scale=True)
 
     final = norm(pending, inner.norm.weight, "model.norm")
-    g.node("MatMul", [final, g.init("lm_head.weight_T", _np(model.lm_head.weight).T)], ["logits"], "/lm_head/MatMul")
+    linear(final, None, "lm_head", model, ("lm_head",))
+    g.nodes[-1].output[0] = "logits"  # the lm_head group's last operator produces the graph output
     g.outputs.insert(0, h.make_tensor_value_info("logits", onnx_dtype, ["batch", "seq", d["vocab_size"]]))
 
     graph = h.make_graph(g.nodes, "edgepeft_decoder", g.inputs, g.outputs, g.inits)
@@ -217,6 +263,7 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
         "context_length": ctx,
         "dtype": dtype,
         "slots": slots,
+        "slot_set": slot_set,
         "lora_nodes": g.lora_nodes,
         "kv": {"num_layers": L, "num_kv_heads": nkv, "head_dim": hd},
     }

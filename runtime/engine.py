@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -37,15 +38,19 @@ class Completion:
                 "stop_reason": self.stop_reason, "timings": self.timings}
 
 
-def _make_backend(bundle: Bundle, backend: str, device: str, threads: int | None):
+def _make_backend(bundle: Bundle, backend: str, device: str, threads: int | None,
+                  max_context: int | None = None, gpu_layers: int | None = None):
+    if max_context is not None and max_context < 1:
+        raise EngineError(f"max context {max_context} must be at least 1")
     if backend == "onnx":
         from .onnx_backend import OnnxBackend
 
-        return OnnxBackend(bundle, device=device, threads=threads)
+        return OnnxBackend(bundle, device=device, threads=threads, max_context=max_context)
     if backend == "gguf":
         from .gguf_backend import GgufBackend
 
-        return GgufBackend(bundle, device=device, threads=threads)
+        return GgufBackend(bundle, device=device, threads=threads, n_gpu_layers=gpu_layers,
+                           context_length=max_context)
     raise BundleError(f"backend {backend!r} is not available (choose from {', '.join(BACKENDS)})")
 
 
@@ -53,33 +58,61 @@ class Engine:
     """Generate with a bundle's base and any of its adapters.
 
     Thread-safe: calls may run concurrently, each with its own adapter; loading and unloading
-    adapters is safe while other calls run (a call keeps the adapter it started with)."""
+    adapters is safe while other calls run (a call keeps the adapter it started with).
 
-    def __init__(self, bundle: Bundle, backend, load_seconds: float):
+    With `max_resident_adapters=K` the bundle's adapters load lazily, on first use, and the least
+    recently used one is unloaded when a (K+1)-th is needed (for small-memory devices)."""
+
+    def __init__(self, bundle: Bundle, backend, load_seconds: float, max_resident_adapters: int | None = None):
         self.bundle = bundle
         self.backend = backend
         self.tokenizer = Tokenizer(bundle.root, bundle.manifest["tokenizer"])
         self.load_seconds = load_seconds
-        self._adapters: dict[str, object] = {}
+        # One line when the device asked for is not what runs (e.g. no CUDA provider): the CLI
+        # prints it; the engine still runs, on the CPU.
+        self.device_note: str | None = getattr(backend, "device_note", None)
+        self._adapters: OrderedDict[str, object] = OrderedDict()  # least recently used first
+        self._lazy: set[str] = set()  # bundle adapters loaded on first use
+        self._combos: dict[tuple, tuple] = {}  # names -> (member handles, combined handle)
+        self.max_resident = max_resident_adapters
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
 
     @classmethod
     def open(cls, bundle: str | Path | Bundle, backend: str = "onnx", device: str = "auto",
-             threads: int | None = None, load_adapters: bool = True) -> "Engine":
-        """Open a bundle: the base loads once; with load_adapters, so does every bundled adapter."""
+             threads: int | None = None, load_adapters: bool = True, max_context: int | None = None,
+             max_resident_adapters: int | None = None, gpu_layers: int | None = None) -> "Engine":
+        """Open a bundle: the base loads once; with load_adapters, so does every bundled adapter
+        (or, with max_resident_adapters, each on first use).
+
+        device: auto, cpu, cuda, tensorrt, coreml, dml, openvino (see docs/devices.md); one the
+        installed engine lacks falls back to the CPU and sets `device_note`. max_context bounds
+        each call's KV cache; gpu_layers offloads only that many layers (GGUF)."""
+        if max_resident_adapters is not None and max_resident_adapters < 1:
+            raise EngineError(f"max resident adapters {max_resident_adapters} must be at least 1")
         t0 = time.perf_counter()
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        engine = cls(b, _make_backend(b, backend, device, threads), time.perf_counter() - t0)
+        engine = cls(b, _make_backend(b, backend, device, threads, max_context, gpu_layers),
+                     time.perf_counter() - t0, max_resident_adapters)
         if load_adapters:
-            for name, entry in b.adapters.items():
-                if backend in (entry.get("files") or {}):
+            names = [n for n, entry in b.adapters.items() if backend in (entry.get("files") or {})]
+            if max_resident_adapters is None:
+                for name in names:
                     engine.load_adapter(name)
+            else:
+                engine._lazy.update(names)
         return engine
 
     # ---- adapters ------------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:
-        """Names of the loaded adapters."""
+        """Names of the adapters calls may use: loaded ones, and bundle ones loaded on first use."""
+        with self._lock:
+            return sorted(set(self._adapters) | self._lazy)  # stable order: LRU use reorders _adapters
+
+    @property
+    def resident_adapters(self) -> list[str]:
+        """Names of the adapters in memory now, least recently used first."""
         with self._lock:
             return list(self._adapters)
 
@@ -87,16 +120,37 @@ class Engine:
         """Load adapter `name` from `path` (an adapter file), or from the bundle when omitted."""
         check_adapter_name(name)
         path = Path(path) if path is not None else self.bundle.adapter_path(name, self.backend.name)
+        self._load(name, path)
+
+    def _load(self, name: str, path: Path):
         handle = self.backend.load_adapter(path)
         with self._lock:
-            old, self._adapters[name] = self._adapters.get(name), handle
-        if old is not None:
-            self._free(old)
+            old, self._adapters[name] = self._adapters.pop(name, None), handle
+            self._lazy.discard(name)
+            evicted = self._evict(keep=name)
+        for h in ([old] if old is not None else []) + evicted:
+            self._free(h)
+        return handle
+
+    def _evict(self, keep: str) -> list:
+        """Handles beyond the resident bound, least recently used first (caller holds the lock);
+        bundle adapters stay loadable on next use."""
+        out = []
+        while self.max_resident is not None and len(self._adapters) > self.max_resident:
+            name = next(n for n in self._adapters if n != keep)
+            out.append(self._adapters.pop(name))
+            if name in self.bundle.adapters:
+                self._lazy.add(name)
+        return out
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
             handle = self._adapters.pop(name, None)
+            was_lazy = name in self._lazy
+            self._lazy.discard(name)
         if handle is None:
+            if was_lazy:
+                return  # never loaded: nothing in memory to free
             raise BundleError(f"adapter {name!r} is not loaded")
         self._free(handle)
 
@@ -117,13 +171,44 @@ class Engine:
         self.backend.switch_to(None)
         return out
 
-    def _adapter(self, name: str | None):
-        if name is None:
+    def _adapter(self, adapter: str | list[str] | tuple[str, ...] | None):
+        """The backend handle for `adapter`: a name, or several ("a+b" or a list) active together."""
+        if adapter is None:
             return None
+        names = adapter.split("+") if isinstance(adapter, str) else list(adapter)
+        if len(names) == 1:
+            return self._one(names[0])
+        if len(set(names)) != len(names):
+            raise EngineError(f"adapter list {names} names an adapter twice")
+        handles = tuple(self._one(n) for n in names)
+        key = tuple(names)
+        with self._lock:
+            cached = self._combos.get(key)
+        if cached is not None and all(a is b for a, b in zip(cached[0], handles)):
+            return cached[1]
+        combo = self.backend.combine(list(handles), names)
+        with self._lock:
+            self._combos[key] = (handles, combo)
+            while len(self._combos) > 8:  # a few combinations stay ready; the rest are rebuilt on use
+                self._combos.pop(next(iter(self._combos)))
+        return combo
+
+    def _one(self, name: str):
         with self._lock:
             handle = self._adapters.get(name)
-        if handle is None:
+            if handle is not None:
+                self._adapters.move_to_end(name)
+                return handle
+            lazy = name in self._lazy
+        if not lazy:
             raise BundleError(f"no adapter named {name!r} is loaded (have: {', '.join(self.adapters) or 'none'})")
+        with self._load_lock:  # one thread loads it; the others wait and take the loaded handle
+            with self._lock:
+                handle = self._adapters.get(name)
+            if handle is None:
+                # A call keeps the handle it got even if another call evicts it meanwhile (ONNX
+                # frees by refcount; llama.cpp frees only between calls, under the context lock).
+                handle = self._load(name, self.bundle.adapter_path(name, self.backend.name))
         return handle
 
     # ---- running -------------------------------------------------------------------------------
@@ -136,8 +221,15 @@ class Engine:
     def score(self, token_ids, adapter: str | None = None) -> np.ndarray:
         """Teacher-forced logits [len(token_ids), vocab] for `token_ids` under `adapter`."""
         ids = self._check_ids([int(t) for t in np.asarray(token_ids).reshape(-1)])
-        with self.backend.sequence(self._adapter(adapter), len(ids)) as seq:
+        handle = self._adapter(adapter)
+        # Logits of the real tokens only: virtual tokens (prompt/prefix kinds) sit in the cache.
+        with self.backend.sequence(handle, self._prefix_length(handle) + len(ids)) as seq:
             return seq.forward(ids, all_logits=True)
+
+    def _prefix_length(self, handle) -> int:
+        """Context positions an adapter's virtual tokens take before the prompt (0 for most)."""
+        prefix_length = getattr(self.backend, "prefix_length", None)
+        return prefix_length(handle) if prefix_length is not None else 0
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         vocab = self.bundle.base["dims"]["vocab_size"]
@@ -151,10 +243,12 @@ class Engine:
         handle = self._adapter(adapter)
         if not prompt_ids:
             raise EngineError("the prompt encodes to no tokens")
-        budget = min(len(prompt_ids) + max_new_tokens, self.backend.context_length)
-        if budget <= len(prompt_ids):
-            raise EngineError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context "
-                              f"({self.backend.context_length})")
+        virtual = self._prefix_length(handle)
+        budget = min(virtual + len(prompt_ids) + max_new_tokens, self.backend.context_length)
+        if budget <= virtual + len(prompt_ids):
+            raise EngineError(f"prompt of {len(prompt_ids)} tokens"
+                              + (f" after the adapter's {virtual} virtual tokens" if virtual else "")
+                              + f" leaves no room in the context ({self.backend.context_length})")
         self._check_ids(prompt_ids)
         sampler, stop = Sampler(params), set() if ignore_eos else self.tokenizer.stop_ids(chat)
         with self.backend.sequence(handle, budget) as seq:

@@ -23,6 +23,9 @@ from edgepeft.bundle import Bundle
 from edgepeft.errors import AdapterError, BundleError, EngineError, require
 from edgepeft.llama_log import quiet_llama_cpp
 
+from .gguf_check import check_adapter_gguf, check_base_gguf
+from edgepeft.runtime.devices import DEVICES, pick_gguf
+
 BATCH = 512  # tokens per llama_decode; longer inputs are decoded in chunks
 
 
@@ -32,6 +35,17 @@ class GgufAdapter:
     handle: object  # llama_adapter_lora_p
     scale: float = 1.0
     freed: bool = False  # set under the context lock; a call never applies a freed handle
+
+
+@dataclass(frozen=True)
+class GgufCombo:
+    """Several adapters applied together (each with its own scale)."""
+
+    parts: tuple
+
+    @property
+    def path(self) -> Path:
+        return Path("+".join(a.path.name for a in self.parts))
 
 
 class GgufBackend:
@@ -46,14 +60,14 @@ class GgufBackend:
             raise BundleError(f"{bundle.root}: has no GGUF base (export with --format gguf)")
         quiet_llama_cpp(llama_cpp)
         path = bundle.file(info["model"])
-        gpu = llama_cpp.llama_supports_gpu_offload()
-        if device not in ("auto", "cpu", "cuda", "gpu"):
-            raise EngineError(f"device {device!r} is not supported by the GGUF backend (use auto, cpu, cuda)")
-        if device in ("cuda", "gpu") and not gpu:
-            raise EngineError(f"device {device!r}: this llama-cpp-python was built without GPU support")
-        if n_gpu_layers is None:
-            n_gpu_layers = 0 if device == "cpu" or not gpu else 999
-        self.device = "gpu" if n_gpu_layers else "cpu"
+        # Checked in Python before llama.cpp parses anything (see gguf_check).
+        self.fingerprint = bundle.fingerprint
+        self.arch, self.base_shapes = check_base_gguf(path, bundle.base)
+        if device not in DEVICES:
+            raise EngineError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+        choice = pick_gguf(bool(llama_cpp.llama_supports_gpu_offload()), device, n_gpu_layers)
+        n_gpu_layers, self.device_note = choice.gpu_layers, choice.note
+        self.device = choice.device
         self.providers = [f"llama.cpp ({'GPU offload %d layers' % n_gpu_layers if n_gpu_layers else 'CPU'})"]
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
@@ -62,8 +76,9 @@ class GgufBackend:
             raise BundleError(f"{path}: llama.cpp cannot load it (corrupt or unsupported GGUF)")
         vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-        # llama.cpp allocates the whole KV cache up front: default to at most 4096 tokens.
-        self.context_length = int(context_length or min(info["context_length"], 4096))
+        # llama.cpp allocates the whole KV cache up front: default to at most 4096 tokens;
+        # context_length (--max-context) bounds it further.
+        self.context_length = min(int(info["context_length"]), int(context_length or 4096))
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.context_length
         # llama.cpp reserves logits for n_batch rows: keep it small and decode long inputs in chunks.
@@ -89,33 +104,39 @@ class GgufBackend:
         path = Path(path)
         if not path.is_file():
             raise AdapterError(f"{path}: adapter file not found")
+        check_adapter_gguf(path, self.arch, self.fingerprint, self.base_shapes)
         with self.lock:
             handle = self.llama_cpp.llama_adapter_lora_init(self.model, str(path).encode())
         if not handle:
             raise AdapterError(f"{path}: llama.cpp refused it (not a LoRA GGUF for this base's architecture and shapes)")
         return GgufAdapter(path, handle)
 
+    def combine(self, adapters: list[GgufAdapter], names: list[str]) -> "GgufCombo":
+        """Several LoRA adapters active together: llama.cpp applies a list of adapters natively."""
+        return GgufCombo(tuple(adapters))
+
     def free_adapter(self, adapter: GgufAdapter) -> None:
         with self.lock:
-            if self._active and self._active[0] is adapter:
+            if any(a is adapter for a in self._active):
                 self._set_adapter(None)
             adapter.freed = True
             self.llama_cpp.llama_adapter_lora_free(adapter.handle)
 
-    def _set_adapter(self, adapter: GgufAdapter | None) -> None:
-        """Make `adapter` (or none) the context's only LoRA. Caller holds the lock."""
-        if adapter is not None and adapter.freed:
-            raise BundleError(f"adapter {adapter.path.name} was unloaded while this call waited for it")
-        key = (adapter,) if adapter is not None else ()
+    def _set_adapter(self, adapter: "GgufAdapter | GgufCombo | None") -> None:
+        """Make `adapter` (or none, or a combination) the context's LoRA set. Caller holds the lock."""
+        key = () if adapter is None else adapter.parts if isinstance(adapter, GgufCombo) else (adapter,)
+        for a in key:
+            if a.freed:
+                raise BundleError(f"adapter {a.path.name} was unloaded while this call waited for it")
         if key == self._active:
             return
         llama_cpp = self.llama_cpp
-        if adapter is None:
+        if not key:
             rc = llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
         else:
-            handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter.handle)
-            scales = (ctypes.c_float * 1)(adapter.scale)
-            rc = llama_cpp.llama_set_adapters_lora(self.ctx, handles, 1, scales)
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(key))(*[a.handle for a in key])
+            scales = (ctypes.c_float * len(key))(*[a.scale for a in key])
+            rc = llama_cpp.llama_set_adapters_lora(self.ctx, handles, len(key), scales)
         if rc != 0:
             raise EngineError(f"llama.cpp could not apply adapter {adapter.path if adapter else ''} (code {rc})")
         self._active = key

@@ -10,34 +10,27 @@ is ignored by `run_with_iobinding` (onnxruntime warns so), and IO binding is wha
 cache live in one preallocated buffer shared by past and present. Binding the adapter file's
 parameters (read with `AdapterFormat.read_adapter`, zero-copy views of the mapped file) is the
 same operation the adapter API performs, per call, with no copy of base weights.
+
+Prompt-learning adapters (prompt tuning, P-tuning, prefix tuning) carry a KV-cache prefix
+(`prefix.{layer}.key/value`, see edgepeft.runtime_contract.prefix_names) instead of slot tensors:
+each `_Sequence` copies it into the first P positions of its own KV buffers and starts at length
+P, so the real tokens run at positions P.. with the mask covering P + tokens, as in PEFT.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgepeft.bundle import Bundle
 from edgepeft.errors import AdapterError, AdapterMismatch, BundleError, EngineError, require
-from edgepeft.runtime_contract import fingerprint_version
+from edgepeft.limits import MAX_ADAPTER_FILE_BYTES, MAX_RANK
+from edgepeft.runtime.devices import DEVICES, pick_onnx
+from edgepeft.runtime_contract import fingerprint_version, prefix_names
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-def pick_providers(ort, device: str) -> list[str]:
-    """Execution providers for `device` among those the installed onnxruntime offers."""
-    available = ort.get_available_providers()
-    wanted = {"cpu": ["CPUExecutionProvider"],
-              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-    if device == "auto":
-        return wanted["cuda"] if "CUDAExecutionProvider" in available else wanted["cpu"]
-    if device not in wanted:
-        raise EngineError(f"device {device!r} is not supported by the ONNX backend (use auto, cpu, cuda)")
-    if wanted[device][0] not in available:
-        raise EngineError(f"device {device!r} needs {wanted[device][0]}, which this onnxruntime lacks")
-    return wanted[device]
 
 
 @dataclass
@@ -47,12 +40,20 @@ class OnnxAdapter:
     path: Path
     params: dict  # slot input name -> OrtValue
     keepalive: object  # the AdapterFormat that owns the mapping
+    # Prompt-learning kinds: per layer (key, value) [kv_heads, P, head_dim], numpy views of the
+    # adapter's OrtValues; copied into each sequence's KV cache. Empty for slot adapters.
+    prefix: list = field(default_factory=list)
+
+    @property
+    def prefix_length(self) -> int:
+        return int(self.prefix[0][0].shape[1]) if self.prefix else 0
 
 
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None):
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None,
+                 max_context: int | None = None):
         ort = require("onnxruntime", "onnx")
         self.ort = ort
         info = bundle.backends.get("onnx")
@@ -64,27 +65,36 @@ class OnnxBackend:
         if threads:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3  # overridable slot initializers make onnxruntime warn once each
-        self.providers = pick_providers(ort, device)
+        if device not in DEVICES:
+            raise EngineError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+        choice = pick_onnx(ort.get_available_providers(), device)
+        self.providers, self.device_note = choice.providers, choice.note
         path = bundle.file(info["model"])
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        # Where IO-bound tensors (KV cache, logits) live: on the GPU for CUDA/TensorRT, else in
+        # host memory (other providers copy what they need).
+        self.device = "cuda" if choice.device in ("cuda", "tensorrt") else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = _ORT_TYPES[inputs["past_key_values.0.key"].type]
-        # Slots have rank-0 defaults, so onnxruntime lists them as overridable initializers.
+        # Slots have defaults (rank-0 LoRA pairs, ones for scales, the base bias), so onnxruntime
+        # lists them as overridable initializers.
         self.slots = {i.name: i.shape for i in self.session.get_overridable_initializers()
-                      if i.name.startswith("lora.")}
+                      if i.name.startswith(("lora.", "scale.", "bias."))}
         kv = info["kv"]
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
-        self.context_length = int(info["context_length"])
+        # --max-context bounds every call's KV cache (prompt + generated tokens).
+        self.context_length = min(int(info["context_length"]), int(max_context or info["context_length"]))
 
     # ---- adapters ------------------------------------------------------------------------------
     def load_adapter(self, path: Path) -> OnnxAdapter:
         path = Path(path)
         if not path.is_file():
             raise AdapterError(f"{path}: adapter file not found")
+        if path.stat().st_size > MAX_ADAPTER_FILE_BYTES:
+            raise AdapterError(f"{path}: {path.stat().st_size} bytes, over the limit of {MAX_ADAPTER_FILE_BYTES}")
         try:
             fmt = self.ort.AdapterFormat.read_adapter(str(path))
             params = fmt.get_parameters()
@@ -93,19 +103,87 @@ class OnnxBackend:
         if fmt.get_model_version() != fingerprint_version(self.fingerprint):
             raise AdapterMismatch(f"{path}: exported for another base model (fingerprint differs)")
         want = "tensor(float16)" if self.dtype == np.float16 else "tensor(float)"
+        prefix = self._read_prefix(path, params, want)
+        params = {n: v for n, v in params.items() if not n.startswith("prefix.")}
         for name, value in params.items():
             shape = self.slots.get(name)
             if shape is None:
                 raise AdapterMismatch(f"{path}: parameter {name!r} has no slot in this base")
             got = value.shape()
             fixed = [(i, d) for i, d in enumerate(shape) if isinstance(d, int)]
-            if len(got) != 2 or any(got[i] != d for i, d in fixed) or value.data_type() != want:
+            if len(got) != len(shape) or any(got[i] != d for i, d in fixed) or value.data_type() != want:
                 raise AdapterMismatch(f"{path}: parameter {name!r} is {value.data_type()}{got}, slot is {shape}")
         for a_name in [n for n in params if n.endswith(".A")]:
+            if params[a_name].shape()[1] > 3 * MAX_RANK:  # a packed slot holds up to 3 modules (q/k/v)
+                raise AdapterMismatch(f"{path}: slot {a_name[:-2]} has rank {params[a_name].shape()[1]}, over the "
+                                      f"limit of {3 * MAX_RANK}")
             b_name = a_name[:-2] + ".B"
             if b_name not in params or params[a_name].shape()[1] != params[b_name].shape()[0]:
                 raise AdapterMismatch(f"{path}: slot {a_name[:-2]} has mismatched A/B ranks")
-        return OnnxAdapter(path=path, params=params, keepalive=fmt)
+        return OnnxAdapter(path=path, params=params, keepalive=fmt, prefix=prefix)
+
+    def _read_prefix(self, path: Path, params: dict, want: str) -> list:
+        """Validate an adapter file's `prefix.*` parameters; return per-layer (key, value) arrays."""
+        names = sorted(n for n in params if n.startswith("prefix."))
+        if not names:
+            return []
+        expected = [n for i in range(self.num_layers) for n in prefix_names(i)]
+        if sorted(expected) != names:
+            extra = sorted(set(names) - set(expected))
+            raise AdapterMismatch(
+                f"{path}: KV prefix has {'unexpected parameter ' + repr(extra[0]) if extra else 'missing layers'}; "
+                f"this base has {self.num_layers} layers (adapter exported for another base?)"
+            )
+        lengths, prefix = set(), []
+        for i in range(self.num_layers):
+            pair = []
+            for name in prefix_names(i):
+                value = params[name]
+                got = value.shape()
+                if (len(got) != 3 or got[0] != self.kv_heads or got[2] != self.head_dim
+                        or value.data_type() != want):
+                    raise AdapterMismatch(f"{path}: parameter {name!r} is {value.data_type()}{got}, this base's KV "
+                                          f"cache is {want}[{self.kv_heads}, P, {self.head_dim}]")
+                lengths.add(got[1])
+                pair.append(value.numpy())
+            prefix.append(tuple(pair))
+        if len(lengths) != 1:
+            raise AdapterMismatch(f"{path}: KV prefix lengths differ across layers ({sorted(lengths)})")
+        p = lengths.pop()
+        if not 0 < p < self.context_length:
+            raise AdapterMismatch(f"{path}: KV prefix of {p} positions does not fit the context length "
+                                  f"{self.context_length}")
+        return prefix
+
+    @staticmethod
+    def prefix_length(adapter: OnnxAdapter | None) -> int:
+        """Cache positions `adapter` occupies before the real tokens (virtual tokens)."""
+        return adapter.prefix_length if adapter is not None else 0
+
+    def combine(self, adapters: list[OnnxAdapter], names: list[str]) -> OnnxAdapter:
+        """Several LoRA adapters active together, as PEFT's multiple active LoRA adapters: their
+        updates add up, which in each slot is A = [A_1 | A_2], B = [B_1; B_2] (ranks
+        concatenated). Only plain LoRA slots combine: prefixes, scales and biases do not add up."""
+        for adapter, name in zip(adapters, names):
+            if adapter.prefix:
+                raise EngineError(f"adapter {name!r} adds virtual tokens; PEFT cannot activate it together with "
+                                  "other adapters (use one at a time)")
+            other = sorted({p.split(".", 1)[0] for p in adapter.params if not p.startswith("lora.")})
+            if other:
+                raise EngineError(f"adapter {name!r} sets {other[0]} slots (DoRA, IA3 or bias tuning); only plain "
+                                  "LoRA adapters can be active together")
+        arrays: dict[str, list] = {}
+        for adapter in adapters:
+            for pname, value in adapter.params.items():
+                arrays.setdefault(pname, []).append(value.numpy())
+        combined = {}
+        for pname, parts in arrays.items():
+            if pname.endswith(".A"):
+                b_parts = arrays[pname[:-2] + ".B"]
+                combined[pname] = np.ascontiguousarray(np.concatenate(parts, axis=1))
+                combined[pname[:-2] + ".B"] = np.ascontiguousarray(np.concatenate(b_parts, axis=0))
+        params = {n: self.ort.OrtValue.ortvalue_from_numpy(a) for n, a in combined.items()}
+        return OnnxAdapter(path=Path("+".join(names)), params=params, keepalive=combined)
 
     @staticmethod
     def bind_adapter(io, adapter: OnnxAdapter) -> None:
@@ -115,15 +193,23 @@ class OnnxBackend:
             io.bind_ortvalue_input(name, value)
 
     def switch_to(self, adapter: OnnxAdapter | None) -> None:
-        """What changing the adapter costs a call: binding its tensors (measured by demo/bench)."""
+        """What changing the adapter costs a call: binding its tensors, and for prompt-learning
+        kinds copying the KV prefix into the call's cache (measured by demo/bench)."""
         io = self.session.io_binding()
         if adapter is not None:
             self.bind_adapter(io, adapter)
+            for key, value in adapter.prefix:
+                np.copyto(np.empty_like(key), key)
+                np.copyto(np.empty_like(value), value)
 
     # ---- running -------------------------------------------------------------------------------
     def sequence(self, adapter: OnnxAdapter | None, max_len: int) -> "_Sequence":
+        """A sequence of at most `max_len` cache positions, the adapter's prefix included."""
         if max_len > self.context_length:
             raise EngineError(f"{max_len} tokens exceed the bundle's context length {self.context_length}")
+        if max_len <= self.prefix_length(adapter):
+            raise EngineError(f"a buffer of {max_len} positions leaves no room after the adapter's "
+                              f"{self.prefix_length(adapter)} virtual tokens")
         return _Sequence(self, adapter, max_len)
 
 
@@ -138,21 +224,34 @@ class _Sequence:
         if adapter is not None:
             backend.bind_adapter(self.io, adapter)
         self.io.bind_output("logits", b.device)
-        self.kv = []
+        self.kv, self.host_kv = [], []
         shape = [1, b.kv_heads, max_len, b.head_dim]
+        prefix = adapter.prefix if adapter is not None else []
         for i in range(b.num_layers):
-            for part in ("key", "value"):
-                v = ort.OrtValue.ortvalue_from_shape_and_type(shape, b.dtype, b.device, 0)
+            for j, part in enumerate(("key", "value")):
+                if prefix:
+                    # The prefix is written on the host, then the buffer is wrapped: zero-copy on
+                    # CPU (the OrtValue uses this array's memory, kept alive in self.host_kv),
+                    # one host-to-device copy on CUDA. The rest of the buffer is written by
+                    # GroupQueryAttention before it is read.
+                    host = np.zeros(shape, b.dtype)
+                    host[0, :, : adapter.prefix_length] = prefix[i][j]
+                    v = ort.OrtValue.ortvalue_from_numpy(host, b.device, 0)
+                    self.host_kv.append(host)
+                else:
+                    v = ort.OrtValue.ortvalue_from_shape_and_type(shape, b.dtype, b.device, 0)
                 self.io.bind_ortvalue_input(f"past_key_values.{i}.{part}", v)
                 self.io.bind_ortvalue_output(f"present.{i}.{part}", v)
                 self.kv.append(v)
         self.mask = np.ones((1, max_len), np.int64)
+        # Virtual tokens occupy the first P positions: real tokens start at position P.
+        self.length = backend.prefix_length(adapter)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.io = self.kv = None  # release the KV buffers now, not at garbage collection
+        self.io = self.kv = self.host_kv = None  # release the KV buffers now, not at garbage collection
 
     def forward(self, ids, all_logits: bool = True) -> np.ndarray:
         """Run `ids` after what is cached; return logits [len(ids), vocab] as float32 (the graph

@@ -160,3 +160,25 @@ def make_trained_lora(base_dir: Path, out: Path, step: int = -1, steps: int = 12
     _train(peft_model, alphabet_texts(step), tok, steps, 1e-2, seed=1)
     peft_model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def make_prompt_adapter(base_dir: Path, out: Path, peft_type: str = "PROMPT_TUNING", seed: int = 1,
+                        num_virtual_tokens: int = 5, **kwargs) -> Path:
+    """A PEFT prompt-learning adapter (PROMPT_TUNING, P_TUNING or PREFIX_TUNING) with random
+    trainable parameters large enough to change the logits, saved as safetensors at `out`."""
+    import torch
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    config_cls = {"PROMPT_TUNING": peft.PromptTuningConfig, "P_TUNING": peft.PromptEncoderConfig,
+                  "PREFIX_TUNING": peft.PrefixTuningConfig}[peft_type]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = peft.get_peft_model(model, config_cls(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
+                                                       **kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out

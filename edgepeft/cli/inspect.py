@@ -8,11 +8,13 @@ import json
 
 from ..bundle import Bundle
 from ..kinds import support_table
+from .run import add_verify_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="BUNDLE")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_verify_argument(p)
 
 
 def describe(bundle: Bundle) -> dict:
@@ -39,7 +41,7 @@ def _mb(n: int) -> str:
 
 
 def run(args) -> int:
-    info = describe(Bundle.open(args.bundle))
+    info = describe(Bundle.open(args.bundle, verify_hashes=args.verify_hashes))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -52,13 +54,15 @@ def run(args) -> int:
         print(f"         merged adapter: {b['merged_adapter']['name']}")
     for name, be in info["backends"].items():
         extra = f", block {be['block_size']}" if "block_size" in be else ""
-        slots = f"  {be['slots']} adapter slots" if "slots" in be else ""
+        slots = f"  {be['slots']} adapter slots ({be.get('slot_set', 'lora')})" if "slots" in be else ""
         print(f"{name:<8} {be['model']}  {be['quant']}{extra}  {_mb(be['bytes'])}  context {be['context_length']}{slots}")
     print(f"adapters {len(info['adapters'])}")
     for name, a in info["adapters"].items():
         files = ", ".join(f"{bk} {_mb(f['bytes'])}" for bk, f in a["files"].items())
-        print(f"  {name:<16} {a['kind']:<6} rank {a['rank']}  {','.join(a['targets'])}  [{files}]")
-    print("support  kind     " + "  ".join(f"{k:<8}" for k in info["support"][0] if k != "kind"))
+        what = (f"{a['num_virtual_tokens']} virtual tokens ({a.get('peft_type')})" if "num_virtual_tokens" in a
+                else f"rank {a['rank']}  {','.join(a['targets'])}")
+        print(f"  {name:<16} {a['kind']:<6} {what}  [{files}]")
+    print("support  kind            " + "  ".join(f"{k:<8}" for k in info["support"][0] if k != "kind"))
     for row in info["support"]:
-        print("         " + f"{row['kind']:<8} " + "  ".join(f"{v:<8}" for k, v in row.items() if k != "kind"))
+        print("         " + f"{row['kind']:<15} " + "  ".join(f"{v:<8}" for k, v in row.items() if k != "kind"))
     return 0

@@ -11,16 +11,28 @@ from pathlib import Path
 
 from ..errors import AdapterError, UnsupportedAdapter
 from ..files import read_json_object
-from . import lora
+from ..peft_config import check_peft_config
+from . import ia3, lora, prefix, prompt
 from .spec import AdapterSpec
 
-KINDS = {m.KIND: m for m in (lora,)}
+KINDS = {m.KIND: m for m in (lora, ia3, prompt, prefix)}
 _BY_PEFT_TYPE = {t: m for m in KINDS.values() for t in m.PEFT_TYPES}
+KINDS["dora"] = lora  # DoRA is LoRA with use_dora; its own row in SUPPORT because it runs differently
 
 # How each kind runs on each backend: "swap" = separate file, hot-swapped at run time;
 # "merge" = only baked into a dedicated base; "no" = not supported (yet). One row per kind.
 SUPPORT: dict[str, dict[str, str]] = {
     "lora": {"onnx": "swap", "gguf": "swap"},
+    # LoRA on the embedding or the lm_head; on GGUF only merged (not tested against llama.cpp).
+    "lora-embedding": {"onnx": "swap", "gguf": "merge"},
+    # DoRA: the magnitude / row-norm term becomes a per-output scale at export (ONNX scale slots);
+    # llama.cpp's LoRA format has no such term.
+    "dora": {"onnx": "swap", "gguf": "merge"},
+    "ia3": {"onnx": "swap", "gguf": "merge"},
+    # Bias tuning: PEFT's lora_bias, or trained base biases (bias="all"/"lora_only", BitFit-style).
+    "bias": {"onnx": "swap", "gguf": "merge"},
+    "prompt": {"onnx": "swap", "gguf": "no"},
+    "prefix": {"onnx": "swap", "gguf": "no"},
 }
 
 
@@ -32,7 +44,7 @@ def read_peft_adapter(path: str | Path) -> AdapterSpec:
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():
         raise AdapterError(f"{path}: no adapter_config.json (not a PEFT adapter directory)")
-    config = read_json_object(cfg_path, AdapterError)
+    config = check_peft_config(read_json_object(cfg_path, AdapterError), cfg_path)
     if not (path / "adapter_model.safetensors").is_file():
         if (path / "adapter_model.bin").exists():
             raise AdapterError(
@@ -50,9 +62,20 @@ def read_peft_adapter(path: str | Path) -> AdapterSpec:
     return kind.read(path, config)
 
 
+def features(spec: AdapterSpec) -> list[str]:
+    """The SUPPORT rows `spec` needs: its kind, plus the LoRA extras it uses."""
+    rows = [spec.kind]
+    mods = spec.modules.values()
+    if any(name.endswith(("embed_tokens", "lm_head")) for name in spec.modules):
+        rows.append("lora-embedding")
+    if spec.biases or any(getattr(m, "bias", None) is not None for m in mods):
+        rows.append("bias")
+    return rows
+
+
 def support_table() -> list[dict[str, str]]:
     """The kind x backend table as rows, for `inspect` and docs."""
     return [{"kind": k, **row} for k, row in SUPPORT.items()]
 
 
-__all__ = ["AdapterSpec", "KINDS", "SUPPORT", "read_peft_adapter", "support_table"]
+__all__ = ["AdapterSpec", "KINDS", "SUPPORT", "features", "read_peft_adapter", "support_table"]

@@ -1,5 +1,6 @@
 """LoRA, with PEFT's variants: per-module rank and alpha (rank_pattern, alpha_pattern), rsLoRA
-scaling, lora_bias, any subset of linear layers."""
+scaling, lora_bias, DoRA (kind "dora"), embedding and lm_head LoRA, trained biases (bias="all" or
+"lora_only"), any subset of linear layers."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ PEFT_TYPES = ("LORA",)
 
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[A-Za-z0-9_]+)?\.(?P<param>weight|bias)$")
+_EMBED_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<part>A|B)(?:\.[A-Za-z0-9_]+)?$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
+_BIAS_KEY = re.compile(r"^(?P<module>.+?)(?:\.base_layer)?\.bias$")  # a trained base bias (bias="all")
+_BASE_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")  # save_embedding_layers copies
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -32,8 +37,7 @@ def read(path: Path, config: dict) -> AdapterSpec:
     weights_path = path / "adapter_model.safetensors"
     cfg_path = path / "adapter_config.json"
     # Options that change the math in ways this kind does not encode are refused, not ignored.
-    if config.get("use_dora"):
-        raise UnsupportedAdapter(f"{cfg_path}: DoRA (use_dora) is not supported yet")
+    dora = bool(config.get("use_dora"))
     if config.get("modules_to_save"):
         raise UnsupportedAdapter(
             f"{cfg_path}: modules_to_save ({config['modules_to_save']}) is not supported: those "
@@ -52,16 +56,23 @@ def read(path: Path, config: dict) -> AdapterSpec:
 
     tensors = read_safetensors(weights_path)
     parts: dict[str, dict[str, object]] = {}
+    biases, saved_base = {}, {}
     for key, arr in tensors.items():
         if key.startswith(_PREFIX):
             key = key[len(_PREFIX) :]
-        m = _KEY.match(key)
-        if m is None:
-            if "lora_embedding" in key or "lora_magnitude" in key:
-                raise UnsupportedAdapter(f"{weights_path}: {key} is not supported yet")
+        if m := _KEY.match(key):
+            parts.setdefault(m["module"], {})[f"{m['part']}.{m['param']}"] = arr
+        elif m := _EMBED_KEY.match(key):  # lora_embedding_A [r, vocab], lora_embedding_B [hidden, r]
+            parts.setdefault(m["module"], {})[f"{m['part']}.weight"] = arr
+        elif (m := _MAGNITUDE_KEY.match(key)) and dora:
+            parts.setdefault(m["module"], {})["magnitude"] = arr
+        elif m := _BASE_KEY.match(key):
+            saved_base[m["module"]] = arr.astype("float32")
+        elif m := _BIAS_KEY.match(key):
+            biases[m["module"]] = arr.astype("float32")
+        else:
             raise AdapterError(f"{weights_path}: unexpected tensor {key!r} in a LoRA adapter")
-        parts.setdefault(m["module"], {})[f"{m['part']}.{m['param']}"] = arr
-    if not parts:
+    if not parts and not biases:
         raise AdapterError(f"{weights_path}: no LoRA tensors found")
 
     r_default = int(config.get("r", 8))
@@ -87,9 +98,14 @@ def read(path: Path, config: dict) -> AdapterSpec:
             )
         alpha = float(_pattern_value(alpha_pattern, name, alpha_default))
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        magnitude = p.get("magnitude")
+        if dora and (magnitude is None or magnitude.shape != (b.shape[0],)):
+            raise AdapterError(f"{weights_path}: DoRA module {name} lacks a lora_magnitude_vector of {b.shape[0]} values")
         modules[name] = LoraModule(
             a=a.astype("float32"), b=b.astype("float32"), scale=scale,
             bias=p["B.bias"].astype("float32") if "B.bias" in p else None,
+            magnitude=magnitude.astype("float32") if dora else None,
         )
-    return AdapterSpec(kind=KIND, path=path, config=config,
-                       source_hash=sha256_file(weights_path), modules=modules)
+    return AdapterSpec(kind="dora" if dora else KIND, path=path, config=config,
+                       source_hash=sha256_file(weights_path), modules=modules, biases=biases,
+                       saved_base=saved_base)

@@ -16,6 +16,8 @@ class LoraModule:
     b: np.ndarray  # [out_features, rank]
     scale: float
     bias: np.ndarray | None = None  # [out_features], PEFT's lora_bias (scaled like B)
+    # DoRA: the trained magnitude m [out_features]; y = m / ||W + scale B A||_row * (x W^T + scale x A^T B^T) + b
+    magnitude: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
@@ -31,6 +33,19 @@ class LoraModule:
 
 
 @dataclass
+class ScaleModule:
+    """One IA3-adapted linear layer: its output (or, for feed-forward layers, its input) is
+    multiplied elementwise by `vector`."""
+
+    vector: np.ndarray  # [out_features], or [in_features] when on_input
+    on_input: bool
+
+    @property
+    def rank(self) -> int:  # a scaling vector has no rank; 0 keeps summaries uniform
+        return 0
+
+
+@dataclass
 class AdapterSpec:
     """An adapter as read from a PEFT directory.
 
@@ -43,23 +58,38 @@ class AdapterSpec:
     path: Path
     config: dict
     source_hash: str
-    modules: dict[str, LoraModule] = field(default_factory=dict)
+    modules: dict[str, LoraModule | ScaleModule] = field(default_factory=dict)
+    # Bias tuning (PEFT bias="all"/"lora_only", BitFit-style): the trained biases, by module name.
+    biases: dict[str, np.ndarray] = field(default_factory=dict)
+    # Base weights PEFT saved next to the adapter (save_embedding_layers): checked equal to the
+    # base at export, because a resized or retrained embedding is not an adapter.
+    saved_base: dict[str, np.ndarray] = field(default_factory=dict)
+    # Prompt-learning kinds (prompt, prefix): PEFT's `prompt_embeddings` [num_virtual_tokens, D].
+    virtual: np.ndarray | None = None
 
     @property
     def targets(self) -> list[str]:
         """Short names of the adapted layers (q_proj, v_proj, ...), sorted."""
-        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+        return sorted({name.rsplit(".", 1)[-1] for name in [*self.modules, *self.biases]})
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({m.rank for m in self.modules.values()})
+        return sorted({m.rank for m in self.modules.values() if isinstance(m, LoraModule)})
 
     def summary(self) -> dict:
         """What the manifest records about this adapter."""
+        if self.virtual is not None:  # no layers adapted: rank and targets mean nothing here
+            return {
+                "kind": self.kind,
+                "peft_type": self.config.get("peft_type"),
+                "num_virtual_tokens": int(self.virtual.shape[0]),
+                "source_hash": self.source_hash,
+            }
         return {
             "kind": self.kind,
-            "rank": self.ranks[0] if len(self.ranks) == 1 else self.ranks,
+            "rank": (self.ranks[0] if len(self.ranks) == 1 else self.ranks) if self.ranks else None,
             "targets": self.targets,
             "modules": len(self.modules),
+            **({"biases": len(self.biases)} if self.biases else {}),
             "source_hash": self.source_hash,
         }
