@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .limits import MAX_MANIFEST_BYTES
+
 TMP_PREFIX = ".edgepeft-tmp-"
 
 
@@ -60,9 +62,18 @@ def write_json_atomic(dest: str | os.PathLike, obj) -> None:
 def read_json_object(path: str | os.PathLike, error: type[Exception], what: str = "JSON") -> dict:
     """Parse `path` as a JSON object, raising `error` with a one-line message naming the file."""
     try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: corrupt {what} ({e})") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise error(f"{path}: corrupt {what} (larger than {MAX_MANIFEST_BYTES >> 20} MiB)")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, or an over-long integer
+        raise error(f"{path}: corrupt {what} ({str(e).splitlines()[0][:120]})") from None
+    except RecursionError:
+        raise error(f"{path}: corrupt {what} (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise error(f"{path}: corrupt {what} (expected a JSON object)")
     return obj

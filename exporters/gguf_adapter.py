@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepeft.errors import AdapterMismatch, UnsupportedAdapter, require
+from edgepeft.bundle import GGUF_FINGERPRINT_KEY
 from edgepeft.files import atomic_path
 from edgepeft.kinds import AdapterSpec
 
@@ -45,6 +46,8 @@ def export_adapter_gguf(spec: AdapterSpec, manifest_base: dict, dest: Path) -> N
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha or 0.0))
+    # Stock llama.cpp ignores unknown keys; our runtime refuses an adapter made for another base.
+    writer.add_string(GGUF_FINGERPRINT_KEY, manifest_base["fingerprint"])
     for module, m in spec.modules.items():
         short = module.rsplit(".", 1)[-1]
         if short not in shapes:

@@ -98,9 +98,14 @@ def load_base(source: str) -> BaseModel:
         )
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModel(f"{local}: mlp_bias=True is not supported yet")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        local, dtype=torch.float32, local_files_only=True
-    ).eval()
+    try:
+        # use_safetensors: a base with only pickled weights (pytorch_model.bin) is refused, not unpickled.
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            local, dtype=torch.float32, local_files_only=True, use_safetensors=True
+        ).eval()
+    except OSError as e:
+        raise UnsupportedModel(f"{local}: cannot load its weights; edgepeft reads safetensors only, not "
+                               f"pickled .bin files ({str(e).splitlines()[0][:160]})") from None
     return BaseModel(source=source, local_dir=local, model=model, config=config,
                      dims=_dims(config), fingerprint=fingerprint_state_dict(model.state_dict()))
 

@@ -82,8 +82,7 @@ def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str
     from edgepeft.shipped import shipped_adapters, shipped_metrics
     from edgepeft.tasks import TASKS
 
-    bundle = Bundle.open(bundle_dir)
-    bundle.verify_hashes()
+    bundle = Bundle.open(bundle_dir, verify_hashes=True)  # every file re-read, no hash cache
     fp = bundle.fingerprint
     backends = backends or list(bundle.backends)
     engines = {b: Engine.open(bundle, backend=b) for b in backends}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edgepeft.errors import BundleError
+from edgepeft.files import read_json_object
 
 # End-of-turn tokens of common chat formats; generation stops on them with --chat.
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -26,7 +26,7 @@ class Tokenizer:
             except Exception as e:  # tokenizers raises plain Exception subclasses
                 raise BundleError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
         cfg_path = root / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.config = read_json_object(cfg_path, BundleError, "tokenizer config") if cfg_path.is_file() else {}
         # Newer transformers save the template beside the config (chat_template.jinja).
         if (root / CHAT_TEMPLATE_FILE).is_file():
             self.config["chat_template"] = (root / CHAT_TEMPLATE_FILE).read_text()

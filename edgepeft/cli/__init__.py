@@ -23,6 +23,7 @@ VERBS = {
     "verify": ("verify", "compare a bundle's backends and adapters with the PyTorch+PEFT reference"),
     "bench": ("bench", "measure load, speed, adapter switch time and memory of a bundle"),
     "demo": ("demo", "export the builtin model with the shipped adapters and show them working"),
+    "doctor": ("doctor", "show engines, execution providers, GPU, memory and CPU features of this machine"),
 }
 
 
@@ -50,12 +51,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _recover(args)
         return int(args._run(args) or 0)
     except EdgepeftError as e:
-        print(f"edgepeft {args.verb}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split("\n"))  # one line, whatever a file name holds
+        print(f"edgepeft {args.verb}: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _recover(args) -> None:
+    """Before any command on a bundle: clean up after an interrupted write and say so (one line)."""
+    from ..recovery import recover_unlocked
+
+    path = getattr(args, "bundle", None) or getattr(args, "out", None)
+    if path:
+        message = recover_unlocked(path)
+        if message:
+            print(f"edgepeft {args.verb}: recovered {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 
+from .run import add_verify_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="BUNDLE")
     p.add_argument("--backend", default="onnx", choices=["onnx", "gguf"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, tensorrt, coreml, dml, openvino (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median; default 3)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_verify_argument(p)
 
 
 def _mib(n: int) -> str:
@@ -24,10 +28,13 @@ def _mib(n: int) -> str:
 
 
 def run(args) -> int:
+    from edgepeft.bundle import Bundle
     from edgepeft.runtime.bench import run_bench
 
+    Bundle.open(args.bundle, verify_hashes=args.verify_hashes)  # bad input fails here, before timing
+
     r = run_bench(args.bundle, backend=args.backend, threads=args.threads, runs=args.runs,
-                  new_tokens=args.new_tokens, memory=not args.no_memory)
+                  new_tokens=args.new_tokens, memory=not args.no_memory, device=args.device)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

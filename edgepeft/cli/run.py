@@ -10,13 +10,35 @@ import sys
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="BUNDLE")
     p.add_argument("--backend", default="onnx", choices=["onnx", "gguf"], help="engine to run on (default onnx)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
+    add_device_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    add_verify_argument(p)
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    from edgepeft.runtime.devices import DEVICES
+
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where to run (default auto: CUDA or llama.cpp GPU offload when available, else CPU; "
+                        "see `edgepeft doctor` and docs/devices.md)")
+    p.add_argument("--gpu-layers", type=int, default=None, metavar="N",
+                   help="GGUF: offload only N layers to the GPU (default: all when a GPU is used)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="bound the KV cache to N tokens (prompt + generated) to save memory")
+    p.add_argument("--max-resident-adapters", type=int, default=None, metavar="K",
+                   help="load adapters on first use and keep at most K in memory (least recently used "
+                        "is unloaded; default: all loaded at start)")
+
+
+def add_verify_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify-hashes", action="store_true",
+                   help="re-read every bundle file and check its sha256 (default: only files changed "
+                        "since they were last checked)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,9 +51,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def open_engine(args):
+    from edgepeft.bundle import Bundle
     from edgepeft.runtime import Engine
 
-    return Engine.open(args.bundle, backend=args.backend, device=args.device, threads=args.threads)
+    bundle = Bundle.open(args.bundle, verify_hashes=args.verify_hashes)
+    engine = Engine.open(bundle, backend=args.backend, device=args.device, threads=args.threads,
+                         max_context=args.max_context, max_resident_adapters=args.max_resident_adapters,
+                         gpu_layers=args.gpu_layers)
+    if engine.device_note:
+        print(f"edgepeft: {engine.device_note}", file=sys.stderr)
+    return engine
 
 
 def run(args) -> int:

@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", action="append", choices=["onnx", "gguf"], help="only these backends")
     p.add_argument("--task-prompts", type=int, default=40, help="held-out prompts per task check (default 40)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--verify-hashes", action="store_true",
+                   help="accepted for symmetry with run/chat/bench: verify always re-reads every file's sha256")
 
 
 def run(args) -> int:

@@ -1,6 +1,7 @@
 """The manifest: validation, atomic writes, paths that stay inside the bundle."""
 
 import json
+import os
 
 import pytest
 
@@ -9,10 +10,13 @@ from edgepeft.errors import BundleError
 from edgepeft.files import TMP_PREFIX, atomic_path, write_bytes_atomic
 
 
+DIMS = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "vocab_size": 16}
+
+
 def make_bundle(root):
     root.mkdir()
     (root / "tokenizer.json").write_text("{}")
-    b = Bundle(root, new_manifest(base={"fingerprint": "sha256:00"}, tokenizer={}))
+    b = Bundle(root, new_manifest(base={"fingerprint": "sha256:00", "dims": DIMS}, tokenizer={}))
     b.record_file("tokenizer.json")
     b.save()
     return root
@@ -79,3 +83,67 @@ def test_atomic_write_leaves_old_content_and_no_temp_file_on_failure(tmp_path):
 def test_adapter_names_that_could_escape_or_confuse_are_refused(name):
     with pytest.raises(BundleError, match="invalid"):
         check_adapter_name(name)
+
+
+def test_hashes_are_checked_at_open_and_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    from edgepeft import hash_cache
+
+    monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
+    root = make_bundle(tmp_path / "b")
+    tok = root / "tokenizer.json"
+    old = tok.stat().st_mtime_ns - 10**10  # older than the racy window: cacheable
+    os.utime(tok, ns=(old, old))
+    reads = []
+    real = hash_cache.sha256_file
+    monkeypatch.setattr(hash_cache, "sha256_file", lambda p: reads.append(p) or real(p))
+    Bundle.open(root)
+    assert reads == [tok]
+    Bundle.open(root)  # unchanged since: answered from the cache
+    assert reads == [tok]
+    tok.write_text("[]")  # same size, new content, new mtime: re-read at open
+    with pytest.raises(BundleError, match="sha256 differs"):
+        Bundle.open(root)
+    # A tamperer who restores the mtime defeats the fast path (see docs/security.md), never the full check.
+    tok.write_text("{}")
+    os.utime(tok, ns=(old, old))
+    Bundle.open(root)
+    tok.write_text("[]")
+    os.utime(tok, ns=(old, old))
+    Bundle.open(root)  # fast path trusts (device, inode, size, mtime)
+    with pytest.raises(BundleError, match="sha256 differs"):
+        Bundle.open(root, verify_hashes=True)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_a_damaged_hash_cache_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "file-hashes.json").write_text('{"1:2": [1, "x"], "3:4": 5')
+    Bundle.open(make_bundle(tmp_path / "b"))
+
+
+def test_symlinks_leading_out_of_the_bundle_are_refused(tmp_path):
+    root = make_bundle(tmp_path / "b")
+    outside = tmp_path / "secret.json"
+    outside.write_text("{}")
+    (root / "tokenizer.json").unlink()
+    (root / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(BundleError, match="symlink that leads outside"):
+        Bundle.open(root)
+
+
+def test_recover_removes_orphan_adapter_files_and_temporary_files(tmp_path):
+    from edgepeft.recovery import recover
+
+    root = make_bundle(tmp_path / "b")
+    (root / "adapters").mkdir()
+    (root / "adapters" / "ghost.gguf").write_bytes(b"GGUF")  # add-adapter killed before its manifest
+    (root / f"{TMP_PREFIX}edgepeft.json.abc").write_text("{")
+    (tmp_path / f"{TMP_PREFIX}b.xyz").mkdir()  # an export's staging directory
+    (tmp_path / "unrelated.txt").write_text("keep")
+    message = recover(root)
+    assert "removed 3 leftover files" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "unrelated.txt"]
+    assert list((root / "adapters").iterdir()) == []
+    assert recover(root) is None
+    Bundle.open(root)

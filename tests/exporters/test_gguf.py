@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgepeft.errors import AdapterError, EdgepeftError
+from edgepeft.errors import AdapterError, AdapterMismatch, EdgepeftError
 from edgepeft.exporters import add_adapter, export_bundle
 from edgepeft.runtime import Engine
 from factory import make_base, make_lora, make_trained_base, make_trained_lora, reference_logits
@@ -107,12 +107,12 @@ def test_bad_gguf_inputs_fail_cleanly(tiny_llama, llama_adapters, tmp_path):
     other = make_base(tmp_path / "wide", "llama", hidden=96)
     wide = export_bundle(str(other), tmp_path / "wb", {"w": str(make_lora(other, tmp_path / "w"))},
                          formats="gguf", gguf_quant="F32", quiet=True)
-    with pytest.raises(AdapterError, match="refused"):
+    with pytest.raises(AdapterMismatch, match="another base"):  # checked in Python before llama.cpp
         engine.load_adapter("w", wide.adapter_path("w", "gguf"))
     qwen = make_base(tmp_path / "qwen", "qwen2")  # same shapes, other architecture
     foreign = export_bundle(str(qwen), tmp_path / "qb", {"q": str(make_lora(qwen, tmp_path / "q"))},
                             formats="gguf", gguf_quant="F32", quiet=True)
-    with pytest.raises(AdapterError, match="refused"):
+    with pytest.raises(AdapterMismatch, match="architecture qwen2"):
         engine.load_adapter("q", foreign.adapter_path("q", "gguf"))
     assert engine.generate("still works", adapter="qv", max_new_tokens=4)
     with pytest.raises(EdgepeftError, match="unknown GGUF quant type 'Q9_Z'"):

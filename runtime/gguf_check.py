@@ -1,0 +1,94 @@
+"""Checks of GGUF files before llama.cpp opens them, with gguf-py's pure-Python reader: a file
+that came over the network is parsed by Python first, so a corrupt or hostile one gets a one-line
+error instead of reaching llama.cpp's C++ parser.
+
+Base: the header, then architecture, layer count and widths against the manifest. Adapter: a LoRA
+adapter for this base's architecture and fingerprint (recorded at export), every tensor a
+lora_a/lora_b pair of a base tensor with matching widths, rank within edgepeft.limits.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from edgepeft.bundle import GGUF_FINGERPRINT_KEY
+from edgepeft.errors import AdapterError, AdapterMismatch, BundleError, require
+from edgepeft.limits import MAX_RANK, MAX_TENSORS
+
+_MAX_KV = 1 << 16
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _read(path: Path, error: type[Exception]):
+    """Parse `path`'s header and tensor table; any failure is `error`, one line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise error(f"{path}: not a GGUF file (bad magic or truncated header)")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
+    if version not in (2, 3) or n_tensors > MAX_TENSORS or n_kv > _MAX_KV:
+        raise error(f"{path}: GGUF header out of range (version {version}, {n_tensors} tensors, {n_kv} keys)")
+    gguf = require("gguf", "gguf")
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+        fields = {name: field.contents() for name, field in reader.fields.items()}
+        tensors = {t.name: ([int(d) for d in t.shape], t.tensor_type.name) for t in reader.tensors}
+    except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError... on bad files
+        raise error(f"{path}: corrupt GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    return fields, tensors
+
+
+def check_base_gguf(path: Path, base: dict) -> tuple[str, dict[str, list[int]]]:
+    """Check the base GGUF against the manifest's base; return its architecture and tensor shapes
+    (ggml order)."""
+    fields, tensors = _read(path, BundleError)
+    arch = fields.get("general.architecture")
+    if not isinstance(arch, str) or fields.get("general.type", "model") != "model":
+        raise BundleError(f"{path}: not a GGUF model file")
+    dims = base["dims"]
+    want = {f"{arch}.block_count": dims["num_layers"], f"{arch}.embedding_length": dims["hidden_size"],
+            f"{arch}.attention.head_count": dims["num_heads"], f"{arch}.attention.head_count_kv": dims["num_kv_heads"]}
+    for key, value in want.items():
+        if fields.get(key) != value:
+            raise BundleError(f"{path}: {key} is {str(fields.get(key))[:20]}, the manifest says {value} "
+                              "(a GGUF of another model?)")
+    embd = tensors.get("token_embd.weight")
+    if embd is None or embd[0] != [dims["hidden_size"], dims["vocab_size"]]:
+        raise BundleError(f"{path}: token_embd.weight does not match the manifest's hidden size and vocabulary")
+    return arch, {name: shape for name, (shape, _) in tensors.items()}
+
+
+def check_adapter_gguf(path: Path, arch: str, fingerprint: str, base_shapes: dict[str, list[int]]) -> None:
+    """Refuse, before llama.cpp reads it, an adapter file that is not a LoRA for this base."""
+    fields, tensors = _read(path, AdapterError)
+    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
+        raise AdapterError(f"{path}: not a GGUF LoRA adapter")
+    if fields.get("general.architecture") != arch:
+        raise AdapterMismatch(f"{path}: adapter for architecture {str(fields.get('general.architecture'))[:30]}, "
+                              f"the base is {arch}")
+    recorded = fields.get(GGUF_FINGERPRINT_KEY)
+    if recorded is not None and recorded != fingerprint:  # files from before the key have none
+        raise AdapterMismatch(f"{path}: exported for another base model (fingerprint differs)")
+    if not tensors:
+        raise AdapterError(f"{path}: a GGUF LoRA adapter with no tensors")
+    for name, (shape, dtype) in tensors.items():
+        target, _, part = name.rpartition(".")
+        if part not in ("lora_a", "lora_b") or dtype not in _FLOAT_TYPES or len(shape) != 2:
+            raise AdapterError(f"{path}: unexpected tensor {name[:80]!r} ({dtype}{shape}) in a LoRA adapter")
+        other = f"{target}.{'lora_b' if part == 'lora_a' else 'lora_a'}"
+        if other not in tensors:
+            raise AdapterError(f"{path}: tensor {name[:80]!r} has no {other.rpartition('.')[2]}")
+        base = base_shapes.get(target)
+        if base is None or len(base) != 2:
+            raise AdapterMismatch(f"{path}: {target[:80]} is not a matrix of this base (adapter for another base?)")
+        a, b = (shape, tensors[other][0]) if part == "lora_a" else (tensors[other][0], shape)
+        # ggml order: base [in, out], lora_a [in, r], lora_b [r, out]
+        if a[0] != base[0] or b[1] != base[1] or a[1] != b[0]:
+            raise AdapterMismatch(f"{path}: {target[:80]} is lora_a{a} lora_b{b}, the base's is {base} "
+                                  "(adapter for another base?)")
+        if a[1] > MAX_RANK:
+            raise AdapterError(f"{path}: {target[:80]} has rank {a[1]}, over the limit of {MAX_RANK}")
