@@ -200,8 +200,8 @@ def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_qua
     try:
         b = Bundle.open(out)
         onnx = b.backends.get("onnx", {})
-        packed = all("parts" in s for s in onnx.get("slots", [{}]))  # bundles before packed slots are rebuilt
-        if set(b.adapters) == set(adapters) and onnx.get("quant") == onnx_quant and packed:
+        current = "slot_set" in onnx  # bundles from before the current graph layout are rebuilt
+        if set(b.adapters) == set(adapters) and onnx.get("quant") == onnx_quant and current:
             return b
     except EdgepeftError:
         pass

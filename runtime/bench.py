@@ -56,13 +56,13 @@ def _speed(engine: Engine, adapter: str | None, runs: int, new_tokens: int) -> d
     }
 
 
-def _memory_probe(bundle: str, backend: str, threads: int | None, names: list[str]) -> dict:
+def _memory_probe(bundle: str, backend: str, threads: int | None, names: list[str], device: str = "auto") -> dict:
     """Peak RSS of a fresh process that opens the base, loads `names` and runs each once."""
     code = (
         "import json,sys\n"
         "from edgepeft.runtime import Engine\n"
         "from edgepeft.runtime.memory import peak_rss_bytes, rss_bytes\n"
-        f"e = Engine.open({bundle!r}, backend={backend!r}, threads={threads!r}, load_adapters=False)\n"
+        f"e = Engine.open({bundle!r}, backend={backend!r}, threads={threads!r}, load_adapters=False, device={device!r})\n"
         "e.complete('Hello', max_new_tokens=8, ignore_eos=True)\n"
         "base = rss_bytes()\n"
         f"for n in {names!r}:\n"
@@ -74,14 +74,15 @@ def _memory_probe(bundle: str, backend: str, threads: int | None, names: list[st
 
 
 def run_bench(bundle: str | Path, backend: str = "onnx", threads: int | None = None, runs: int = 3,
-              new_tokens: int = 128, switch_repeats: int = 200, memory: bool = True) -> dict:
+              new_tokens: int = 128, switch_repeats: int = 200, memory: bool = True, device: str = "auto") -> dict:
     bundle = str(bundle)
     t0 = time.perf_counter()
-    engine = Engine.open(bundle, backend=backend, threads=threads, load_adapters=False)
+    engine = Engine.open(bundle, backend=backend, threads=threads, load_adapters=False, device=device)
     load_s = time.perf_counter() - t0
     names = [n for n, a in engine.bundle.adapters.items() if backend in a.get("files", {})]
     result: dict = {
         "bundle": bundle, "backend": backend, "provider": engine.backend.providers[0], "machine": machine(),
+        "device": engine.backend.device, "device_note": engine.device_note,
         "threads": threads, "runs": runs, "new_tokens": new_tokens,
         "quant": engine.bundle.backends[backend].get("quant"),
         "base": {"load_s": round(load_s, 3), **_speed(engine, None, runs, new_tokens)},
@@ -91,7 +92,7 @@ def run_bench(bundle: str | Path, backend: str = "onnx", threads: int | None = N
     reloads = []
     for _ in range(3):
         t = time.perf_counter()
-        Engine.open(bundle, backend=backend, threads=threads, load_adapters=False)
+        Engine.open(bundle, backend=backend, threads=threads, load_adapters=False, device=device)
         reloads.append(time.perf_counter() - t)
     result["base"]["reload_s"] = round(_median(reloads), 3)
     for name in names:
@@ -113,9 +114,9 @@ def run_bench(bundle: str | Path, backend: str = "onnx", threads: int | None = N
             **_speed(engine, name, runs, new_tokens),
         }
     if memory:
-        m0 = _memory_probe(bundle, backend, threads, [])
-        m1 = _memory_probe(bundle, backend, threads, names[:1]) if names else m0
-        mall = _memory_probe(bundle, backend, threads, names) if names else m0
+        m0 = _memory_probe(bundle, backend, threads, [], device)
+        m1 = _memory_probe(bundle, backend, threads, names[:1], device) if names else m0
+        mall = _memory_probe(bundle, backend, threads, names, device) if names else m0
         files = sum(a["file_bytes"] for a in result["adapters"].values())
         result["memory"] = {
             "peak_rss_0_adapters": m0["peak"], "peak_rss_1_adapter": m1["peak"],

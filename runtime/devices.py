@@ -1,0 +1,203 @@
+"""Which engine build and execution provider to use on this machine.
+
+Pure selection logic over what the installed engines report (onnxruntime's available providers,
+llama.cpp's GPU offload support), so it is testable with fakes, plus `probe()` that asks the real
+engines and the OS for `edgepeft doctor`. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+# --device value -> onnxruntime execution providers, best first; CPU is always appended as the
+# fallback for operators a provider does not implement.
+ONNX_PROVIDERS = {
+    "cpu": [],
+    "cuda": ["CUDAExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+    "coreml": ["CoreMLExecutionProvider"],
+    "dml": ["DmlExecutionProvider"],
+    "openvino": ["OpenVINOExecutionProvider"],
+}
+DEVICES = ("auto", *ONNX_PROVIDERS)
+# What `auto` tries, in order. Only CUDA: the graph is made of onnxruntime's contrib operators
+# (GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization), which the CPU and CUDA
+# providers implement; TensorRT needs an engine build on first load (minutes), and CoreML, DirectML
+# and OpenVINO would run most of this graph on the CPU fallback anyway, so they are opt-in.
+AUTO_ORDER = ("cuda",)
+
+
+@dataclass
+class Choice:
+    device: str          # what runs: cpu, cuda, tensorrt, coreml, dml, openvino, gpu (llama.cpp)
+    providers: list      # onnxruntime providers (empty for GGUF)
+    note: str | None     # one line to show when the choice differs from the request
+    gpu_layers: int = 0  # llama.cpp layers offloaded
+
+
+def pick_onnx(available: list[str], device: str = "auto") -> Choice:
+    """Providers for `device` among `available` (onnxruntime.get_available_providers())."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "auto":
+        for candidate in AUTO_ORDER:
+            wanted = ONNX_PROVIDERS[candidate]
+            if all(p in available for p in wanted):
+                return Choice(candidate, [*wanted, "CPUExecutionProvider"], None)
+        return Choice("cpu", ["CPUExecutionProvider"], None)
+    wanted = ONNX_PROVIDERS[device]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        return Choice("cpu", ["CPUExecutionProvider"],
+                      f"device {device}: this onnxruntime has no {missing[0]} (it has {', '.join(available)}); "
+                      "running on the CPU")
+    return Choice(device, [*wanted, "CPUExecutionProvider"], None)
+
+
+def pick_gguf(gpu_offload: bool, device: str = "auto", gpu_layers: int | None = None) -> Choice:
+    """llama.cpp offload for `device`: all layers on the GPU when the build supports it (or
+    `gpu_layers` of them), none on the CPU."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return Choice("cpu", [], None, 0)
+    if not gpu_offload:
+        note = None if device == "auto" else (
+            f"device {device}: this llama-cpp-python was built without GPU support; running on the CPU "
+            "(rebuild it with CMAKE_ARGS=\"-DGGML_CUDA=on\" or -DGGML_METAL=on, see docs/devices.md)")
+        return Choice("cpu", [], note, 0)
+    layers = 999 if gpu_layers is None else int(gpu_layers)
+    return Choice("gpu" if layers else "cpu", [], None, layers)
+
+
+# ---- probing the machine (doctor) -----------------------------------------------------------
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "fma", "f16c", "asimd", "asimddp", "sve")
+
+
+def _cpu() -> dict:
+    info = {"machine": platform.machine(), "cores": os.cpu_count(), "model": platform.processor() or None,
+            "features": []}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return info
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key == "model name" and not info["model"]:
+            info["model"] = value.strip()
+        elif key in ("flags", "features"):
+            flags.update(value.split())
+    info["features"] = [f for f in CPU_FEATURES if f in flags]
+    return info
+
+
+def _memory() -> dict:
+    out = {}
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        try:
+            out["MemTotal"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    return {"total": out.get("MemTotal"), "available": out.get("MemAvailable")}
+
+
+def _nvidia() -> list[dict]:
+    """GPUs that nvidia-smi reports (a local command; absent on machines without the driver)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            gpus.append({"name": parts[0], "memory_mib": int(float(parts[1])), "driver": parts[2]})
+    return gpus
+
+
+def _version(module: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"),
+                 "llama_cpp": ("llama-cpp-python",)}.get(module, (module,)):
+        try:
+            return f"{version(dist)} ({dist})"
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def probe() -> dict:
+    """What this machine offers: CPU, memory, GPUs, engines and their devices, and the choices
+    `device="auto"` makes."""
+    report = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu(),
+              "memory": _memory(), "gpus": _nvidia(), "engines": {}}
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        choice = pick_onnx(available)
+        report["engines"]["onnxruntime"] = {"version": _version("onnxruntime"), "providers": available,
+                                            "auto": choice.device}
+    else:
+        report["engines"]["onnxruntime"] = None
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from edgepeft.llama_log import quiet_llama_cpp
+
+        import llama_cpp
+
+        quiet_llama_cpp(llama_cpp)
+
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        report["engines"]["llama_cpp"] = {"version": _version("llama_cpp"), "gpu_offload": gpu,
+                                          "mmap": bool(llama_cpp.llama_supports_mmap()),
+                                          "auto": pick_gguf(gpu).device}
+    else:
+        report["engines"]["llama_cpp"] = None
+    report["advice"] = advice(report)
+    return report
+
+
+def advice(report: dict) -> list[str]:
+    """Which bundle formats and precisions will run well here, from a probe() report."""
+    out = []
+    ort, llama = report["engines"].get("onnxruntime"), report["engines"].get("llama_cpp")
+    feats = set(report["cpu"]["features"])
+    if ort is None and llama is None:
+        return ["no engine installed: pip install 'edgepeft[onnx]' or 'edgepeft[gguf]'"]
+    if ort:
+        if ort["auto"] == "cuda":
+            out.append("onnx: CUDA available; fp16 (--onnx-quant fp16) or int4 bundles run on the GPU")
+        else:
+            vnni = feats & {"avx512_vnni", "avx_vnni", "asimddp", "amx_tile"}
+            out.append("onnx: CPU; int4 bundles (MatMulNBits, accuracy level 4 = int8 compute) "
+                       + ("use this CPU's int8 dot-product instructions" if vnni
+                          else "run, without int8 dot-product instructions (expect lower speed)" if feats
+                          else "run"))
+    if llama:
+        out.append("gguf: GPU offload available (all layers by default)" if llama["gpu_offload"]
+                   else "gguf: CPU build; Q4_K_M is the usual speed/quality balance, Q8_0 for quality")
+    mem = report["memory"].get("available") or report["memory"].get("total")
+    if mem and mem < 4 * 2**30:
+        out.append(f"memory: {mem / 2**30:.1f} GiB available; use --max-context and --max-resident-adapters "
+                   "(see docs/devices.md)")
+    return out
