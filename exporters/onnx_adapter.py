@@ -17,7 +17,7 @@ from edgepeft.kinds import AdapterSpec
 from edgepeft.kinds.spec import ScaleModule
 from edgepeft.runtime_contract import fingerprint_version
 
-from .onnx_prompt import KINDS as PROMPT_KINDS, export_prompt_adapter_onnx
+from .onnx_prompt import KINDS as PROMPT_KINDS, prefix_tensors
 
 
 def _parts(slot: dict) -> list[dict]:
@@ -147,10 +147,11 @@ def adapter_tensors(spec: AdapterSpec, onnx_info: dict, base=None) -> dict[str, 
 def export_adapter_onnx(spec: AdapterSpec, onnx_info: dict, fingerprint: str, dest: Path, base=None) -> None:
     """Write `spec` as an onnxruntime adapter file at `dest` (atomically). `base` (the loaded
     BaseModel, or a function returning it) is used by kinds computed from the base (prompt tuning)."""
-    if spec.kind in PROMPT_KINDS:
-        return export_prompt_adapter_onnx(spec, onnx_info, fingerprint, dest, base)
     ort = require("onnxruntime", "onnx")
-    tensors = adapter_tensors(spec, onnx_info, base)
+    if spec.kind in PROMPT_KINDS:  # KV-cache prefix tensors instead of slot tensors
+        tensors = prefix_tensors(spec, onnx_info, base)
+    else:
+        tensors = adapter_tensors(spec, onnx_info, base)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(fingerprint_version(fingerprint))

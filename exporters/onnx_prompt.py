@@ -20,16 +20,14 @@ base graph's float type; model_version carries the base fingerprint like every a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Union
 
 import numpy as np
 
 from edgepeft.errors import AdapterMismatch, UnsupportedAdapter, require
-from edgepeft.files import atomic_path
 from edgepeft.kinds import AdapterSpec
 from edgepeft.kinds.prefix import past_key_values
-from edgepeft.runtime_contract import fingerprint_version, prefix_names
+from edgepeft.runtime_contract import prefix_names
 
 from .hf_base import BaseModel
 
@@ -92,17 +90,3 @@ def prefix_tensors(spec: AdapterSpec, onnx_info: dict, base: BaseSource = None) 
         out[k_name] = np.ascontiguousarray(k, dtype=dtype)
         out[v_name] = np.ascontiguousarray(v, dtype=dtype)
     return out
-
-
-def export_prompt_adapter_onnx(spec: AdapterSpec, onnx_info: dict, fingerprint: str, dest: Path,
-                               base: BaseSource = None) -> None:
-    """Write a prompt-learning `spec` as an onnxruntime adapter file of KV prefixes at `dest`.
-    `base` (the loaded base, or a function that loads it) is needed for prompt tuning only."""
-    ort = require("onnxruntime", "onnx")
-    tensors = prefix_tensors(spec, onnx_info, base)
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(fingerprint_version(fingerprint))
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
-    with atomic_path(dest) as tmp:
-        fmt.export_adapter(str(tmp))
