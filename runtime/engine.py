@@ -123,6 +123,18 @@ class Engine:
         self._load(name, path)
 
     def _load(self, name: str, path: Path):
+        # Make room first, so that at most max_resident adapters are ever in memory at once
+        # (calls that still use an evicted one keep it until they end).
+        with self._lock:
+            room = []
+            if self.max_resident is not None and name not in self._adapters:
+                while len(self._adapters) >= self.max_resident:
+                    evicted = next(iter(self._adapters))
+                    room.append(self._adapters.pop(evicted))
+                    if evicted in self.bundle.adapters:
+                        self._lazy.add(evicted)
+        for h in room:
+            self._free(h)
         handle = self.backend.load_adapter(path)
         with self._lock:
             old, self._adapters[name] = self._adapters.pop(name, None), handle

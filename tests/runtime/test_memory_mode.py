@@ -73,3 +73,24 @@ def test_unavailable_device_falls_back_to_cpu_with_one_line(llama_bundle):
     assert provider in engine.device_note and "\n" not in engine.device_note
     np.testing.assert_allclose(engine.score(IDS), Engine.open(llama_bundle.root, device="cpu").score(IDS), atol=1e-6)
     assert Engine.open(llama_bundle.root).device_note is None  # auto never complains
+
+
+def test_cli_flags_reach_the_engine_and_the_fallback_is_one_line(llama_bundle):
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    from edgepeft.runtime.devices import ONNX_PROVIDERS
+
+    device = next(d for d, p in ONNX_PROVIDERS.items() if p and p[0] not in ort.get_available_providers())
+    out = subprocess.run([sys.executable, "-m", "edgepeft", "run", str(llama_bundle.root), "--device", device,
+                          "--max-context", "24", "--max-resident-adapters", "1", "--adapter", "qv", "--json",
+                          "--max-new-tokens", "100", "ab"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    notes = [line for line in out.stderr.splitlines() if line.startswith("edgepeft: device")]
+    assert len(notes) == 1 and "running on the CPU" in notes[0]
+    import json
+
+    result = json.loads(out.stdout)
+    assert result["prompt_tokens"] + len(result["tokens"]) <= 24  # the bounded context held
