@@ -1,4 +1,5 @@
-"""DoRA, IA3, bias tuning and embedding/lm_head LoRA on the ONNX backend, against PEFT."""
+"""DoRA, IA3, bias tuning and embedding/lm_head LoRA on the ONNX backend, against PEFT, switched in
+any order with prompt tuning, prefix tuning and plain LoRA on one Engine."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from edgepeft.errors import EngineError, UnsupportedAdapter
 from edgepeft.exporters import add_adapter, export_bundle
 from edgepeft.kinds import read_peft_adapter
 from edgepeft.runtime import Engine
-from factory import make_lora, reference_logits
+from factory import make_lora, make_prompt_adapter, reference_logits
 
 IDS = [5, 17, 99, 3, 42, 250, 7, 61]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -42,6 +43,9 @@ def adapters_for(base, root, arch):
                            target_modules=["q_proj", "k_proj", "up_proj"]),
         "lora": make_lora(base, root / "lora", seed=15, r=8, lora_alpha=16, target_modules=ALL7),
     }
+    # the prompt-learning kinds on the same Engine (KV-cache prefixes, see test_prompt_kinds.py)
+    ads["prompt"] = make_prompt_adapter(base, root / "prompt", "PROMPT_TUNING", seed=17, num_virtual_tokens=4)
+    ads["prefix"] = make_prompt_adapter(base, root / "prefix", "PREFIX_TUNING", seed=18, num_virtual_tokens=3)
     if arch == "qwen2":  # q/k/v have biases: BitFit-style bias tuning trains them
         ads["bitfit"] = make_peft(base, root / "bitfit", LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
                                                                     bias="all"), 16, ("lora_", ".bias"))
@@ -56,9 +60,11 @@ def test_kinds_match_peft_and_switch_in_any_order(arch, tiny_llama, tiny_qwen2, 
     assert bundle.backends["onnx"]["slot_set"] == "full"  # chosen because DoRA/IA3/biases need it
     assert {a["kind"] for a in bundle.adapters.values()} >= {"dora", "ia3", "lora"}
     engine = Engine.open(bundle.root)
-    want = {name: reference_logits(base, path, IDS) for name, path in ads.items()}
+    # PEFT's prompt tuning also returns logits for its virtual tokens: keep the real tokens' rows
+    want = {name: reference_logits(base, path, IDS)[-len(IDS):] for name, path in ads.items()}
     want[None] = reference_logits(base, None, IDS)
-    order = ["dora", None, "ia3", "emb", "dora", "lbias", "lora", "ia3", None, *(["bitfit", "dora"] if arch == "qwen2" else [])]
+    order = ["dora", None, "ia3", "prompt", "emb", "dora", "prefix", "lbias", "lora", "ia3", "prompt", None,
+             *(["bitfit", "prefix", "dora"] if arch == "qwen2" else [])]
     for name in order:
         got = engine.score(IDS, adapter=name)
         err = np.abs(got - want[name]).max()
