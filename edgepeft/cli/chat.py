@@ -1,5 +1,5 @@
-"""Interactive chat with a bundle. Commands: /adapter NAME (or /adapter none) switches the adapter
-without reloading the base, /adapters lists them, /reset clears the history, /exit quits."""
+"""Interactive chat with a bundle. Commands: /adapter NAME (or /adapter none, or /adapter a+b for
+plain LoRAs together) switches the adapter without reloading the base, /adapters lists them, /reset clears the history, /exit quits."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def run(args) -> int:
 
     engine = open_engine(args)
     adapter, history = args.adapter, []
-    if adapter is not None and adapter not in engine.adapters:
-        raise EdgepeftError(f"no adapter named {adapter!r} (have: {', '.join(engine.adapters) or 'none'})")
+    missing = [n for n in (adapter.split("+") if adapter else []) if n not in engine.adapters]
+    if missing:
+        raise EdgepeftError(f"no adapter named {missing[0]!r} (have: {', '.join(engine.adapters) or 'none'})")
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"edgepeft chat: {engine.bundle.root} on {args.backend}; adapters: "
@@ -47,8 +48,9 @@ def run(args) -> int:
             name = line[len("/adapter"):].strip()
             if name in ("", "none", "base"):
                 adapter = None
-            elif name not in engine.adapters:
-                print(f"no adapter named {name!r} (have: {', '.join(engine.adapters) or 'none'})")
+            elif any(n not in engine.adapters for n in name.split("+")):
+                unknown = next(n for n in name.split("+") if n not in engine.adapters)
+                print(f"no adapter named {unknown!r} (have: {', '.join(engine.adapters) or 'none'})")
                 continue
             else:
                 adapter = name
