@@ -5,8 +5,8 @@
 
 Each engine runs in its own process, one after the other, with the same prompt, the same number
 of threads and exactly --new-tokens greedy tokens (EOS ignored):
-  edgepeft onnx   int4 ONNX bundle (builtin:smollm2-135m + shipped adapters; down_proj and
-                  lm_head at 8 bits), and int4-pure (every MatMul at 4 bits, like genai's int4)
+  edgepeft onnx   int4 ONNX bundle (builtin:smollm2-135m + shipped adapters; qkv, down_proj
+                  and lm_head at 8 bits), and int4-pure (every MatMul at 4 bits, like genai's int4)
   edgepeft gguf   Q4_K_M GGUF from the same bundle
   llama-cpp-python  the same GGUF files through llama_cpp.Llama (adapter = reload with lora_path)
   onnxruntime-genai its own int4 build of the same base (python -m onnxruntime_genai.models.builder),

@@ -16,12 +16,15 @@ WEIGHT_ONLY = ("int4", "int4-pure", "int8")
 
 
 # int4 keeps the tensors quantization hurts most at 8 bits, as llama.cpp's Q4_K_M keeps some at 6:
-# the MLP down projection and the output head (v_proj, the third one Q4_K_M widens, is packed
-# with q and k into one MatMul). On SmolLM2 with the demo adapters (40 held-out prompts each),
-# int4-pure (every MatMul at 4 bits, what onnxruntime-genai's int4 does) scored 90% on `upper`
-# where PyTorch scores 100%; 8-bit down_proj alone or lm_head alone also gave 90%; both give
-# 100% (json 87.5%, sentiment 100%), at ~15% lower decode speed than int4-pure.
-SENSITIVE = ("down_proj/MatMul", "/lm_head/MatMul")
+# the packed q/k/v projection (v_proj is one Q4_K_M widens), the MLP down projection and the
+# output head. Measured on SmolLM2-135M (`edgepeft verify`, 7 chat prompts; 40 held-out prompts
+# per demo adapter):
+#   int4-pure (every MatMul at 4 bits, as onnxruntime-genai's int4): upper task 90% where
+#     PyTorch scores 100% (json 77.5%, sentiment 95%);
+#   down_proj + lm_head at 8 bits: tasks json 87.5%, sentiment 100%, upper 100%; base KL 0.44,
+#     top-1 72.6% against PyTorch;
+#   + qkv at 8 bits (this mix): base KL 0.235, top-1 80.8%, ~3.5% slower decode than without.
+SENSITIVE = ("qkv_proj/MatMul", "down_proj/MatMul", "/lm_head/MatMul")
 
 
 def quantize(proto, quant: str, lora_nodes: list[str], block_size: int = 32, accuracy_level: int = 4):

@@ -50,7 +50,8 @@ def test_int4_base_uses_matmulnbits_and_keeps_adapter_slots_float(trained, tmp_p
     nbits = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert len(nbits) == 2 * 4 + 1  # per layer qkv, o, gate_up, down (packed); and the lm_head
     eight = sorted(name for name, a in nbits.items() if a["bits"] == 8)
-    assert eight == sorted(["/lm_head/MatMul_Q8"] + [f"/model.layers.{i}.mlp/down_proj/MatMul_Q8" for i in range(2)])
+    assert eight == sorted(["/lm_head/MatMul_Q8"] + [f"/model.layers.{i}.{m}/MatMul_Q8" for i in range(2)
+                                                      for m in ("self_attn/qkv_proj", "mlp/down_proj")])
     assert all(a["bits"] == 4 for name, a in nbits.items() if name not in eight)
     assert all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in nbits.values())
     slot_inits = [i for i in model.graph.initializer if i.name.startswith("lora.")]
