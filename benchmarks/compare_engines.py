@@ -200,7 +200,10 @@ def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_qua
     try:
         b = Bundle.open(out)
         onnx = b.backends.get("onnx", {})
-        current = "slot_set" in onnx  # bundles from before the current graph layout are rebuilt
+        from edgepeft.exporters.onnx_quant import SENSITIVE
+
+        # bundles from before the current graph layout or int4 mix are rebuilt
+        current = "slot_set" in onnx and (onnx_quant != "int4" or onnx.get("eight_bit") == list(SENSITIVE))
         if set(b.adapters) == set(adapters) and onnx.get("quant") == onnx_quant and current:
             return b
     except EdgepeftError:

@@ -20,7 +20,7 @@ from .gguf_adapter import export_adapter_gguf
 from .gguf_base import gguf_ftype, quantize_gguf, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
 from .onnx_graph import build_decoder
-from .onnx_quant import ONNX_QUANTS, WEIGHT_ONLY, quantize
+from .onnx_quant import ONNX_QUANTS, SENSITIVE, WEIGHT_ONLY, quantize
 
 FORMATS = ("onnx", "gguf")
 
@@ -230,6 +230,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                     "model": "onnx/model.onnx", "quant": onnx_quant,
                     **({"block_size": block_size, "accuracy_level": accuracy_level}
                        if onnx_quant in WEIGHT_ONLY else {}),
+                    **({"eight_bit": list(SENSITIVE)} if onnx_quant == "int4" else {}),
                     "dtype": info["dtype"], "context_length": info["context_length"],
                     "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
                 }
