@@ -13,7 +13,7 @@ from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, re
 from edgepeft.files import DIR_MODE, TMP_PREFIX
 from edgepeft.peft_config import read_checked_adapter
 from edgepeft.recovery import recover, writer_lock
-from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, read_peft_adapter
+from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needs_full_slots
 
 from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir
 from .gguf_adapter import export_adapter_gguf
@@ -96,11 +96,6 @@ def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
             hint = (f"; use --merge {name}" + (f", or the {others[0]} backend" if others else "") if how == "merge"
                     else f"; it runs on the {others[0]} backend (--format {others[0]})" if others else "")
             raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({feature}) cannot be hot-swapped on {backend}{hint}")
-
-
-def needs_full_slots(spec: AdapterSpec) -> bool:
-    """Whether `spec` needs the ONNX base's scale and bias slots (--slots full)."""
-    return spec.kind in ("dora", "ia3") or "bias" in features(spec)
 
 
 def _check_mergeable(spec: AdapterSpec, name: str) -> None:
@@ -196,8 +191,9 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
         progress.done()
         merged = None
         if merge is not None:
-            merged = {"name": merge, **specs.pop(merge).summary(), "source": str(Path(adapters[merge]))}
-            _merge(base_model, read_peft_adapter(adapters[merge]))
+            spec = specs.pop(merge)
+            merged = {"name": merge, **spec.summary(), "source": str(Path(adapters[merge]))}
+            _merge(base_model, spec)
         with _staging_dir(out) as tmp:
             tokenizer = copy_tokenizer(base_model, tmp)
             manifest = new_manifest(

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgepeft.errors import AdapterMismatch, UnsupportedAdapter, require
 from edgepeft.files import atomic_path
-from edgepeft.kinds import AdapterSpec
+from edgepeft.kinds import AdapterSpec, needs_full_slots
 from edgepeft.kinds.spec import ScaleModule
 from edgepeft.runtime_contract import fingerprint_version
 
@@ -62,8 +62,7 @@ def adapter_tensors(spec: AdapterSpec, onnx_info: dict, base=None) -> dict[str, 
             )
         return owner[name]
 
-    has_lora_bias = any(getattr(m, "bias", None) is not None for m in spec.modules.values())
-    if spec.kind in ("dora", "ia3") or spec.biases or has_lora_bias:
+    if needs_full_slots(spec):
         if not all("scale_out" in s for s in slots if not s.get("embedding")):
             what = "bias tuning" if spec.kind == "lora" else spec.kind.upper() if spec.kind == "ia3" else "DoRA"
             raise UnsupportedAdapter(

@@ -126,29 +126,23 @@ class Engine:
         # Make room first, so that at most max_resident adapters are ever in memory at once
         # (calls that still use an evicted one keep it until they end).
         with self._lock:
-            room = []
-            if self.max_resident is not None and name not in self._adapters:
-                while len(self._adapters) >= self.max_resident:
-                    evicted = next(iter(self._adapters))
-                    room.append(self._adapters.pop(evicted))
-                    if evicted in self.bundle.adapters:
-                        self._lazy.add(evicted)
+            room = self._evict(keep=name, room=1) if name not in self._adapters else []
         for h in room:
             self._free(h)
         handle = self.backend.load_adapter(path)
         with self._lock:
             old, self._adapters[name] = self._adapters.pop(name, None), handle
             self._lazy.discard(name)
-            evicted = self._evict(keep=name)
+            evicted = self._evict(keep=name)  # another thread may have loaded one meanwhile
         for h in ([old] if old is not None else []) + evicted:
             self._free(h)
         return handle
 
-    def _evict(self, keep: str) -> list:
-        """Handles beyond the resident bound, least recently used first (caller holds the lock);
-        bundle adapters stay loadable on next use."""
+    def _evict(self, keep: str, room: int = 0) -> list:
+        """Pop least recently used handles (never `keep`) until `room` more fit under the
+        resident bound; caller holds the lock. Bundle adapters stay loadable on next use."""
         out = []
-        while self.max_resident is not None and len(self._adapters) > self.max_resident:
+        while self.max_resident is not None and len(self._adapters) > self.max_resident - room:
             name = next(n for n in self._adapters if n != keep)
             out.append(self._adapters.pop(name))
             if name in self.bundle.adapters:

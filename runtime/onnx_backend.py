@@ -219,7 +219,7 @@ class _Sequence:
 
     def __init__(self, backend: OnnxBackend, adapter: OnnxAdapter | None, max_len: int):
         ort, b = backend.ort, backend
-        self.backend, self.max_len, self.length = backend, max_len, 0
+        self.backend, self.max_len = backend, max_len
         self.io = b.session.io_binding()
         if adapter is not None:
             backend.bind_adapter(self.io, adapter)

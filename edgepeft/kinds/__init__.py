@@ -73,9 +73,14 @@ def features(spec: AdapterSpec) -> list[str]:
     return rows
 
 
+def needs_full_slots(spec: AdapterSpec) -> bool:
+    """Whether `spec` needs the ONNX base's scale and bias slots (export --slots full)."""
+    return spec.kind in ("dora", "ia3") or "bias" in features(spec)
+
+
 def support_table() -> list[dict[str, str]]:
     """The kind x backend table as rows, for `inspect` and docs."""
     return [{"kind": k, **row} for k, row in SUPPORT.items()]
 
 
-__all__ = ["AdapterSpec", "KINDS", "SUPPORT", "features", "read_peft_adapter", "support_table"]
+__all__ = ["AdapterSpec", "KINDS", "SUPPORT", "features", "needs_full_slots", "read_peft_adapter", "support_table"]
