@@ -42,8 +42,8 @@ def adapter_tensors(spec: AdapterSpec, onnx_info: dict, base=None) -> dict[str, 
     """The slot tensors for `spec` on a base whose ONNX slots are `onnx_info['slots']`.
 
     A slot packs several linear layers that share an input (q/k/v, gate/up); the adapter's
-    LoRA modules in it become A = [A_1 | A_2 ...] (ranks concatenated) and a block-diagonal B, so
-    x A B = [x A_1 B_1, x A_2 B_2, ...] lands in each layer's columns and zeros elsewhere.
+    LoRA modules in it become one batched A/B pair (see _batched), so that the slot computes
+    [x A_1 B_1, x A_2 B_2, ...] in the group's output columns.
     With the base's full slot set, each group also has an output scale, a bias and (down_proj)
     an input scale: DoRA's magnitude / row-norm term (computed here, from the base weights), IA3's
     vectors and trained biases go there. `base` (BaseModel or a loader) is needed for DoRA and for
@@ -129,18 +129,44 @@ def adapter_tensors(spec: AdapterSpec, onnx_info: dict, base=None) -> dict[str, 
     for members in grouped.values():
         slot = members[0][0]
         members.sort(key=lambda m: m[1]["offset"])
-        rank = sum(mod.rank for _, _, mod in members)
-        a = np.zeros((slot["in"], rank), np.float32)
-        b = np.zeros((rank, slot["out"]), np.float32)
-        r0 = 0
-        for _, part, mod in members:
-            a[:, r0:r0 + mod.rank] = mod.a.T
-            b[r0:r0 + mod.rank, part["offset"]:part["offset"] + part["out"]] = (mod.b * np.float32(mod.scale)).T
-            r0 += mod.rank
+        a, b = (_batched if "chunk" in slot else _block_diagonal)(slot, members)
         out[slot["A"]] = a.astype(dtype)
         out[slot["B"]] = b.astype(dtype)
     out.update({name: v.astype(dtype) for name, v in vectors.items()})
     return out
+
+
+def _batched(slot: dict, members: list) -> tuple[np.ndarray, np.ndarray]:
+    """A [parts, in, r] and B [chunks, r, chunk] of a packed group's batched slot (see
+    onnx_graph.linear): part p's A_p in A[p], and its B_p cut into the chunks that read part p.
+    r is the largest member rank; a smaller rank, or a member the adapter leaves out, is zeros."""
+    parts = [p["module"] for p in _parts(slot)]
+    chunk, chunks = slot["chunk"], slot["chunks"]
+    rank = max(mod.rank for _, _, mod in members)
+    a = np.zeros((len(parts), slot["in"], rank), np.float32)
+    b = np.zeros((len(chunks), rank, chunk), np.float32)
+    for _, part, mod in members:
+        p = parts.index(part["module"])
+        a[p, :, :mod.rank] = mod.a.T
+        bt = (mod.b * np.float32(mod.scale)).T  # [rank, out of this member]
+        for j, c in enumerate(c for c, q in enumerate(chunks) if q == p):
+            b[c, :mod.rank] = bt[:, j * chunk:(j + 1) * chunk]
+    return a, b
+
+
+def _block_diagonal(slot: dict, members: list) -> tuple[np.ndarray, np.ndarray]:
+    """A = [A_1 | A_2 ...] (ranks concatenated) [in, r] and a block-diagonal B [r, out]: the
+    layout of single-module slots, and of packed slots in bundles exported before batched slots
+    (their manifest slots have no "chunk")."""
+    rank = sum(mod.rank for _, _, mod in members)
+    a = np.zeros((slot["in"], rank), np.float32)
+    b = np.zeros((rank, slot["out"]), np.float32)
+    r0 = 0
+    for _, part, mod in members:
+        a[:, r0:r0 + mod.rank] = mod.a.T
+        b[r0:r0 + mod.rank, part["offset"]:part["offset"] + part["out"]] = (mod.b * np.float32(mod.scale)).T
+        r0 += mod.rank
+    return a, b
 
 
 def export_adapter_onnx(spec: AdapterSpec, onnx_info: dict, fingerprint: str, dest: Path, base=None) -> None:

@@ -113,12 +113,14 @@ class OnnxBackend:
             fixed = [(i, d) for i, d in enumerate(shape) if isinstance(d, int)]
             if len(got) != len(shape) or any(got[i] != d for i, d in fixed) or value.data_type() != want:
                 raise AdapterMismatch(f"{path}: parameter {name!r} is {value.data_type()}{got}, slot is {shape}")
+        # The rank is A's last axis and B's second last: A [in, r], B [r, out] for one module;
+        # A [parts, in, r], B [chunks, r, chunk] for a packed group (see exporters/onnx_graph.py).
         for a_name in [n for n in params if n.endswith(".A")]:
-            if params[a_name].shape()[1] > 3 * MAX_RANK:  # a packed slot holds up to 3 modules (q/k/v)
-                raise AdapterMismatch(f"{path}: slot {a_name[:-2]} has rank {params[a_name].shape()[1]}, over the "
-                                      f"limit of {3 * MAX_RANK}")
+            rank = params[a_name].shape()[-1]
+            if rank > 3 * MAX_RANK:  # bundles from before batched slots concatenate up to 3 modules' ranks
+                raise AdapterMismatch(f"{path}: slot {a_name[:-2]} has rank {rank}, over the limit of {3 * MAX_RANK}")
             b_name = a_name[:-2] + ".B"
-            if b_name not in params or params[a_name].shape()[1] != params[b_name].shape()[0]:
+            if b_name not in params or rank != params[b_name].shape()[-2]:
                 raise AdapterMismatch(f"{path}: slot {a_name[:-2]} has mismatched A/B ranks")
         return OnnxAdapter(path=path, params=params, keepalive=fmt, prefix=prefix)
 
@@ -163,7 +165,7 @@ class OnnxBackend:
     def combine(self, adapters: list[OnnxAdapter], names: list[str]) -> OnnxAdapter:
         """Several LoRA adapters active together, as PEFT's multiple active LoRA adapters: their
         updates add up, which in each slot is A = [A_1 | A_2], B = [B_1; B_2] (ranks
-        concatenated). Only plain LoRA slots combine: prefixes, scales and biases do not add up."""
+        concatenated; per part and chunk in a batched slot). Only plain LoRA slots combine: prefixes, scales and biases do not add up."""
         for adapter, name in zip(adapters, names):
             if adapter.prefix:
                 raise EngineError(f"adapter {name!r} adds virtual tokens; PEFT cannot activate it together with "
@@ -178,10 +180,10 @@ class OnnxBackend:
                 arrays.setdefault(pname, []).append(value.numpy())
         combined = {}
         for pname, parts in arrays.items():
-            if pname.endswith(".A"):
+            if pname.endswith(".A"):  # the rank is A's last axis, B's second last (batched slots too)
                 b_parts = arrays[pname[:-2] + ".B"]
-                combined[pname] = np.ascontiguousarray(np.concatenate(parts, axis=1))
-                combined[pname[:-2] + ".B"] = np.ascontiguousarray(np.concatenate(b_parts, axis=0))
+                combined[pname] = np.ascontiguousarray(np.concatenate(parts, axis=-1))
+                combined[pname[:-2] + ".B"] = np.ascontiguousarray(np.concatenate(b_parts, axis=-2))
         params = {n: self.ort.OrtValue.ortvalue_from_numpy(a) for n, a in combined.items()}
         return OnnxAdapter(path=Path("+".join(names)), params=params, keepalive=combined)
 

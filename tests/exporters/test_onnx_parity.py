@@ -15,7 +15,9 @@ PROMPT = "the quick brown fox jumps over the lazy dog, then rests"
 def qwen2_adapters(tiny_qwen2, tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen2_adapters")
     return {
-        "qkv": make_lora(tiny_qwen2, root / "qkv", seed=4, r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"]),
+        # members of one packed slot with different ranks (the smaller padded with zeros)
+        "qkv": make_lora(tiny_qwen2, root / "qkv", seed=4, r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"],
+                         rank_pattern={"k_proj": 2, "v_proj": 6}),
         "mlp": make_lora(tiny_qwen2, root / "mlp", seed=5, r=16, lora_alpha=8, use_rslora=True,
                          target_modules=["gate_proj", "up_proj", "down_proj"]),
     }
