@@ -79,6 +79,7 @@ class OnnxBackend:
         self.device = "cuda" if choice.device in ("cuda", "tensorrt") else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = _ORT_TYPES[inputs["past_key_values.0.key"].type]
+        self.vocab_size = int(next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1])
         # Slots have defaults (rank-0 LoRA pairs, ones for scales, the base bias), so onnxruntime
         # lists them as overridable initializers.
         self.slots = {i.name: i.shape for i in self.session.get_overridable_initializers()
@@ -225,7 +226,8 @@ class _Sequence:
         self.io = b.session.io_binding()
         if adapter is not None:
             backend.bind_adapter(self.io, adapter)
-        self.io.bind_output("logits", b.device)
+        step = np.empty((1, 1, b.vocab_size), b.dtype)
+        self.step_logits = (step, ort.OrtValue.ortvalue_from_numpy(step))
         self.kv, self.host_kv = [], []
         shape = [1, b.kv_heads, max_len, b.head_dim]
         prefix = adapter.prefix if adapter is not None else []
@@ -253,11 +255,12 @@ class _Sequence:
         return self
 
     def __exit__(self, *exc):
-        self.io = self.kv = self.host_kv = None  # release the KV buffers now, not at garbage collection
+        self.io = self.kv = self.host_kv = self.step_logits = None  # release the buffers now, not at garbage collection
 
     def forward(self, ids, all_logits: bool = True) -> np.ndarray:
         """Run `ids` after what is cached; return logits [len(ids), vocab] as float32 (the graph
-        computes every position, so all_logits changes nothing here)."""
+        computes every position, so all_logits changes nothing here). A one-token call's logits
+        are overwritten by the next one-token call: use them before stepping again."""
         n = len(ids)
         if n == 0:
             raise EngineError("empty input: nothing to run")
@@ -265,8 +268,16 @@ class _Sequence:
             raise EngineError(f"sequence of {self.length + n} tokens exceeds the buffer of {self.max_len}")
         self.io.bind_cpu_input("input_ids", np.asarray(ids, np.int64).reshape(1, n))
         self.io.bind_cpu_input("attention_mask", self.mask[:, : self.length + n])
-        # Unallocated each run: the logits' shape follows the input length (prefill vs decode).
-        self.io.bind_output("logits", self.backend.device)
+        # Logits land in a host array this call owns (onnxruntime copies them there from a GPU),
+        # one reused for every decode step. Reading it directly, not through io.get_outputs(),
+        # matters: that wraps all 2*layers+1 outputs in Python objects each call, ~200 us a
+        # token on SmolLM2 (3-4% of decode time).
+        if n == 1:
+            logits, value = self.step_logits
+        else:
+            logits = np.empty((1, n, self.backend.vocab_size), self.backend.dtype)
+            value = self.backend.ort.OrtValue.ortvalue_from_numpy(logits)
+        self.io.bind_ortvalue_output("logits", value)
         self.backend.session.run_with_iobinding(self.io)
         self.length += n
-        return self.io.get_outputs()[0].numpy()[0].astype(np.float32, copy=False)
+        return logits[0].astype(np.float32, copy=False)
