@@ -203,7 +203,8 @@ def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_qua
         from edgepeft.exporters.onnx_quant import SENSITIVE
 
         # bundles from before the current graph layout or int4 mix are rebuilt
-        current = "slot_set" in onnx and (onnx_quant != "int4" or onnx.get("eight_bit") == list(SENSITIVE))
+        current = ("slot_set" in onnx and (onnx_quant != "int4" or onnx.get("eight_bit") == list(SENSITIVE))
+                   and all("chunk" in s for s in onnx.get("slots", []) if len(s.get("parts", [])) > 1))
         if set(b.adapters) == set(adapters) and onnx.get("quant") == onnx_quant and current:
             return b
     except EdgepeftError:
