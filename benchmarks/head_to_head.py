@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Decode speed of our ONNX backend against onnxruntime-genai, interleaved in time.
+
+    python benchmarks/head_to_head.py --genai-python PATH [--rounds 10] [--threads 2]
+
+compare_engines.py runs each engine in its own process one after the other, so on a shared
+machine an engine can land in a slow minute and another in a fast one (onnxruntime-genai alone
+has read 188 to 261 tok/s across sittings here). This script keeps one process per engine too,
+but starts them all, then asks each in turn for one 128-token greedy generation, round after
+round: drift hits every engine alike, and the per-round ratio to onnxruntime-genai is the figure
+to trust. Our workers also run the rank-16 all-projection adapter after each base run, for the
+with-adapter / base ratio. Uses the bench bundles and genai build that compare_engines.py made
+in --work (run it first). Writes benchmarks/results/head_to_head.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from compare_engines import PROMPT, RESULTS  # noqa: E402
+
+OURS = """
+import json, sys
+from edgepeft.runtime import Engine
+engine = Engine.open({bundle!r}, backend="onnx", threads={threads})
+prompt = [{{"role": "user", "content": {prompt!r}}}]
+def rate(adapter):
+    c = engine.complete(prompt, adapter=adapter, max_new_tokens={n}, ignore_eos=True, chat=True)
+    return c.timings["decode_tokens_per_s"] if "decode_tokens_per_s" in c.timings else (c.timings["decode_tokens"] - 1) / c.timings["decode_s"]
+rate(None); rate("r16-all7")  # warm-up
+print("ready", flush=True)
+for line in sys.stdin:
+    print(json.dumps({{"base": rate(None), "r16-all7": rate("r16-all7")}}), flush=True)
+"""
+
+GENAI = """
+import json, sys, time
+import onnxruntime_genai as og
+model = og.Model({model!r})
+tok = og.Tokenizer(model)
+ids = tok.encode(tok.apply_chat_template(json.dumps([{{"role": "user", "content": {prompt!r}}}]), add_generation_prompt=True))
+def rate():
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + {n}, min_length=len(ids) + {n}, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    t1 = time.perf_counter(); count = 1
+    while not gen.is_done():
+        gen.generate_next_token(); count += 1
+    return (count - 1) / (time.perf_counter() - t1)
+rate()  # warm-up
+print("ready", flush=True)
+for line in sys.stdin:
+    print(json.dumps({{"base": rate()}}), flush=True)
+"""
+
+
+def start(python: str, code: str) -> subprocess.Popen:
+    p = subprocess.Popen([python, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = p.stdout.readline().strip()
+    if line != "ready":
+        p.kill()
+        raise SystemExit(f"head_to_head: a worker failed to start ({python}); run compare_engines.py first")
+    return p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--genai-python", default=os.environ.get("GENAI_PYTHON"), required=not os.environ.get("GENAI_PYTHON"))
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "edgepeft" / "bench"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    common = {"threads": args.threads, "prompt": PROMPT, "n": args.new_tokens}
+    workers = {
+        "edgepeft onnx int4": start(sys.executable, OURS.format(bundle=str(work / "smollm2-135m-bench-int4"), **common)),
+        "edgepeft onnx int4-pure": start(sys.executable, OURS.format(bundle=str(work / "smollm2-135m-bench-int4-pure"),
+                                                                     **common)),
+        "onnxruntime-genai int4": start(args.genai_python, GENAI.format(model=str(work / "genai-int4"), **common)),
+    }
+    rounds: list[dict] = []
+    names = list(workers)
+    for r in range(args.rounds):
+        got = {}
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+            workers[name].stdin.write("go\n")
+            workers[name].stdin.flush()
+            got[name] = json.loads(workers[name].stdout.readline())
+        rounds.append(got)
+    for p in workers.values():
+        p.stdin.close()
+        p.wait()
+
+    genai = [g["onnxruntime-genai int4"]["base"] for g in rounds]
+    summary = {}
+    for name in names:
+        base = [g[name]["base"] for g in rounds]
+        row = {"base_median": statistics.median(base),
+               "vs_genai_median": statistics.median(b / x for b, x in zip(base, genai))}
+        if "r16-all7" in rounds[0][name]:
+            ad = [g[name]["r16-all7"] for g in rounds]
+            row.update(r16_median=statistics.median(ad),
+                       r16_over_base_median=statistics.median(a / b for a, b in zip(ad, base)))
+        summary[name] = row
+    results = {"command": " ".join(["python", "benchmarks/head_to_head.py", *sys.argv[1:]]).replace(
+                   args.genai_python, "GENAI_VENV/bin/python"),
+               "when": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpus": os.cpu_count(),
+               "threads": args.threads, "new_tokens": args.new_tokens, "rounds": rounds, "summary": summary}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "head_to_head.json").write_text(json.dumps(results, indent=2))
+    lines = [
+        "# ONNX backend against onnxruntime-genai, interleaved",
+        "",
+        f"- when: {results['when']}; machine: {results['machine']}, {results['cpus']} CPUs",
+        f"- command: `{results['command']}`",
+        f"- one process per engine, all started first; then {args.rounds} rounds, each asking every engine in "
+        f"turn for one {args.new_tokens}-token greedy generation (EOS ignored), {args.threads} threads; our "
+        "workers run the rank-16 all-projection adapter right after each base run",
+        "- ratios are taken within a round, then the median over rounds",
+        "",
+        "| engine | decode tok/s, base (median) | base / onnxruntime-genai (median of per-round ratios) "
+        "| with r16-all7 adapter (median) | adapter / base (median of per-round ratios) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in summary.items():
+        r16 = (f"{row['r16_median']:.1f} | {row['r16_over_base_median']:.2f}" if "r16_median" in row else "– | –")
+        lines.append(f"| {name} | {row['base_median']:.1f} | {row['vs_genai_median']:.2f} | {r16} |")
+    (RESULTS / "head_to_head.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
