@@ -6,7 +6,8 @@
 Each engine runs in its own process, one after the other, with the same prompt, the same number
 of threads and exactly --new-tokens greedy tokens (EOS ignored):
   edgepeft onnx   int4 ONNX bundle (builtin:smollm2-135m + shipped adapters; qkv, down_proj
-                  and lm_head at 8 bits), and int4-pure (every MatMul at 4 bits, like genai's int4)
+                  and lm_head at 8 bits), int4-pure (every MatMul at 4 bits, like genai's int4),
+                  and int4-pure with --slots none (no adapter slots, as a --merge export has)
   edgepeft gguf   Q4_K_M GGUF from the same bundle
   llama-cpp-python  the same GGUF files through llama_cpp.Llama (adapter = reload with lora_path)
   onnxruntime-genai its own int4 build of the same base (python -m onnxruntime_genai.models.builder),
@@ -187,16 +188,18 @@ def r16_all_adapter(base_dir: Path, out: Path) -> Path:
     return out
 
 
-def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_quant: str, formats: str):
-    """The demo bundle's content plus the rank-16 all-projection adapter, at `onnx_quant`.
-    Reused when it exists with the same adapters, precision and graph layout."""
+def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_quant: str, formats: str,
+                 slots: str | None = None):
+    """The demo bundle's content plus the rank-16 all-projection adapter, at `onnx_quant`; with
+    slots="none", the base alone without adapter slots (what --merge exports). Reused when it
+    exists with the same adapters, precision and graph layout."""
     from edgepeft.bundle import Bundle
     from edgepeft.cli.demo import BASE, QUANTS
     from edgepeft.errors import EdgepeftError
     from edgepeft.exporters import export_bundle
 
-    adapters = {**adapters, "r16-all7": r16_all_adapter(base_dir, work / "r16-all7")}
-    out = work / f"smollm2-135m-bench-{onnx_quant}"
+    adapters = {} if slots == "none" else {**adapters, "r16-all7": r16_all_adapter(base_dir, work / "r16-all7")}
+    out = work / f"smollm2-135m-bench-{onnx_quant}{'-noslots' if slots == 'none' else ''}"
     try:
         b = Bundle.open(out)
         onnx = b.backends.get("onnx", {})
@@ -210,7 +213,7 @@ def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_qua
     except EdgepeftError:
         pass
     return export_bundle(BASE, out, {n: str(p) for n, p in adapters.items()}, formats=formats,
-                         onnx_quant=onnx_quant, gguf_quant=QUANTS["gguf"], quiet=True)
+                         onnx_quant=onnx_quant, gguf_quant=QUANTS["gguf"], quiet=True, slots=slots)
 
 
 def versions(results: dict) -> str:
@@ -232,7 +235,7 @@ def table(results: dict) -> list[str]:
         base = r.get("base", r)
         ads = r.get("adapters", {})
         ad_rates = sorted(a["decode_tokens_per_s"] for a in ads.values())
-        ad_rate = f"{ad_rates[len(ad_rates) // 2]:.1f}" if ad_rates else "n/a (no adapter API)"
+        ad_rate = f"{ad_rates[len(ad_rates) // 2]:.1f}" if ad_rates else r.get("no_adapters", "n/a (no adapter API)")
         sw = sorted(a.get("switch_ms_median", a.get("switch_ms")) for a in ads.values())
         switch = f"{sw[len(sw) // 2]:.4f} ms" if sw else "n/a"
         if ads and "switch_is" in next(iter(ads.values())):
@@ -295,6 +298,7 @@ def main() -> None:
     base_dir = materialize("builtin:smollm2-135m")
     bundle = bench_bundle(work, base_dir, adapters, "int4", "onnx,gguf")
     pure = bench_bundle(work, base_dir, adapters, "int4-pure", "onnx")
+    noslots = bench_bundle(work, base_dir, adapters, "int4-pure", "onnx", slots="none")
     adapters = {n: Path(a["source"]) for n, a in bundle.adapters.items()}
     size = lambda rel: f"{bundle.file(rel).stat().st_size / 2**20:.0f} MiB"  # noqa: E731
     onnx_files = sum(bundle.file(r).stat().st_size for r in bundle.manifest["files"] if r.startswith("onnx/"))
@@ -309,6 +313,10 @@ def main() -> None:
     pure_files = sum(pure.file(r).stat().st_size for r in pure.manifest["files"] if r.startswith("onnx/"))
     e["edgepeft onnx int4-pure"] = {**ours(pure.root, "onnx", args.threads, args.runs, args.new_tokens),
                                     "file": f"{pure_files / 2**20:.0f} MiB"}
+    e["edgepeft onnx int4-pure, --slots none"] = {
+        **ours(noslots.root, "onnx", args.threads, args.runs, args.new_tokens),
+        "file": f"{sum(noslots.file(r).stat().st_size for r in noslots.manifest['files'] if r.startswith('onnx/')) / 2**20:.0f} MiB",
+        "no_adapters": "n/a (no slots: merged-only base)"}
     e["edgepeft gguf Q4_K_M"] = {**ours(bundle.root, "gguf", args.threads, args.runs, args.new_tokens),
                                  "file": size(bundle.backends["gguf"]["model"])}
     e["llama-cpp-python Q4_K_M"] = {**llama_cpp_direct(bundle.root, args.threads, args.runs, args.new_tokens),

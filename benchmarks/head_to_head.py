@@ -9,7 +9,8 @@ has read 188 to 261 tok/s across sittings here). This script keeps one process p
 but starts them all, then asks each in turn for one 128-token greedy generation, round after
 round: drift hits every engine alike, and the per-round ratio to onnxruntime-genai is the figure
 to trust. Our workers also run the rank-16 all-projection adapter after each base run, for the
-with-adapter / base ratio. Uses the bench bundles and genai build that compare_engines.py made
+with-adapter / base ratio; the "--slots none" worker (a base without adapter slots, as --merge
+exports) shows what the slots cost. Uses the bench bundles and genai build that compare_engines.py made
 in --work (run it first). Writes benchmarks/results/head_to_head.{md,json}.
 """
 
@@ -35,13 +36,14 @@ import json, sys
 from edgepeft.runtime import Engine
 engine = Engine.open({bundle!r}, backend="onnx", threads={threads})
 prompt = [{{"role": "user", "content": {prompt!r}}}]
+adapters = [a for a in ("r16-all7",) if a in engine.adapters]
 def rate(adapter):
     c = engine.complete(prompt, adapter=adapter, max_new_tokens={n}, ignore_eos=True, chat=True)
-    return c.timings["decode_tokens_per_s"] if "decode_tokens_per_s" in c.timings else (c.timings["decode_tokens"] - 1) / c.timings["decode_s"]
-rate(None); rate("r16-all7")  # warm-up
+    return c.timings["decode_tokens_per_s"]
+for a in [None, *adapters]: rate(a)  # warm-up
 print("ready", flush=True)
 for line in sys.stdin:
-    print(json.dumps({{"base": rate(None), "r16-all7": rate("r16-all7")}}), flush=True)
+    print(json.dumps({{"base": rate(None), **{{a: rate(a) for a in adapters}}}}), flush=True)
 """
 
 GENAI = """
@@ -91,6 +93,8 @@ def main() -> None:
         "edgepeft onnx int4": start(sys.executable, OURS.format(bundle=str(work / "smollm2-135m-bench-int4"), **common)),
         "edgepeft onnx int4-pure": start(sys.executable, OURS.format(bundle=str(work / "smollm2-135m-bench-int4-pure"),
                                                                      **common)),
+        "edgepeft onnx int4-pure, --slots none": start(
+            sys.executable, OURS.format(bundle=str(work / "smollm2-135m-bench-int4-pure-noslots"), **common)),
         "onnxruntime-genai int4": start(args.genai_python, GENAI.format(model=str(work / "genai-int4"), **common)),
     }
     rounds: list[dict] = []

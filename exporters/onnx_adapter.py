@@ -51,6 +51,9 @@ def adapter_tensors(spec: AdapterSpec, onnx_info: dict, base=None) -> dict[str, 
     if spec.kind not in ("lora", "dora", "ia3"):
         raise UnsupportedAdapter(f"{spec.path}: kind {spec.kind} cannot be swapped on ONNX")
     slots = onnx_info["slots"]
+    if not slots:
+        raise UnsupportedAdapter(f"{spec.path}: this bundle's ONNX base has no adapter slots (exported with --merge "
+                                 "or --slots none); re-export the base with --slots lora (or full) to hot-swap it")
     owner = {part["module"]: (slot, part) for slot in slots for part in _parts(slot)}
     targets = sorted({p["target"] for s in slots for p in _parts(s)})
     dtype = np.float16 if onnx_info.get("dtype") == "fp16" else np.float32

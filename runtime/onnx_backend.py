@@ -106,6 +106,8 @@ class OnnxBackend:
         want = "tensor(float16)" if self.dtype == np.float16 else "tensor(float)"
         prefix = self._read_prefix(path, params, want)
         params = {n: v for n, v in params.items() if not n.startswith("prefix.")}
+        if params and not self.slots:
+            raise AdapterMismatch(f"{path}: this base has no adapter slots (exported with --merge or --slots none)")
         for name, value in params.items():
             shape = self.slots.get(name)
             if shape is None:

@@ -31,10 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-length", type=int, default=None,
                    help="longest sequence the bundle supports (default: the model's, at most 8192)")
     p.add_argument("--merge", metavar="NAME", help="bake adapter NAME into a dedicated base instead of a separate file")
-    p.add_argument("--slots", choices=["lora", "full"], default=None,
-                   help="ONNX adapter slots: lora (LoRA only, fastest) or full (also the scale and bias slots "
-                        "IA3, DoRA and bias tuning need; ~20%% slower decode). Default: full when an --adapter "
-                        "needs it, else lora")
+    p.add_argument("--slots", choices=["lora", "full", "none"], default=None,
+                   help="ONNX adapter slots: lora (LoRA only), full (also the scale and bias slots IA3, DoRA and "
+                        "bias tuning need; ~20%% slower decode) or none (no hot-swap; ~12%% faster than lora). "
+                        "Default: none with --merge, full when an --adapter needs it, else lora")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -74,6 +74,20 @@ def test_bad_input_exits_2_with_one_line(args, message, cli_bundle, tiny_llama, 
     assert not (tmp_path / "o").exists()
 
 
+def test_a_base_without_slots_refuses_swappable_adapters_in_one_line(tiny_llama, llama_adapters, tmp_path):
+    qv = f"qv={llama_adapters['qv']}"
+    code, _, err = edgepeft("export", tiny_llama, "--out", tmp_path / "n", "--onnx-quant", "fp32", "--slots", "none",
+                            "--adapter", qv)
+    assert code == 2 and "--slots none leaves the ONNX base no adapter slots" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "n").exists()
+    code, _, err = edgepeft("export", tiny_llama, "--out", tmp_path / "m", "--onnx-quant", "fp32", "--merge", "qv",
+                            "--adapter", qv, "--quiet")
+    assert code == 0, err
+    code, _, err = edgepeft("add-adapter", tmp_path / "m", f"mixed={llama_adapters['mixed']}")
+    assert code == 2 and "has no adapter slots (exported with --merge or --slots none)" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m" / "adapters" / "mixed.onnx_adapter").exists()
+
+
 def test_gguf_run_and_a_truncated_gguf_base_exit_2_before_llama_cpp(tiny_llama, llama_adapters, tmp_path):
     out = tmp_path / "g"
     code, _, err = edgepeft("export", tiny_llama, "--out", out, "--format", "gguf", "--gguf-quant", "F32", "--quiet",

@@ -87,3 +87,14 @@ def test_merge_bakes_the_adapter_into_a_dedicated_base(tiny_llama, llama_adapter
     engine = Engine.open(bundle.root)
     ids = engine.tokenizer.encode(PROMPT)
     assert np.abs(engine.score(ids) - reference_logits(tiny_llama, llama_adapters["all"], ids)).max() <= TOL
+    # A merged base has no hot-swap, so it is built without adapter slots (slot_set "none") and
+    # computes what the same merged base with empty slots computes.
+    import onnx
+
+    assert bundle.backends["onnx"]["slot_set"] == "none" and bundle.backends["onnx"]["slots"] == []
+    graph = onnx.load(str(bundle.file("onnx/model.onnx")), load_external_data=False).graph
+    assert not [n.name for n in graph.node if "/lora/" in n.name] and not [i for i in graph.input if i.name.startswith("lora.")]
+    slotted = export_bundle(str(tiny_llama), tmp_path / "ms", {"all": str(llama_adapters["all"])},
+                            onnx_quant="fp32", merge="all", slots="lora", quiet=True)
+    assert slotted.backends["onnx"]["slots"]
+    assert np.abs(Engine.open(slotted.root).score(ids) - engine.score(ids)).max() <= 1e-5
