@@ -357,7 +357,8 @@ def main() -> None:
             if "error" in r:
                 continue
             for name, a in r["adapters"].items():
-                lines.append(f"- {eng}, {name}: decode {a['decode_tokens_per_s']} tok/s, switch median "
+                paired = f" ({a['decode_vs_base']}x the base, runs paired)" if "decode_vs_base" in a else ""
+                lines.append(f"- {eng}, {name}: decode {a['decode_tokens_per_s']} tok/s{paired}, switch median "
                              f"{a['switch_ms_median']} ms / p95 {a['switch_ms_p95']} ms, {a['switch_vs_reload']}x "
                              f"faster than reloading the base ({r['base']['reload_s']} s)")
             m = r.get("memory")

@@ -1,7 +1,8 @@
 """`edgepeft bench`: what a bundle costs on this machine, per backend and adapter.
 
 Speeds are medians of several greedy runs of exactly N new tokens (EOS ignored, as llama-bench
-does). Memory is measured in fresh child processes (peak RSS with 0, 1 and all adapters loaded
+does); an adapter's speed relative to the base is the median ratio of adapter runs to base runs
+made right before them. Memory is measured in fresh child processes (peak RSS with 0, 1 and all adapters loaded
 and used), so one measurement's allocations never inflate another's. "Reload" is what hot-swap
 replaces: opening the base again for each task.
 """
@@ -46,14 +47,34 @@ def machine() -> dict:
     return info
 
 
-def _speed(engine: Engine, adapter: str | None, runs: int, new_tokens: int) -> dict:
-    rows = [engine.complete(PROMPT, adapter=adapter, max_new_tokens=new_tokens, chat=True, ignore_eos=True).timings
-            for _ in range(runs + 1)][1:]  # the first run warms caches and is dropped
+def _timings(engine: Engine, adapter: str | None, new_tokens: int) -> dict:
+    return engine.complete(PROMPT, adapter=adapter, max_new_tokens=new_tokens, chat=True, ignore_eos=True).timings
+
+
+def _summary(rows: list[dict]) -> dict:
     return {
         "ttft_ms": round(_median([r["prefill_s"] for r in rows]) * 1e3, 2),
         "prefill_tokens_per_s": round(_median([r["prefill_tokens_per_s"] for r in rows]), 1),
         "decode_tokens_per_s": round(_median([r["decode_tokens_per_s"] for r in rows]), 1),
     }
+
+
+def _speed(engine: Engine, adapter: str | None, runs: int, new_tokens: int) -> dict:
+    rows = [_timings(engine, adapter, new_tokens) for _ in range(runs + 1)][1:]  # the first run warms caches
+    return _summary(rows)
+
+
+def _speed_against_base(engine: Engine, adapter: str, runs: int, new_tokens: int) -> dict:
+    """The adapter's speed, with each run paired with a base run right before it: on a shared
+    machine speed drifts over seconds, and the ratio of runs next to each other (their median is
+    decode_vs_base) cancels that drift where a ratio of two separate medians does not."""
+    _timings(engine, adapter, new_tokens)  # warm-up
+    rows, ratios = [], []
+    for _ in range(runs):
+        base = _timings(engine, None, new_tokens)
+        rows.append(_timings(engine, adapter, new_tokens))
+        ratios.append(rows[-1]["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+    return {**_summary(rows), "decode_vs_base": round(_median(ratios), 3)}
 
 
 def _memory_probe(bundle: str, backend: str, threads: int | None, names: list[str], device: str = "auto") -> dict:
@@ -111,7 +132,7 @@ def run_bench(bundle: str | Path, backend: str = "onnx", threads: int | None = N
             "switch_ms_median": round(_median(switch) * 1e3, 4),
             "switch_ms_p95": round(_p95(switch) * 1e3, 4),
             "switch_vs_reload": round(result["base"]["reload_s"] / _median(switch)),
-            **_speed(engine, name, runs, new_tokens),
+            **_speed_against_base(engine, name, runs, new_tokens),
         }
     if memory:
         m0 = _memory_probe(bundle, backend, threads, [], device)

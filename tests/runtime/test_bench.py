@@ -17,6 +17,7 @@ def test_bench_reports_speed_switch_and_memory_per_adapter(llama_bundle, backend
     for a in r["adapters"].values():
         assert 0 < a["switch_ms_median"] <= a["switch_ms_p95"]
         assert a["switch_vs_reload"] >= 1 and a["decode_tokens_per_s"] > 0 and a["file_bytes"] > 0
+        assert 0 < a["decode_vs_base"] < 10  # median ratio to the base run right before each adapter run
     m = r["memory"]
     assert m["peak_rss_0_adapters"] > 0 and m["peak_rss_all_adapters"] >= m["peak_rss_0_adapters"] - 2**20
     assert main(["bench", str(llama_bundle.root), "--backend", backend, "--runs", "1", "--new-tokens", "8",
