@@ -98,3 +98,31 @@ def test_merge_bakes_the_adapter_into_a_dedicated_base(tiny_llama, llama_adapter
                             onnx_quant="fp32", merge="all", slots="lora", quiet=True)
     assert slotted.backends["onnx"]["slots"]
     assert np.abs(Engine.open(slotted.root).score(ids) - engine.score(ids)).max() <= 1e-5
+
+
+def test_batched_and_legacy_block_diagonal_slots_compute_the_same_update(tiny_llama, llama_adapters, tmp_path):
+    """Packed slots are batched (A [parts, in, r], B [chunks, r, chunk]); bundles exported before
+    that have block-diagonal slots (no "chunk" in the manifest) and still get adapters in their
+    layout. Both must give every packed layer the same x A B."""
+    from edgepeft.exporters.onnx_adapter import adapter_tensors
+    from edgepeft.peft_config import read_checked_adapter
+
+    bundle = export_bundle(str(tiny_llama), tmp_path / "b", onnx_quant="fp32", quiet=True)
+    info = bundle.backends["onnx"]
+    legacy = {**info, "slots": [{k: v for k, v in s.items() if k not in ("chunk", "chunks")} for s in info["slots"]]}
+    rng = np.random.default_rng(0)
+    for name in ("all", "qv", "mixed"):
+        spec = read_checked_adapter(llama_adapters[name])
+        new, old = adapter_tensors(spec, info), adapter_tensors(spec, legacy)
+        assert set(new) == set(old)
+        packed = [s for s in info["slots"] if "chunk" in s and s["A"] in new]
+        assert packed  # every one of these adapters has a module in the packed q/k/v slot
+        for slot in packed:
+            a, b = new[slot["A"]], new[slot["B"]]
+            assert a.ndim == 3 and b.shape[0] == len(slot["chunks"]) and b.shape[2] == slot["chunk"]
+            x = rng.standard_normal((5, slot["in"])).astype(np.float32)
+            xa = np.einsum("si,pir->psr", x, a)[slot["chunks"]]  # [chunks, seq, r]
+            batched = np.einsum("csr,crk->sck", xa, b).reshape(5, -1)
+            want = x @ old[slot["A"]] @ old[slot["B"]]
+            np.testing.assert_allclose(batched, want, atol=1e-5)
+            assert np.abs(want).max() > 0.01
