@@ -216,6 +216,12 @@ def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_qua
                          onnx_quant=onnx_quant, gguf_quant=QUANTS["gguf"], quiet=True, slots=slots)
 
 
+def onnx_size(bundle) -> str:
+    """The ONNX base's files (graph and external data) of `bundle`, in MiB."""
+    total = sum(bundle.file(r).stat().st_size for r in bundle.manifest["files"] if r.startswith("onnx/"))
+    return f"{total / 2**20:.0f} MiB"
+
+
 def versions(results: dict) -> str:
     e = results["engines"]
     m = e.get("edgepeft onnx int4", {}).get("machine", {})
@@ -301,7 +307,6 @@ def main() -> None:
     noslots = bench_bundle(work, base_dir, adapters, "int4-pure", "onnx", slots="none")
     adapters = {n: Path(a["source"]) for n, a in bundle.adapters.items()}
     size = lambda rel: f"{bundle.file(rel).stat().st_size / 2**20:.0f} MiB"  # noqa: E731
-    onnx_files = sum(bundle.file(r).stat().st_size for r in bundle.manifest["files"] if r.startswith("onnx/"))
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": args.threads,
                "new_tokens": args.new_tokens, "runs": args.runs, "prompt": PROMPT,
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -309,14 +314,12 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M")
     e = results["engines"]
     e["edgepeft onnx int4"] = {**ours(bundle.root, "onnx", args.threads, args.runs, args.new_tokens),
-                               "file": f"{onnx_files / 2**20:.0f} MiB"}
-    pure_files = sum(pure.file(r).stat().st_size for r in pure.manifest["files"] if r.startswith("onnx/"))
+                               "file": onnx_size(bundle)}
     e["edgepeft onnx int4-pure"] = {**ours(pure.root, "onnx", args.threads, args.runs, args.new_tokens),
-                                    "file": f"{pure_files / 2**20:.0f} MiB"}
+                                    "file": onnx_size(pure)}
     e["edgepeft onnx int4-pure, --slots none"] = {
         **ours(noslots.root, "onnx", args.threads, args.runs, args.new_tokens),
-        "file": f"{sum(noslots.file(r).stat().st_size for r in noslots.manifest['files'] if r.startswith('onnx/')) / 2**20:.0f} MiB",
-        "no_adapters": "n/a (no slots: merged-only base)"}
+        "file": onnx_size(noslots), "no_adapters": "n/a (no slots: merged-only base)"}
     e["edgepeft gguf Q4_K_M"] = {**ours(bundle.root, "gguf", args.threads, args.runs, args.new_tokens),
                                  "file": size(bundle.backends["gguf"]["model"])}
     e["llama-cpp-python Q4_K_M"] = {**llama_cpp_direct(bundle.root, args.threads, args.runs, args.new_tokens),

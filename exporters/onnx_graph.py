@@ -160,14 +160,13 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
         has_bias = any(m.bias is not None for m in mods)
         bias = np.concatenate([_np(m.bias) if m.bias is not None else np.zeros(m.weight.shape[0], np.float32)
                                for m in mods]) if has_bias else np.zeros(fan_out, np.float32)
-        if slot_set == "none":  # a base without hot-swap (merged adapters): the plain projection
-            y = g.node("MatMul", [x, g.init(f"{module}.weight_T", w.T)], 1, f"{name}/MatMul")
-            return g.node("Add", [y, g.init(f"{module}.bias", bias)], 1, f"{name}/BiasAdd") if has_bias else y
         slot = {"module": module, "in": int(fan_in), "out": int(fan_out), "has_bias": has_bias}
         if full and in_scale:
             slot["scale_in"] = vector_slot(f"scale.{module}.in", fan_in, np.ones(fan_in))
             x = g.node("Mul", [x, slot["scale_in"]], 1, f"{name}/ScaleIn")
         y = g.node("MatMul", [x, g.init(f"{module}.weight_T", w.T)], 1, f"{name}/MatMul")
+        if slot_set == "none":  # a base without hot-swap (merged adapters): the plain projection
+            return g.node("Add", [y, g.init(f"{module}.bias", bias)], 1, f"{name}/BiasAdd") if has_bias else y
         a_name, b_name = slot_names(module)
         rank_dim = f"rank.{module}"
         g.lora_nodes += [f"{name}/lora/MatMulA", f"{name}/lora/MatMulB"]

@@ -2,8 +2,8 @@
 
 Speeds are medians of several greedy runs of exactly N new tokens (EOS ignored, as llama-bench
 does); an adapter's speed relative to the base is the median ratio of adapter runs to base runs
-made right before them. Memory is measured in fresh child processes (peak RSS with 0, 1 and all adapters loaded
-and used), so one measurement's allocations never inflate another's. "Reload" is what hot-swap
+made right before them. Memory is measured in fresh child processes (peak RSS with 0, 1 and all
+adapters loaded and used), so one measurement's allocations never inflate another's. "Reload" is what hot-swap
 replaces: opening the base again for each task.
 """
 

@@ -10,6 +10,7 @@ import json
 import shutil
 import struct
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -84,19 +85,23 @@ def _paths(obj, prefix=()):
             yield from _paths(v, prefix + (i,))
 
 
-def open_and_describe(root: Path) -> None:
-    try:
-        describe(Bundle.open(root))
-    except Exception as e:
-        assert_one_line(e)
+@contextmanager
+def fuzzed_bundle():
+    """A fresh valid bundle (root, manifest) for one example to damage; when the example is done
+    with it, it must open and describe, or be refused in one line."""
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d) / "b"
+        yield root, valid_bundle(root)
+        try:
+            describe(Bundle.open(root))
+        except Exception as e:
+            assert_one_line(e)
 
 
 @FUZZ
 @given(data=st.data())
 def test_manifest_with_random_values_at_random_places_is_refused_or_read(data):
-    with tempfile.TemporaryDirectory() as d:
-        root = Path(d) / "b"
-        manifest = valid_bundle(root)
+    with fuzzed_bundle() as (root, manifest):
         for _ in range(data.draw(st.integers(1, 3))):
             path = data.draw(st.sampled_from(list(_paths(manifest))[1:]))
             parent = manifest
@@ -107,18 +112,14 @@ def test_manifest_with_random_values_at_random_places_is_refused_or_read(data):
             elif isinstance(parent, dict):
                 del parent[path[-1]]
         (root / "edgepeft.json").write_text(json.dumps(manifest))
-        open_and_describe(root)
 
 
 @FUZZ
 @given(data=st.data())
 def test_manifest_with_mutated_bytes_is_refused_or_read(data):
-    with tempfile.TemporaryDirectory() as d:
-        root = Path(d) / "b"
-        valid_bundle(root)
+    with fuzzed_bundle() as (root, _):
         raw = (root / "edgepeft.json").read_bytes()
         (root / "edgepeft.json").write_bytes(mutate_bytes(raw, data.draw))
-        open_and_describe(root)
 
 
 def test_deeply_nested_and_oversized_manifests_are_refused_in_one_line(tmp_path):
