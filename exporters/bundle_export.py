@@ -15,6 +15,7 @@ from edgepeft.peft_config import read_checked_adapter
 from edgepeft.recovery import recover, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needs_full_slots
 
+from .calibration import activation_importance
 from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir
 from .gguf_adapter import export_adapter_gguf
 from .gguf_base import gguf_ftype, quantize_gguf, write_base_gguf
@@ -222,8 +223,13 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                 proto, info = build_decoder(base_model, graph_dtype, context_length, slot_set=slot_set,
                                             fp16_embedding=onnx_quant in WEIGHT_ONLY)
                 progress.done()
+                importance = None
+                if onnx_quant in ("int4", "int4-pure"):
+                    progress.step("calibrating 4-bit weights")
+                    importance = activation_importance(base_model, info["base_matmuls"])
+                    progress.done()
                 progress.step(f"quantizing ({onnx_quant})")
-                proto = quantize(proto, onnx_quant, info["lora_nodes"], block_size, accuracy_level)
+                proto = quantize(proto, onnx_quant, info["lora_nodes"], block_size, accuracy_level, importance)
                 progress.done()
                 progress.step("writing onnx/model.onnx")
                 _save_onnx(proto, tmp / "onnx" / "model.onnx")
@@ -235,6 +241,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                     **({"block_size": block_size, "accuracy_level": accuracy_level}
                        if onnx_quant in WEIGHT_ONLY else {}),
                     **({"eight_bit": list(SENSITIVE)} if onnx_quant == "int4" else {}),
+                    **({"int4_rounding": "importance-weighted"} if importance else {}),
                     "dtype": info["dtype"], "context_length": info["context_length"],
                     "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
                 }

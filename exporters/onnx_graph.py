@@ -65,6 +65,7 @@ class _Graph:
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
     lora_nodes: list = field(default_factory=list)
+    base_matmuls: dict = field(default_factory=dict)  # MatMul node -> torch module that reads its input
 
     def __post_init__(self):
         self.h = require("onnx", "export").helper
@@ -165,6 +166,7 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
             slot["scale_in"] = vector_slot(f"scale.{module}.in", fan_in, np.ones(fan_in))
             x = g.node("Mul", [x, slot["scale_in"]], 1, f"{name}/ScaleIn")
         y = g.node("MatMul", [x, g.init(f"{module}.weight_T", w.T)], 1, f"{name}/MatMul")
+        g.base_matmuls[f"{name}/MatMul"] = f"{prefix}.{members[0]}" if prefix else members[0]
         if slot_set == "none":  # a base without hot-swap (merged adapters): the plain projection
             return g.node("Add", [y, g.init(f"{module}.bias", bias)], 1, f"{name}/BiasAdd") if has_bias else y
         a_name, b_name = slot_names(module)
@@ -299,6 +301,7 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
         "slots": slots,
         "slot_set": slot_set,
         "lora_nodes": g.lora_nodes,
+        "base_matmuls": g.base_matmuls,
         "kv": {"num_layers": L, "num_kv_heads": nkv, "head_dim": hd},
     }
     return proto, info

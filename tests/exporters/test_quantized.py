@@ -57,6 +57,7 @@ def test_int4_base_uses_matmulnbits_and_keeps_adapter_slots_float(trained, tmp_p
     slot_inits = [i for i in model.graph.initializer if i.name.startswith("lora.")]
     assert slot_inits and all(i.data_type == onnx.TensorProto.FLOAT for i in slot_inits)
     assert bundle.backends["onnx"]["quant"] == "int4" and bundle.backends["onnx"]["block_size"] == 32
+    assert bundle.backends["onnx"]["int4_rounding"] == "importance-weighted"
 
 
 def test_int4_pure_puts_every_matmul_at_4_bits(trained, tmp_path):
@@ -68,3 +69,83 @@ def test_int4_pure_puts_every_matmul_at_4_bits(trained, tmp_path):
     bits = [a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
     assert len(bits) == 2 * 4 + 1 and set(bits) == {4}
     assert bundle.backends["onnx"]["quant"] == "int4-pure"
+
+
+def _unpack_int4(packed, scales, k):
+    """MatMulNBits' 4-bit layout, read independently: [N, blocks, block/2] bytes, low nibble first,
+    zero point 8; returns the dequantized weight [K, N]."""
+    import numpy as np
+
+    q = np.stack([packed & 15, packed >> 4], axis=-1).astype(np.float32) - 8  # [N, blocks, block/2, 2]
+    n, blocks = scales.shape
+    return (q.reshape(n, blocks, -1) * scales[..., None]).reshape(n, -1)[:, :k].T
+
+
+def test_int4_blocks_are_what_matmulnbits_computes_with():
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepeft.exporters.onnx_quant import int4_blocks
+
+    rng = np.random.default_rng(0)
+    k, n = 80, 24  # K not a whole number of blocks: the last block is padded
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    packed, scales = int4_blocks(w, rng.uniform(0.1, 5, k), 32)
+    assert packed.shape == (n, 3, 16) and packed.dtype == np.uint8 and scales.shape == (n, 3)
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=32, accuracy_level=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+                              [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.normal(size=(2, k)).astype(np.float32)
+    deq = _unpack_int4(packed, scales, k)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ deq, rtol=1e-4, atol=1e-4)
+    assert np.abs(deq - w).max() < 0.35 * np.abs(w).max()  # a 4-bit rounding of w, not garbage
+
+
+def test_importance_weighted_blocks_beat_absmax_rounding_where_it_counts():
+    import numpy as np
+
+    from edgepeft.exporters.onnx_quant import int4_blocks
+
+    rng = np.random.default_rng(1)
+    k, n = 256, 64
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    w[rng.integers(0, k, 40), rng.integers(0, n, 40)] *= 6  # outliers, as trained weights have
+    importance = np.where(rng.random(k) < 0.1, 50.0, 1.0)  # a few channels carry large activations
+    deq = _unpack_int4(*int4_blocks(w, importance, 32), k)
+    # plain absmax rounding: the block's signed absmax maps to -8
+    blocks = w.T.reshape(n, -1, 32)
+    m = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+    absmax = (np.clip(np.rint(blocks * (-8 / m)), -8, 7) * (m / -8)).reshape(n, k).T
+
+    # per block, as the search scores it (llama.cpp's weighting: importance * sqrt(sigma2 + w^2))
+    c = importance[:, None] * np.sqrt((w ** 2).mean(0, keepdims=True) + w ** 2)
+
+    def weighted_error(d):
+        return ((c * (w - d) ** 2).T.reshape(n, -1, 32)).sum(-1)
+
+    ours, plain = weighted_error(deq), weighted_error(absmax)
+    assert np.all(ours <= plain * (1 + 1e-5))  # the absmax scale is one of the candidates
+    assert ours.sum() < 0.8 * plain.sum()
+
+
+def test_calibration_covers_every_base_matmul(trained):
+    import numpy as np
+
+    from edgepeft.exporters.calibration import activation_importance
+    from edgepeft.exporters.hf_base import load_base
+    from edgepeft.exporters.onnx_graph import build_decoder
+
+    base = load_base(str(trained[0]))
+    proto, info = build_decoder(base, slot_set="lora")
+    importance = activation_importance(base, info["base_matmuls"])
+    weights = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    matmuls = {n.name: n for n in proto.graph.node if n.op_type == "MatMul" and n.name not in info["lora_nodes"]}
+    assert set(importance) == set(matmuls) == set(info["base_matmuls"])
+    for name, stats in importance.items():
+        assert stats.shape == (weights[matmuls[name].input[1]][0],)  # one per input channel
+        assert np.all(np.isfinite(stats)) and stats.min() >= 0 and stats.max() > 0
