@@ -205,8 +205,9 @@ def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_qua
         onnx = b.backends.get("onnx", {})
         from edgepeft.exporters.onnx_quant import SENSITIVE
 
-        # bundles from before the current graph layout or int4 mix are rebuilt
+        # bundles from before the current graph layout, int4 mix or 4-bit rounding are rebuilt
         current = ("slot_set" in onnx and (onnx_quant != "int4" or onnx.get("eight_bit") == list(SENSITIVE))
+                   and (not onnx_quant.startswith("int4") or onnx.get("int4_rounding") == "importance-weighted")
                    and all("chunk" in s for s in onnx.get("slots", []) if len(s.get("parts", [])) > 1))
         if set(b.adapters) == set(adapters) and onnx.get("quant") == onnx_quant and current:
             return b

@@ -36,8 +36,10 @@ def demo_bundle(out: Path, adapters: dict[str, Path], backends: list[str], quiet
     want = {n: sha256_file(p / "adapter_model.safetensors") for n, p in adapters.items()}
     try:
         b = Bundle.open(out)
+        # int4_rounding: bundles from before importance-weighted 4-bit blocks are re-exported
         if b.base["source"] == BASE and {n: a["source_hash"] for n, a in b.adapters.items()} == want and all(
-                b.backends.get(k, {}).get("quant") == QUANTS[k] for k in backends):
+                b.backends.get(k, {}).get("quant") == QUANTS[k] for k in backends) and (
+                "onnx" not in backends or b.backends["onnx"].get("int4_rounding") == "importance-weighted"):
             return b, None
     except EdgepeftError:
         pass
