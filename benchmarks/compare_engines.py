@@ -197,19 +197,14 @@ def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_qua
     from edgepeft.cli.demo import BASE, QUANTS
     from edgepeft.errors import EdgepeftError
     from edgepeft.exporters import export_bundle
+    from edgepeft.exporters.bundle_export import onnx_export_current
 
     adapters = {} if slots == "none" else {**adapters, "r16-all7": r16_all_adapter(base_dir, work / "r16-all7")}
     out = work / f"smollm2-135m-bench-{onnx_quant}{'-noslots' if slots == 'none' else ''}"
     try:
         b = Bundle.open(out)
         onnx = b.backends.get("onnx", {})
-        from edgepeft.exporters.onnx_quant import SENSITIVE
-
-        # bundles from before the current graph layout, int4 mix or 4-bit rounding are rebuilt
-        current = ("slot_set" in onnx and (onnx_quant != "int4" or onnx.get("eight_bit") == list(SENSITIVE))
-                   and (not onnx_quant.startswith("int4") or onnx.get("int4_rounding") == "importance-weighted")
-                   and all("chunk" in s for s in onnx.get("slots", []) if len(s.get("parts", [])) > 1))
-        if set(b.adapters) == set(adapters) and onnx.get("quant") == onnx_quant and current:
+        if set(b.adapters) == set(adapters) and onnx.get("quant") == onnx_quant and onnx_export_current(onnx):
             return b
     except EdgepeftError:
         pass

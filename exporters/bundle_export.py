@@ -100,6 +100,16 @@ def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
             raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({feature}) cannot be hot-swapped on {backend}{hint}")
 
 
+def onnx_export_current(onnx: dict) -> bool:
+    """Whether a bundle's ONNX backend entry comes from the current export recipe: a recorded
+    slot set, batched packed slots, int4's 8-bit mix and importance-weighted 4-bit blocks. Older
+    bundles still run; the demo and the benchmarks re-export them so that they measure this one."""
+    quant = onnx.get("quant", "")
+    return ("slot_set" in onnx and (quant != "int4" or onnx.get("eight_bit") == list(SENSITIVE))
+            and (not quant.startswith("int4") or onnx.get("int4_rounding") == "importance-weighted")
+            and all("chunk" in s for s in onnx.get("slots", []) if len(s.get("parts", [])) > 1))
+
+
 def _check_mergeable(spec: AdapterSpec, name: str) -> None:
     """Kinds that add virtual tokens (prompt, prefix) have no weight delta to bake in."""
     if not getattr(KINDS[spec.kind], "MERGEABLE", True):

@@ -14,14 +14,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, metavar="NAME", help="adapter to start with")
 
 
+def _unknown_adapter(engine, spec: str) -> str | None:
+    """The error for an adapter spec ("name" or "a+b") naming an adapter the engine lacks, or None."""
+    unknown = [n for n in spec.split("+") if n not in engine.adapters]
+    return f"no adapter named {unknown[0]!r} (have: {', '.join(engine.adapters) or 'none'})" if unknown else None
+
+
 def run(args) -> int:
     from edgepeft.errors import EdgepeftError
 
     engine = open_engine(args)
     adapter, history = args.adapter, []
-    missing = [n for n in (adapter.split("+") if adapter else []) if n not in engine.adapters]
-    if missing:
-        raise EdgepeftError(f"no adapter named {missing[0]!r} (have: {', '.join(engine.adapters) or 'none'})")
+    if adapter and (problem := _unknown_adapter(engine, adapter)):
+        raise EdgepeftError(problem)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"edgepeft chat: {engine.bundle.root} on {args.backend}; adapters: "
@@ -48,9 +53,8 @@ def run(args) -> int:
             name = line[len("/adapter"):].strip()
             if name in ("", "none", "base"):
                 adapter = None
-            elif any(n not in engine.adapters for n in name.split("+")):
-                unknown = next(n for n in name.split("+") if n not in engine.adapters)
-                print(f"no adapter named {unknown!r} (have: {', '.join(engine.adapters) or 'none'})")
+            elif problem := _unknown_adapter(engine, name):
+                print(problem)
                 continue
             else:
                 adapter = name

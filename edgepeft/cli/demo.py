@@ -33,13 +33,14 @@ def demo_bundle(out: Path, adapters: dict[str, Path], backends: list[str], quiet
     from edgepeft.errors import EdgepeftError
     from edgepeft.files import sha256_file
 
+    from edgepeft.exporters.bundle_export import onnx_export_current
+
     want = {n: sha256_file(p / "adapter_model.safetensors") for n, p in adapters.items()}
     try:
         b = Bundle.open(out)
-        # int4_rounding: bundles from before importance-weighted 4-bit blocks are re-exported
         if b.base["source"] == BASE and {n: a["source_hash"] for n, a in b.adapters.items()} == want and all(
                 b.backends.get(k, {}).get("quant") == QUANTS[k] for k in backends) and (
-                "onnx" not in backends or b.backends["onnx"].get("int4_rounding") == "importance-weighted"):
+                "onnx" not in backends or onnx_export_current(b.backends["onnx"])):
             return b, None
     except EdgepeftError:
         pass
