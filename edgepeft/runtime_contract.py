@@ -18,3 +18,10 @@ def prefix_names(layer: int) -> tuple[str, str]:
     [num_kv_heads, P, head_dim] in the base graph's float type. They are not graph inputs: the
     runtime copies them into the first P positions of a sequence's KV cache."""
     return f"prefix.{layer}.key", f"prefix.{layer}.value"
+
+
+# Graph input that picks the path of a base with slots (exporters/onnx_graph.add_base_path):
+# float [1], default 0 (the base without slot operators); non-zero runs the slots. Adapter
+# files carry it as 1, so onnxruntime's own adapter API (RunOptions.add_active_adapter) selects
+# the slot path too.
+ADAPTERS_ACTIVE = "adapters_active"

@@ -20,7 +20,7 @@ from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_bas
 from .gguf_adapter import export_adapter_gguf
 from .gguf_base import gguf_ftype, quantize_gguf, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
-from .onnx_graph import build_decoder
+from .onnx_graph import add_base_path, build_decoder
 from .onnx_prompt import KINDS as PROMPT_KINDS
 from .onnx_quant import ONNX_QUANTS, SENSITIVE, WEIGHT_ONLY, quantize
 
@@ -102,12 +102,14 @@ def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
 
 def onnx_export_current(onnx: dict) -> bool:
     """Whether a bundle's ONNX backend entry comes from the current export recipe: a recorded
-    slot set, batched packed slots, int4's 8-bit mix and importance-weighted 4-bit blocks. Older
-    bundles still run; the demo and the benchmarks re-export them so that they measure this one."""
+    slot set, batched packed slots, int4's 8-bit mix, importance-weighted 4-bit blocks and a
+    slot-free base path. Older bundles still run; the demo and the benchmarks re-export them so
+    that they measure this one."""
     quant = onnx.get("quant", "")
     return ("slot_set" in onnx and (quant != "int4" or onnx.get("eight_bit") == list(SENSITIVE))
             and (not quant.startswith("int4") or onnx.get("int4_rounding") == "importance-weighted")
-            and all("chunk" in s for s in onnx.get("slots", []) if len(s.get("parts", [])) > 1))
+            and all("chunk" in s for s in onnx.get("slots", []) if len(s.get("parts", [])) > 1)
+            and (onnx.get("slot_set") == "none" or onnx.get("base_path", False)))
 
 
 def _check_mergeable(spec: AdapterSpec, name: str) -> None:
@@ -240,6 +242,8 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                     progress.done()
                 progress.step(f"quantizing ({onnx_quant})")
                 proto = quantize(proto, onnx_quant, info["lora_nodes"], block_size, accuracy_level, importance)
+                if slot_set != "none":
+                    proto = add_base_path(proto, info)
                 progress.done()
                 progress.step("writing onnx/model.onnx")
                 _save_onnx(proto, tmp / "onnx" / "model.onnx")
@@ -254,6 +258,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                     **({"int4_rounding": "importance-weighted"} if importance else {}),
                     "dtype": info["dtype"], "context_length": info["context_length"],
                     "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
+                    **({"base_path": True} if info.get("base_path") else {}),
                 }
                 progress.done()
             if "gguf" in formats:

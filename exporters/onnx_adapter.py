@@ -15,7 +15,7 @@ from edgepeft.errors import AdapterMismatch, UnsupportedAdapter, require
 from edgepeft.files import atomic_path
 from edgepeft.kinds import AdapterSpec, needs_full_slots
 from edgepeft.kinds.spec import ScaleModule
-from edgepeft.runtime_contract import fingerprint_version
+from edgepeft.runtime_contract import ADAPTERS_ACTIVE, fingerprint_version
 
 from .onnx_prompt import KINDS as PROMPT_KINDS, prefix_tensors
 
@@ -180,6 +180,8 @@ def export_adapter_onnx(spec: AdapterSpec, onnx_info: dict, fingerprint: str, de
         tensors = prefix_tensors(spec, onnx_info, base)
     else:
         tensors = adapter_tensors(spec, onnx_info, base)
+    if onnx_info.get("base_path") and spec.kind not in PROMPT_KINDS:
+        tensors[ADAPTERS_ACTIVE] = np.ones(1, np.float32)  # run the slots (onnx_graph.add_base_path)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(fingerprint_version(fingerprint))

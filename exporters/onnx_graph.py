@@ -305,3 +305,73 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
         "kv": {"num_layers": L, "num_kv_heads": nkv, "head_dim": hd},
     }
     return proto, info
+
+
+def add_base_path(proto, info: dict):
+    """Return `proto` (a decoder with slots, quantized or not) as If(adapters_active): the
+    then-branch is the graph as built, the else-branch the same graph without its slot operators,
+    for calls with no adapter active. Both branches read the same outer-scope initializers, so the
+    weights are stored and prepacked once. Empty slots cost a few small operators per projection
+    even at rank 0 (measured on SmolLM2 int4: 8-29% of decode speed); the base path costs one
+    Cast and one If per call. Slot adapters set the flag (their files carry it as 1, see
+    edgepeft.runtime_contract.ADAPTERS_ACTIVE); prompt-learning adapters only fill the KV cache
+    and run the base path.
+
+    Why an If and not a second session: a second onnxruntime session would load and prepack its
+    own copy of every weight."""
+    onnx = require("onnx", "export")
+    from edgepeft.runtime_contract import ADAPTERS_ACTIVE
+
+    h, TP = onnx.helper, onnx.TensorProto
+    g = proto.graph
+    outputs = [o.name for o in g.output]
+    prelude = [n for n in g.node if n.name.startswith(("/seqlens/", "/total/"))]
+    body = [n for n in g.node if not n.name.startswith(("/seqlens/", "/total/"))]
+    keeps_bias = {s["module"] for s in info["slots"] if s.get("has_bias")}
+
+    def is_slot_op(n) -> str | None:
+        """For a slot operator, the value it passes through when the slot is empty ("" if it
+        only feeds other slot operators); None for a base operator."""
+        if "/lora/" in n.name:
+            return n.input[0] if n.name.endswith("/lora/Add") else ""
+        if n.op_type == "Mul" and n.input[1].startswith("scale."):
+            return n.input[0]
+        if n.op_type == "Add" and n.input[1].startswith("bias.") and n.input[1][5:] not in keeps_bias:
+            return n.input[0]
+        return None
+
+    def branch(tag: str, strip: bool):
+        nodes, alias = [], {}
+        for n in body:
+            through = is_slot_op(n) if strip else None
+            if through is None:
+                nodes.append(onnx.NodeProto.FromString(n.SerializeToString()))
+            elif through:
+                alias[n.output[0]] = through
+        resolve = lambda v: resolve(alias[v]) if v in alias else v  # noqa: E731
+        for n in nodes:
+            n.input[:] = [resolve(v) for v in n.input]
+        for out in outputs:  # a graph output written by a dropped operator: its producer writes it
+            if out in alias:
+                src = resolve(out)
+                for n in nodes:
+                    n.input[:] = [out if v == src else v for v in n.input]
+                    n.output[:] = [out if v == src else v for v in n.output]
+        produced = {v for n in nodes for v in n.output if v}
+        rename = {v: f"{tag}:{v}" for v in produced}  # subgraph values may not shadow the outer graph's
+        for n in nodes:
+            n.name = f"{tag}:{n.name}"
+            n.input[:] = [rename.get(v, v) for v in n.input]
+            n.output[:] = [rename.get(v, v) for v in n.output]
+        outs = [h.make_tensor_value_info(rename[o.name], o.type.tensor_type.elem_type, None) for o in g.output]
+        return h.make_graph(nodes, f"{tag}_path", [], outs)
+
+    g.input.append(h.make_tensor_value_info(ADAPTERS_ACTIVE, TP.FLOAT, [1]))
+    g.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.float32), ADAPTERS_ACTIVE))
+    cond = h.make_node("Cast", [ADAPTERS_ACTIVE], ["/adapters/active"], name="/adapters/Cast", to=TP.BOOL)
+    choose = h.make_node("If", ["/adapters/active"], outputs, name="/adapters/If",
+                         then_branch=branch("slots", False), else_branch=branch("base", True))
+    del g.node[:]
+    g.node.extend(prelude + [cond, choose])
+    info["base_path"] = True
+    return proto

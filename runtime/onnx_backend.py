@@ -28,7 +28,7 @@ from edgepeft.bundle import Bundle
 from edgepeft.errors import AdapterError, AdapterMismatch, BundleError, EngineError, require
 from edgepeft.limits import MAX_ADAPTER_FILE_BYTES, MAX_RANK
 from edgepeft.runtime.devices import DEVICES, pick_onnx
-from edgepeft.runtime_contract import fingerprint_version, prefix_names
+from edgepeft.runtime_contract import ADAPTERS_ACTIVE, fingerprint_version, prefix_names
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -82,8 +82,11 @@ class OnnxBackend:
         self.vocab_size = int(next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1])
         # Slots have defaults (rank-0 LoRA pairs, ones for scales, the base bias), so onnxruntime
         # lists them as overridable initializers.
-        self.slots = {i.name: i.shape for i in self.session.get_overridable_initializers()
-                      if i.name.startswith(("lora.", "scale.", "bias."))}
+        overridable = self.session.get_overridable_initializers()
+        self.slots = {i.name: i.shape for i in overridable if i.name.startswith(("lora.", "scale.", "bias."))}
+        # Bases with a slot-free path run it unless a call binds the flag (onnx_graph.add_base_path).
+        self.base_path = any(i.name == ADAPTERS_ACTIVE for i in overridable)
+        self._active = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.float32))
         kv = info["kv"]
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
         # --max-context bounds every call's KV cache (prompt + generated tokens).
@@ -105,7 +108,8 @@ class OnnxBackend:
             raise AdapterMismatch(f"{path}: exported for another base model (fingerprint differs)")
         want = "tensor(float16)" if self.dtype == np.float16 else "tensor(float)"
         prefix = self._read_prefix(path, params, want)
-        params = {n: v for n, v in params.items() if not n.startswith("prefix.")}
+        # The file's path flag (if any) is the runtime's to set: bind_adapter sets it for slot adapters.
+        params = {n: v for n, v in params.items() if not n.startswith("prefix.") and n != ADAPTERS_ACTIVE}
         if params and not self.slots:
             raise AdapterMismatch(f"{path}: this base has no adapter slots (exported with --merge or --slots none)")
         for name, value in params.items():
@@ -190,12 +194,13 @@ class OnnxBackend:
         params = {n: self.ort.OrtValue.ortvalue_from_numpy(a) for n, a in combined.items()}
         return OnnxAdapter(path=Path("+".join(names)), params=params, keepalive=combined)
 
-    @staticmethod
-    def bind_adapter(io, adapter: OnnxAdapter) -> None:
-        """Bind `adapter`'s tensors as the slot inputs of `io`: this is the whole cost of
-        switching adapters between calls (no base weight is touched)."""
+    def bind_adapter(self, io, adapter: OnnxAdapter) -> None:
+        """Bind `adapter`'s tensors as the slot inputs of `io`, and select the slot path: this is
+        the whole cost of switching adapters between calls (no base weight is touched)."""
         for name, value in adapter.params.items():
             io.bind_ortvalue_input(name, value)
+        if adapter.params and self.base_path:
+            io.bind_ortvalue_input(ADAPTERS_ACTIVE, self._active)
 
     def switch_to(self, adapter: OnnxAdapter | None) -> None:
         """What changing the adapter costs a call: binding its tensors, and for prompt-learning

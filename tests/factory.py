@@ -182,3 +182,22 @@ def make_prompt_adapter(base_dir: Path, out: Path, peft_type: str = "PROMPT_TUNI
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     peft_model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def graph_paths(model) -> dict[str, list]:
+    """The operators of an exported decoder per path, names without the branch tag: "slots" (the
+    If's then-branch) and "base" (its else-branch, see onnx_graph.add_base_path); a graph without
+    the If (slot set "none") has only "slots"."""
+    import copy
+
+    top = list(model.graph.node)
+    choose = next((n for n in top if n.op_type == "If"), None)
+    if choose is None:
+        return {"slots": top}
+    paths = {}
+    for attr in choose.attribute:
+        nodes = [copy.deepcopy(n) for n in attr.g.node]
+        for n in nodes:
+            n.name = n.name.split(":", 1)[1]
+        paths["slots" if attr.name == "then_branch" else "base"] = nodes
+    return paths

@@ -5,7 +5,7 @@ import pytest
 
 from edgepeft.exporters import export_bundle
 from edgepeft.runtime import Engine
-from factory import make_lora, reference_logits
+from factory import graph_paths, make_lora, reference_logits
 
 TOL = 1e-3
 PROMPT = "the quick brown fox jumps over the lazy dog, then rests"
@@ -41,6 +41,59 @@ def test_fp32_scores_match_peft_in_any_switch_order(arch, tiny_llama, tiny_qwen2
     # and the adapters really change the model
     for name in names:
         assert np.abs(refs[name] - refs[None]).max() > 0.1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_calls_without_an_adapter_run_the_slot_free_base_path(arch, tiny_llama, tiny_qwen2, llama_adapters,
+                                                              qwen2_adapters, tmp_path):
+    """The graph is If(adapters_active): without an adapter it runs the base without slot
+    operators, which computes what empty slots compute (the base bias kept: qwen2 has q/k/v
+    biases, behind full slots' overridable bias); an adapter file's flag selects the slot path,
+    through onnxruntime's own adapter API too."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgepeft.runtime_contract import ADAPTERS_ACTIVE
+
+    base, adapters = (tiny_llama, llama_adapters) if arch == "llama" else (tiny_qwen2, qwen2_adapters)
+    name = list(adapters)[-1]
+    bundle = export_bundle(str(base), tmp_path / "b", {name: str(adapters[name])}, onnx_quant="fp32",
+                           slots="full", quiet=True)
+    model = onnx.load(str(bundle.file("onnx/model.onnx")), load_external_data=False)
+    paths = graph_paths(model)
+
+    def slot_ops(nodes):
+        return [n.name for n in nodes if "/lora/" in n.name or "/Scale" in n.name]
+
+    assert slot_ops(paths["slots"]) and not slot_ops(paths["base"])
+    assert len(paths["base"]) < len(paths["slots"]) and bundle.backends["onnx"]["base_path"] is True
+    choose = next(n for n in model.graph.node if n.op_type == "If")
+    assert not any(a.g.initializer for a in choose.attribute)  # the weights are the outer graph's, shared
+
+    session = ort.InferenceSession(str(bundle.file("onnx/model.onnx")), providers=["CPUExecutionProvider"])
+    ids = Engine.open(bundle.root).tokenizer.encode(PROMPT)
+    kv = bundle.backends["onnx"]["kv"]
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for i in range(kv["num_layers"]):
+        for part in ("key", "value"):
+            feed[f"past_key_values.{i}.{part}"] = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    base_path = session.run(["logits"], feed)[0][0]
+    empty_slots = session.run(["logits"], {**feed, ADAPTERS_ACTIVE: np.ones(1, np.float32)})[0][0]
+    assert np.abs(base_path - reference_logits(base, None, ids)).max() <= TOL
+    assert np.abs(base_path - empty_slots).max() <= 1e-5
+
+    adapter_file = str(bundle.file(bundle.adapters[name]["files"]["onnx"]))
+    lora = ort.LoraAdapter()
+    lora.Load(adapter_file)
+    run_options = ort.RunOptions()
+    run_options.add_active_adapter(lora)
+    with_adapter = session.run(["logits"], feed, run_options)[0][0]
+    assert np.abs(with_adapter - reference_logits(base, adapters[name], ids)).max() <= TOL
+    # The slot tensors bound but the flag left at 0: the base path does not read them.
+    params = ort.AdapterFormat.read_adapter(adapter_file).get_parameters()
+    assert params[ADAPTERS_ACTIVE].numpy().tolist() == [1.0]
+    tensors = {k: v.numpy() for k, v in params.items() if k != ADAPTERS_ACTIVE}
+    assert np.abs(session.run(["logits"], {**feed, **tensors})[0][0] - base_path).max() == 0
 
 
 def test_mistral_fp32_matches(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 
 from edgepeft.exporters import export_bundle
 from edgepeft.runtime import Engine
-from factory import make_trained_base, make_trained_lora
+from factory import graph_paths, make_trained_base, make_trained_lora
 
 PROMPTS = ["abcd", "klmn", "uvwx", "efgh", "qrst", "hijk", "mnop", "wxyz", "defg", "stuv"]
 
@@ -47,13 +47,16 @@ def test_int4_base_uses_matmulnbits_and_keeps_adapter_slots_float(trained, tmp_p
     base, _, _ = trained
     bundle = export_bundle(str(base), tmp_path / "int4", onnx_quant="int4", block_size=32, quiet=True)
     model = onnx.load(str(bundle.file("onnx/model.onnx")), load_external_data=False)
-    nbits = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"}
-    assert len(nbits) == 2 * 4 + 1  # per layer qkv, o, gate_up, down (packed); and the lm_head
-    eight = sorted(name for name, a in nbits.items() if a["bits"] == 8)
-    assert eight == sorted(["/lm_head/MatMul_Q8"] + [f"/model.layers.{i}.{m}/MatMul_Q8" for i in range(2)
-                                                      for m in ("self_attn/qkv_proj", "mlp/down_proj")])
-    assert all(a["bits"] == 4 for name, a in nbits.items() if name not in eight)
-    assert all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in nbits.values())
+    paths = graph_paths(model)
+    assert set(paths) == {"slots", "base"}
+    for nodes in paths.values():  # both paths run the same quantized weights
+        nbits = {n.name: {a.name: a.i for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits"}
+        assert len(nbits) == 2 * 4 + 1  # per layer qkv, o, gate_up, down (packed); and the lm_head
+        eight = sorted(name for name, a in nbits.items() if a["bits"] == 8)
+        assert eight == sorted(["/lm_head/MatMul_Q8"] + [f"/model.layers.{i}.{m}/MatMul_Q8" for i in range(2)
+                                                          for m in ("self_attn/qkv_proj", "mlp/down_proj")])
+        assert all(a["bits"] == 4 for name, a in nbits.items() if name not in eight)
+        assert all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in nbits.values())
     slot_inits = [i for i in model.graph.initializer if i.name.startswith("lora.")]
     assert slot_inits and all(i.data_type == onnx.TensorProto.FLOAT for i in slot_inits)
     assert bundle.backends["onnx"]["quant"] == "int4" and bundle.backends["onnx"]["block_size"] == 32
@@ -66,8 +69,9 @@ def test_int4_pure_puts_every_matmul_at_4_bits(trained, tmp_path):
     base, _, _ = trained
     bundle = export_bundle(str(base), tmp_path / "pure", onnx_quant="int4-pure", quiet=True)
     model = onnx.load(str(bundle.file("onnx/model.onnx")), load_external_data=False)
-    bits = [a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
-    assert len(bits) == 2 * 4 + 1 and set(bits) == {4}
+    for nodes in graph_paths(model).values():
+        bits = [a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+        assert len(bits) == 2 * 4 + 1 and set(bits) == {4}
     assert bundle.backends["onnx"]["quant"] == "int4-pure"
 
 
