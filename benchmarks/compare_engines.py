@@ -362,7 +362,8 @@ def main() -> None:
                              f"faster than reloading the base ({r['base']['reload_s']} s)")
             m = r.get("memory")
             if m:
-                lines.append(f"- {eng} peak RSS: {m['peak_rss_0_adapters'] / 2**20:.0f} MiB (0 adapters), "
+                lines.append(f"- {eng} peak RSS from the {m.get('peaks_from', 'process start')}: "
+                             f"{m['peak_rss_0_adapters'] / 2**20:.0f} MiB (0 adapters), "
                              f"{m['peak_rss_1_adapter'] / 2**20:.0f} MiB (1), {m['peak_rss_all_adapters'] / 2**20:.0f} MiB "
                              f"(all); adapters add {m['added_per_file_byte']}x their file size")
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")

@@ -12,11 +12,12 @@ adapter slots, in one pass with onnx.helper:
 Linear layers that read the same input are packed into one MatMul, as onnxruntime-genai does:
 q/k/v (GroupQueryAttention takes the packed query) and gate/up. Every packed group y = x W^T (+ b)
 becomes y = x W^T (+ b) + (x A) B, where A [in, r] and B [r, out] are graph inputs with rank-0
-initializers as defaults: without an adapter the extra path multiplies by empty matrices and adds
-exact zeros, and onnxruntime's adapter files (or bound OrtValues) override them per run without
-touching the base weights. One slot per group, not per layer, because each slot costs a few
-small operators per token whether or not an adapter is active (measured: per-layer slots cost
-30% of decode speed, per-group slots 15%). A packed group's slot is batched: A [parts, in, r]
+initializers as defaults (empty slots multiply by empty matrices and add exact zeros), and
+onnxruntime's adapter files (or bound OrtValues) override them per run without touching the base
+weights. One slot per group, not per layer, because each slot costs a few small operators per
+token (measured: per-layer slots cost 30% of decode speed, per-group slots 15%). Calls without
+an adapter skip them altogether: add_base_path wraps the graph in If(adapters_active), whose
+else-branch is the same graph without slot operators. A packed group's slot is batched: A [parts, in, r]
 (one x A_p per member) and B [chunks, r, chunk], the group's output cut into equal chunks, so
 no zeros are stored between members (see linear() and onnx_adapter.py). The embedding and the
 lm_head have LoRA slots too (x += A[ids] B for the embedding).

@@ -54,7 +54,8 @@ def run(args) -> int:
     m = r.get("memory")
     if m:
         ratio = f", {m['added_per_file_byte']:.2f}x their file size" if m["added_per_file_byte"] is not None else ""
-        print(f"peak RSS: 0 adapters {_mib(m['peak_rss_0_adapters'])}, 1 adapter {_mib(m['peak_rss_1_adapter'])}, "
-              f"all {_mib(m['peak_rss_all_adapters'])} (+{_mib(m['added_by_all_adapters'])} for "
-              f"{_mib(m['adapter_files_bytes'])} of adapter files{ratio})")
+        print(f"peak RSS from the {m['peaks_from']}: 0 adapters {_mib(m['peak_rss_0_adapters'])}, "
+              f"1 adapter {_mib(m['peak_rss_1_adapter'])}, all {_mib(m['peak_rss_all_adapters'])} "
+              f"(+{_mib(m['added_by_all_adapters'])} for {_mib(m['adapter_files_bytes'])} of adapter files{ratio}); "
+              f"process peak {_mib(m['process_peak_rss'])}")
     return 0

@@ -20,6 +20,7 @@ def test_bench_reports_speed_switch_and_memory_per_adapter(llama_bundle, backend
         assert 0 < a["decode_vs_base"] < 10  # median ratio to the base run right before each adapter run
     m = r["memory"]
     assert m["peak_rss_0_adapters"] > 0 and m["peak_rss_all_adapters"] >= m["peak_rss_0_adapters"] - 2**20
+    assert m["peaks_from"] == "first call" and m["process_peak_rss"] >= m["peak_rss_all_adapters"]
     assert main(["bench", str(llama_bundle.root), "--backend", backend, "--runs", "1", "--new-tokens", "8",
                  "--no-memory"]) == 0
     text = capsys.readouterr().out
