@@ -14,6 +14,8 @@ of threads and exactly --new-tokens greedy tokens (EOS ignored):
                   run with a Python that has onnxruntime-genai (--genai-python; its builder needs a
                   newer transformers than our exporter, so it lives in its own venv)
   pytorch+peft    fp32 eager transformers + PEFT (adapter switch = PeftModel.set_adapter)
+After the speed runs, each quantized build's base model is scored against PyTorch fp32 on
+`edgepeft verify`'s prompts (KL, top-1), so speed is read next to what the quantization costs.
 Writes benchmarks/results/{README.md,results.json,speed.png}.
 """
 
@@ -218,6 +220,47 @@ def onnx_size(bundle) -> str:
     return f"{total / 2**20:.0f} MiB"
 
 
+def quality(base_dir: Path, bundles: dict, genai_dir: Path | None) -> dict:
+    """Base-model logits against PyTorch fp32 on `edgepeft verify`'s prompts (mean KL, top-1
+    agreement), so that each engine's speed is read next to what its quantization costs.
+    onnxruntime-genai's model runs through plain onnxruntime here (its graph uses only
+    onnxruntime operators), with an empty KV cache, as verify scores ours."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    from edgepeft.exporters.verify import PROMPTS, _kl
+    from edgepeft.runtime import Engine
+
+    engines = {name: Engine.open(root, backend=backend, threads=2) for name, (root, backend) in bundles.items()}
+    tok = next(iter(engines.values())).tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        refs = [model(torch.tensor([ids])).logits[0].numpy() for ids in prompts]
+    scorers = {name: engine.score for name, engine in engines.items()}
+    if genai_dir is not None:
+        session = ort.InferenceSession(str(genai_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        decoder = json.loads((genai_dir / "genai_config.json").read_text())["model"]["decoder"]
+        empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+
+        def genai_score(ids):
+            feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+            feed.update({name: empty for name in past})
+            return session.run(["logits"], feed)[0][0]
+
+        scorers["onnxruntime-genai int4"] = genai_score
+    out = {}
+    for name, score in scorers.items():
+        got = [score(ids) for ids in prompts]
+        out[name] = {"kl": round(float(np.mean([_kl(r, g) for g, r in zip(got, refs)])), 3),
+                     "top1": round(float(np.mean(np.concatenate([g.argmax(-1) == r.argmax(-1)
+                                                                 for g, r in zip(got, refs)]))), 3)}
+    return out
+
+
 def versions(results: dict) -> str:
     e = results["engines"]
     m = e.get("edgepeft onnx int4", {}).get("machine", {})
@@ -228,11 +271,11 @@ def versions(results: dict) -> str:
 
 
 def table(results: dict) -> list[str]:
-    rows = ["| engine | model file | decode tok/s, base | decode tok/s, with adapter (median over adapters) | adapter switch, median | TTFT, base |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| engine | model file | decode tok/s, base | decode tok/s, with adapter (median over adapters) | adapter switch, median | TTFT, base | base vs PyTorch: KL / top-1 |",
+            "|---|---|---|---|---|---|---|"]
     for name, r in results["engines"].items():
         if "error" in r:
-            rows.append(f"| {name} | | failed: {r['error']} | | | |")
+            rows.append(f"| {name} | | failed: {r['error']} | | | | |")
             continue
         base = r.get("base", r)
         ads = r.get("adapters", {})
@@ -243,7 +286,9 @@ def table(results: dict) -> list[str]:
         if ads and "switch_is" in next(iter(ads.values())):
             switch += f" ({next(iter(ads.values()))['switch_is']})"
         ttft = f"{base['ttft_ms']:.1f} ms" if base.get("ttft_ms") is not None else ""
-        rows.append(f"| {name} | {r.get('file', '')} | {base['decode_tokens_per_s']:.1f} | {ad_rate} | {switch} | {ttft} |")
+        q = r.get("quality")
+        fidelity = f"{q['kl']:.3f} / {q['top1']:.0%}" if q else ("reference" if name.startswith("pytorch") else "")
+        rows.append(f"| {name} | {r.get('file', '')} | {base['decode_tokens_per_s']:.1f} | {ad_rate} | {switch} | {ttft} | {fidelity} |")
     return rows
 
 
@@ -335,6 +380,14 @@ def main() -> None:
     else:
         e["onnxruntime-genai int4"] = {"error": "not run: pass --genai-python"}
     e["pytorch+peft fp32"] = {**pytorch(base_dir, adapters, args.threads, args.runs, args.new_tokens), "file": ""}
+    # After every speed run, so that it cannot disturb them.
+    scored = quality(base_dir, {"edgepeft onnx int4": (bundle.root, "onnx"), "edgepeft onnx int4-pure": (pure.root, "onnx"),
+                                "edgepeft onnx int4-pure, --slots none": (noslots.root, "onnx"),
+                                "edgepeft gguf Q4_K_M": (bundle.root, "gguf"), "llama-cpp-python Q4_K_M": (bundle.root, "gguf")},
+                     model_dir if args.genai_python else None)
+    for name, q in scored.items():
+        if name in e and "error" not in e[name]:
+            e[name]["quality"] = q
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
