@@ -10,7 +10,8 @@ but starts them all, then asks each in turn for one 128-token greedy generation,
 round: drift hits every engine alike, and the per-round ratio to onnxruntime-genai is the figure
 to trust. Our workers also run the rank-16 all-projection adapter after each base run, for the
 with-adapter / base ratio; the "--slots none" worker (a base without adapter slots, as --merge
-exports) shows what the slots cost. Uses the bench bundles and genai build that compare_engines.py made
+exports) shows what is left of the slots' cost in calls without an adapter (they run the graph's
+slot-free branch). Uses the bench bundles and genai build that compare_engines.py made
 in --work (run it first). Writes benchmarks/results/head_to_head.{md,json}.
 """
 

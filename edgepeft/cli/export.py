@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", metavar="NAME", help="bake adapter NAME into a dedicated base instead of a separate file")
     p.add_argument("--slots", choices=["lora", "full", "none"], default=None,
                    help="ONNX adapter slots: lora (LoRA only), full (also the scale and bias slots IA3, DoRA and "
-                        "bias tuning need; ~20%% slower decode) or none (no hot-swap; ~12%% faster than lora). "
-                        "Default: none with --merge, full when an --adapter needs it, else lora")
+                        "bias tuning need; ~20%% slower decode with an adapter) or none (no hot-swap). Calls "
+                        "without an adapter skip the slots. Default: none with --merge, full when an --adapter "
+                        "needs it, else lora")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
