@@ -17,10 +17,10 @@ onnxruntime's adapter files (or bound OrtValues) override them per run without t
 weights. One slot per group, not per layer, because each slot costs a few small operators per
 token (measured: per-layer slots cost 30% of decode speed, per-group slots 15%). Calls without
 an adapter skip them altogether: add_base_path wraps the graph in If(adapters_active), whose
-else-branch is the same graph without slot operators. A packed group's slot is batched: A [parts, in, r]
-(one x A_p per member) and B [chunks, r, chunk], the group's output cut into equal chunks, so
-no zeros are stored between members (see linear() and onnx_adapter.py). The embedding and the
-lm_head have LoRA slots too (x += A[ids] B for the embedding).
+else-branch is the same graph without slot operators. A packed group's slot is batched:
+A [parts, in, r] (one x A_p per member) and B [chunks, r, chunk], the group's output cut into
+equal chunks, so no zeros are stored between members (see linear() and onnx_adapter.py). The
+embedding and the lm_head have LoRA slots too (x += A[ids] B for the embedding).
 
 slot_set "full" adds, per group, an output scale (ones), an overridable bias (the
 base's, or zeros) and, on down_proj, an input scale (ones):
@@ -319,7 +319,8 @@ def add_base_path(proto, info: dict):
     and run the base path.
 
     Why an If and not a second session: a second onnxruntime session would load and prepack its
-    own copy of every weight."""
+    own copy of every weight. Sets info["base_path"], which the manifest records (adapter files
+    for such a base carry the flag)."""
     onnx = require("onnx", "export")
     from edgepeft.runtime_contract import ADAPTERS_ACTIVE
 
