@@ -230,7 +230,7 @@ def quality(base_dir: Path, bundles: dict, genai_dir: Path | None) -> dict:
     import torch
     import transformers
 
-    from edgepeft.exporters.verify import PROMPTS, _kl
+    from edgepeft.exporters.verify import PROMPTS, agreement
     from edgepeft.runtime import Engine
 
     engines = {name: Engine.open(root, backend=backend, threads=2) for name, (root, backend) in bundles.items()}
@@ -254,10 +254,8 @@ def quality(base_dir: Path, bundles: dict, genai_dir: Path | None) -> dict:
         scorers["onnxruntime-genai int4"] = genai_score
     out = {}
     for name, score in scorers.items():
-        got = [score(ids) for ids in prompts]
-        out[name] = {"kl": round(float(np.mean([_kl(r, g) for g, r in zip(got, refs)])), 3),
-                     "top1": round(float(np.mean(np.concatenate([g.argmax(-1) == r.argmax(-1)
-                                                                 for g, r in zip(got, refs)]))), 3)}
+        a = agreement(refs, [score(ids) for ids in prompts])
+        out[name] = {"kl": round(a["kl"], 3), "top1": round(a["top1"], 3)}
     return out
 
 
@@ -383,8 +381,9 @@ def main() -> None:
     # After every speed run, so that it cannot disturb them.
     scored = quality(base_dir, {"edgepeft onnx int4": (bundle.root, "onnx"), "edgepeft onnx int4-pure": (pure.root, "onnx"),
                                 "edgepeft onnx int4-pure, --slots none": (noslots.root, "onnx"),
-                                "edgepeft gguf Q4_K_M": (bundle.root, "gguf"), "llama-cpp-python Q4_K_M": (bundle.root, "gguf")},
+                                "edgepeft gguf Q4_K_M": (bundle.root, "gguf")},
                      model_dir if args.genai_python else None)
+    scored["llama-cpp-python Q4_K_M"] = scored["edgepeft gguf Q4_K_M"]  # the same file through the same llama.cpp
     for name, q in scored.items():
         if name in e and "error" not in e[name]:
             e[name]["quality"] = q

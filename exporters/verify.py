@@ -50,6 +50,14 @@ def _kl(ref: np.ndarray, got: np.ndarray) -> float:
     return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
 
 
+def agreement(refs: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    """Logits `got` against `refs`, prompt by prompt: the largest absolute difference, the mean
+    KL(reference || ours) over prompts, and the top-1 agreement over all positions."""
+    return {"max_abs": max(float(np.abs(g - r).max()) for g, r in zip(got, refs)),
+            "kl": float(np.mean([_kl(r, g) for g, r in zip(got, refs)])),
+            "top1": float(np.mean(np.concatenate([g.argmax(-1) == r.argmax(-1) for g, r in zip(got, refs)])))}
+
+
 def _reference_models(reference: str, bundle: Bundle, adapter_dirs: dict[str, str]):
     """{adapter or None: torch model} built with transformers + PEFT."""
     torch = require("torch", "export")
@@ -107,14 +115,11 @@ def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str
             if name is not None and backend not in (bundle.adapters[name].get("files") or {}):
                 continue  # this kind does not run on this backend (see the support table)
             got = [engine.score(ids, adapter=name) for ids in prompts]
-            max_abs = max(float(np.abs(g - r).max()) for g, r in zip(got, refs))
-            kl = float(np.mean([_kl(r, g) for g, r in zip(got, refs)]))
-            top1 = float(np.mean(np.concatenate([g.argmax(-1) == r.argmax(-1) for g, r in zip(got, refs)])))
             quant = bundle.backends[backend]["quant"]
             limit = thresholds(quant)
-            check = {"backend": backend, "quant": quant, "adapter": name, "max_abs": max_abs, "kl": kl,
-                     "top1": top1, "thresholds": limit}
-            ok = kl <= limit["kl"] and top1 >= limit["top1"] and max_abs <= limit.get("max_abs", float("inf"))
+            check = {"backend": backend, "quant": quant, "adapter": name, **agreement(refs, got), "thresholds": limit}
+            ok = (check["kl"] <= limit["kl"] and check["top1"] >= limit["top1"]
+                  and check["max_abs"] <= limit.get("max_abs", float("inf")))
             entry = bundle.adapters.get(name) if name else None
             if entry and shipped.get(name) == entry.get("source_hash") and name in TASKS and name in metrics:
                 check["task_accuracy"] = TASKS[name].evaluate(engine, name, task_prompts)
