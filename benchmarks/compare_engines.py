@@ -221,8 +221,8 @@ def onnx_size(bundle) -> str:
 
 
 def quality(base_dir: Path, bundles: dict, genai_dir: Path | None) -> dict:
-    """Base-model logits against PyTorch fp32 on `edgepeft verify`'s prompts (mean KL, top-1
-    agreement), so that each engine's speed is read next to what its quantization costs.
+    """Base-model logits against PyTorch fp32 as `edgepeft verify` scores them (its prompts, each
+    followed by PyTorch's greedy answer; mean KL, top-1 agreement), so that each engine's speed is read next to what its quantization costs.
     onnxruntime-genai's model runs through plain onnxruntime here (its graph uses only
     onnxruntime operators), with an empty KV cache, as verify scores ours."""
     import numpy as np
@@ -230,15 +230,15 @@ def quality(base_dir: Path, bundles: dict, genai_dir: Path | None) -> dict:
     import torch
     import transformers
 
-    from edgepeft.exporters.verify import PROMPTS, agreement
+    from edgepeft.exporters.verify import PROMPTS, agreement, reference_sequences, shared_prefix
     from edgepeft.runtime import Engine
 
     engines = {name: Engine.open(root, backend=backend, threads=2) for name, (root, backend) in bundles.items()}
     tok = next(iter(engines.values())).tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        refs = [model(torch.tensor([ids])).logits[0].numpy() for ids in prompts]
+    seqs, refs = reference_sequences(model, prompts, tok.stop_ids(chat=True))
+    shared = shared_prefix(seqs)
     scorers = {name: engine.score for name, engine in engines.items()}
     if genai_dir is not None:
         session = ort.InferenceSession(str(genai_dir / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -254,7 +254,7 @@ def quality(base_dir: Path, bundles: dict, genai_dir: Path | None) -> dict:
         scorers["onnxruntime-genai int4"] = genai_score
     out = {}
     for name, score in scorers.items():
-        a = agreement(refs, [score(ids) for ids in prompts])
+        a = agreement(refs, [score(seq) for seq in seqs], shared)
         out[name] = {"kl": round(a["kl"], 3), "top1": round(a["top1"], 3)}
     return out
 

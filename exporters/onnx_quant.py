@@ -17,8 +17,9 @@ WEIGHT_ONLY = ("int4", "int4-pure", "int8")
 
 # int4 keeps the tensors quantization hurts most at 8 bits, as llama.cpp's Q4_K_M keeps some at 6:
 # the packed q/k/v projection (v_proj is one Q4_K_M widens), the MLP down projection and the
-# output head. Measured on SmolLM2-135M (`edgepeft verify`, 7 chat prompts; base KL / top-1
-# against PyTorch), 4-bit blocks rounded from their absmax (onnxruntime's default):
+# output head. Measured on SmolLM2-135M (`edgepeft verify`'s first scoring, the 7 chat prompts
+# alone; base KL / top-1 against PyTorch), 4-bit blocks rounded from their absmax (onnxruntime's
+# default):
 #   int4-pure (every MatMul at 4 bits, as onnxruntime-genai's int4): KL 0.74, top-1 55%;
 #   qkv + down_proj + lm_head at 8 bits (this mix): KL 0.16, top-1 79%, ~20% slower decode;
 #   with importance-weighted 4-bit blocks (int4_blocks): int4-pure KL 0.64, top-1 67%; this mix

@@ -1,9 +1,13 @@
 """`edgepeft verify`: each backend and adapter of a bundle against the PyTorch+PEFT reference.
 
-For a fixed set of chat prompts, teacher-forced logits of the exported model are compared with
-the reference's: max abs difference, mean KL(reference || exported) and top-1 agreement per
-position. Adapters with a task check (the shipped demo adapters) are also scored on their
-held-out prompts. Thresholds depend on the backend's precision and are printed with the results.
+For a fixed set of chat prompts, each followed by the reference's own greedy answer (up to
+ANSWER_TOKENS, so that the positions a model generates are scored, not only prompt text),
+teacher-forced logits of the exported model are compared with the reference's: max abs
+difference, mean KL(reference || exported) and top-1 agreement over positions. The chat
+template's system prompt, which every prompt starts with, is counted once (identical inputs give
+identical logits; counted per prompt it was 58% of the positions on SmolLM2). Adapters with a
+task check (the shipped demo adapters) are also scored on their held-out prompts. Thresholds
+depend on the backend's precision and are printed with the results.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ THRESHOLDS = {
     "int8": {"kl": 0.02, "top1": 0.93}, "Q8_0": {"kl": 0.02, "top1": 0.93},
 }
 QUANTIZED_4BIT = {"kl": 0.15, "top1": 0.8}
+ANSWER_TOKENS = 32  # greedy answer tokens of the reference scored after each prompt
 TASK_KEEP = 0.95  # an adapter must keep this share of its PyTorch task accuracy
 
 
@@ -50,12 +55,53 @@ def _kl(ref: np.ndarray, got: np.ndarray) -> float:
     return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
 
 
-def agreement(refs: list[np.ndarray], got: list[np.ndarray]) -> dict:
-    """Logits `got` against `refs`, prompt by prompt: the largest absolute difference, the mean
-    KL(reference || ours) over prompts, and the top-1 agreement over all positions."""
-    return {"max_abs": max(float(np.abs(g - r).max()) for g, r in zip(got, refs)),
-            "kl": float(np.mean([_kl(r, g) for g, r in zip(got, refs)])),
-            "top1": float(np.mean(np.concatenate([g.argmax(-1) == r.argmax(-1) for g, r in zip(got, refs)])))}
+def _kl_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(ref || got) per position."""
+    return np.array([_kl(ref[i:i + 1], got[i:i + 1]) for i in range(len(ref))])
+
+
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence starts with (the chat template's system prompt)."""
+    n = 0
+    while all(len(s) > n and s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def agreement(refs: list[np.ndarray], got: list[np.ndarray], shared: int = 0) -> dict:
+    """Logits `got` against `refs` ([positions, vocab] per sequence): the largest absolute
+    difference, the mean KL(reference || ours) and the top-1 agreement over positions. The first
+    `shared` positions (a prefix all sequences share) count once, from the first sequence."""
+    pairs = [(r[i and shared:], g[i and shared:]) for i, (r, g) in enumerate(zip(refs, got))]
+    kl = np.concatenate([_kl_rows(r, g) for r, g in pairs])
+    return {"max_abs": max(float(np.abs(g - r).max()) for r, g in pairs if len(r)),
+            "kl": float(kl.mean()),
+            "top1": float(np.mean(np.concatenate([g.argmax(-1) == r.argmax(-1) for r, g in pairs]))),
+            "positions": int(len(kl))}
+
+
+def reference_sequences(model, prompts: list[list[int]], stop_ids: set[int],
+                        answer_tokens: int | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Each prompt followed by `model`'s greedy answer (up to answer_tokens, ending at a stop
+    token), and the model's logits [len(sequence), vocab] for it. Decoded without a KV cache, one
+    full forward per token, so that every PEFT kind (virtual tokens included) runs as it trains."""
+    torch = require("torch", "export")
+    answer_tokens = ANSWER_TOKENS if answer_tokens is None else answer_tokens
+    seqs, refs = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            seq = list(ids)
+            # prompt tuning's PeftModel also returns its virtual tokens' rows: keep the real ones
+            logits = model(torch.tensor([seq])).logits[0, -len(seq):]
+            for _ in range(answer_tokens):
+                nxt = int(logits[-1].argmax())
+                seq.append(nxt)
+                logits = model(torch.tensor([seq])).logits[0, -len(seq):]
+                if nxt in stop_ids:
+                    break
+            seqs.append(seq)
+            refs.append(logits.numpy())
+    return seqs, refs
 
 
 def _reference_models(reference: str, bundle: Bundle, adapter_dirs: dict[str, str]):
@@ -85,7 +131,7 @@ def _reference_models(reference: str, bundle: Bundle, adapter_dirs: dict[str, st
 
 def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str, str] | None = None,
                   backends: list[str] | None = None, task_prompts: int = 40) -> dict:
-    torch = require("torch", "export")
+    require("torch", "export")  # before any engine opens: the reference needs the export extra
     from edgepeft.runtime import Engine
     from edgepeft.shipped import shipped_adapters, shipped_metrics
     from edgepeft.tasks import TASKS
@@ -104,20 +150,21 @@ def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str
     shipped = {n: sha256_file(p / "adapter_model.safetensors") for n, p in shipped_adapters().items()}
     metrics = shipped_metrics()
 
+    stop = tok.stop_ids(chat=True)
+    # a bundle exported with a short --context-length gets shorter answers, not an error
+    context = min(bundle.backends[b].get("context_length") or 1 << 30 for b in backends)
+    answer_tokens = max(0, min(ANSWER_TOKENS, context - max(map(len, prompts))))
     for name, model in _reference_models(reference, bundle, dict(adapter_dirs or {})):
-        refs = []
-        with torch.no_grad():
-            for ids in prompts:
-                # prompt tuning's PeftModel also returns its virtual tokens' rows: keep the real ones
-                refs.append(model(torch.tensor([ids])).logits[0, -len(ids):].numpy())
+        seqs, refs = reference_sequences(model, prompts, stop, answer_tokens)
         del model
+        shared = shared_prefix(seqs)
         for backend, engine in engines.items():
             if name is not None and backend not in (bundle.adapters[name].get("files") or {}):
                 continue  # this kind does not run on this backend (see the support table)
-            got = [engine.score(ids, adapter=name) for ids in prompts]
+            got = [engine.score(seq, adapter=name) for seq in seqs]
             quant = bundle.backends[backend]["quant"]
             limit = thresholds(quant)
-            check = {"backend": backend, "quant": quant, "adapter": name, **agreement(refs, got), "thresholds": limit}
+            check = {"backend": backend, "quant": quant, "adapter": name, **agreement(refs, got, shared), "thresholds": limit}
             ok = (check["kl"] <= limit["kl"] and check["top1"] >= limit["top1"]
                   and check["max_abs"] <= limit.get("max_abs", float("inf")))
             entry = bundle.adapters.get(name) if name else None

@@ -1,6 +1,7 @@
 """Compare every backend and adapter of a bundle with the PyTorch+PEFT reference: logit error on a
-fixed prompt set (max abs, KL, top-1 agreement) and, for adapters with a task check, task
-accuracy. Exits 1 when any backend/adapter falls below the printed thresholds."""
+fixed prompt set, each prompt followed by the reference's greedy answer (max abs, KL, top-1
+agreement over positions) and, for adapters with a task check, task accuracy. Exits 1 when any
+backend/adapter falls below the printed thresholds."""
 
 from __future__ import annotations
 
@@ -31,13 +32,13 @@ def run(args) -> int:
         print(json.dumps(r, indent=2))
         return 0 if r["ok"] else 1
     print(f"verify {r['bundle']} against {r['reference']} (hashes checked)")
-    print(f"{'backend':<7} {'quant':<7} {'adapter':<12} {'max abs':>9} {'KL':>10} {'top-1':>7}  {'task acc (PyTorch)':<20} thresholds")
+    print(f"{'backend':<7} {'quant':<7} {'adapter':<12} {'max abs':>9} {'KL':>10} {'top-1':>7} {'pos':>4}  {'task acc (PyTorch)':<20} thresholds")
     for c in r["checks"]:
         t = c["thresholds"]
         task = f"{c['task_accuracy']:.0%} ({c['pytorch_task_accuracy']:.0%})" if "task_accuracy" in c else ""
         limits = f"KL<={t['kl']:g} top1>={t['top1']:g}" + (f" abs<={t['max_abs']:g}" if "max_abs" in t else "") \
             + (" task>=95% of PyTorch" if task else "")
         print(f"{c['backend']:<7} {c['quant']:<7} {c['adapter'] or 'base':<12} {c['max_abs']:>9.2e} {c['kl']:>10.2e} "
-              f"{c['top1']:>6.1%}  {task:<20} {limits}  {'ok' if c['ok'] else 'FAIL'}")
+              f"{c['top1']:>6.1%} {c['positions']:>4}  {task:<20} {limits}  {'ok' if c['ok'] else 'FAIL'}")
     print("all checks passed" if r["ok"] else "some checks FAILED")
     return 0 if r["ok"] else 1
