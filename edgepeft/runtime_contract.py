@@ -25,3 +25,8 @@ def prefix_names(layer: int) -> tuple[str, str]:
 # files carry it as 1, so onnxruntime's own adapter API (RunOptions.add_active_adapter) selects
 # the slot path too.
 ADAPTERS_ACTIVE = "adapters_active"
+
+# Graph input (int64 [1], default 0 = all positions): logits for the last n positions only, as
+# transformers' logits_to_keep. The runtime asks for 1 when it only samples from a prompt's last
+# position. Bundles from before it have no such input and compute every position.
+LOGITS_TO_KEEP = "logits_to_keep"

@@ -103,10 +103,10 @@ def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
 def onnx_export_current(onnx: dict) -> bool:
     """Whether a bundle's ONNX backend entry comes from the current export recipe: a recorded
     slot set, batched packed slots, int4's 8-bit mix, importance-weighted 4-bit blocks and a
-    slot-free base path. Older bundles still run; the demo and the benchmarks re-export them so
-    that they measure this one."""
+    slot-free base path, and a logits_to_keep input. Older bundles still run; the demo and the
+    benchmarks re-export them so that they measure this one."""
     quant = onnx.get("quant", "")
-    return ("slot_set" in onnx and (quant != "int4" or onnx.get("eight_bit") == list(SENSITIVE))
+    return (onnx.get("logits_to_keep", False) and "slot_set" in onnx and (quant != "int4" or onnx.get("eight_bit") == list(SENSITIVE))
             and (not quant.startswith("int4") or onnx.get("int4_rounding") == "importance-weighted")
             and all("chunk" in s for s in onnx.get("slots", []) if len(s.get("parts", [])) > 1)
             and (onnx.get("slot_set") == "none" or onnx.get("base_path", False)))
@@ -259,6 +259,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                     "dtype": info["dtype"], "context_length": info["context_length"],
                     "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
                     **({"base_path": True} if info.get("base_path") else {}),
+                    "logits_to_keep": True,
                 }
                 progress.done()
             if "gguf" in formats:

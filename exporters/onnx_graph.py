@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgepeft.errors import UnsupportedModel, require
+from edgepeft.runtime_contract import ADAPTERS_ACTIVE, LOGITS_TO_KEEP
 
 from .hf_base import BaseModel
 
@@ -288,9 +289,17 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
         pending = linear(prod, f"{p}.mlp", "down_proj", mlp, ("down_proj",), in_scale=True)
 
     final = norm(pending, inner.norm.weight, "model.norm")
+    # logits_to_keep (transformers' argument, same meaning): logits for the last n positions
+    # only, 0 (the default) for all. A prompt's prefill needs one row, and each row costs a
+    # vocab-wide lm_head row and its output (SmolLM2: 28M multiply-adds and 192 KiB a position);
+    # llama.cpp likewise computes only the logits a batch asks for.
+    g.inputs.append(h.make_tensor_value_info(LOGITS_TO_KEEP, TP.INT64, [1]))
+    start = g.node("Neg", [g.init(LOGITS_TO_KEEP, np.zeros(1, np.int64), cast=False)], 1, "/logits_to_keep/Neg")
+    final = g.node("Slice", [final, start, g.init("const.int64_max", np.array([np.iinfo(np.int64).max]), cast=False),
+                             "const.axes1"], 1, "/logits_to_keep/Slice")
     linear(final, None, "lm_head", model, ("lm_head",))
     g.nodes[-1].output[0] = "logits"  # the lm_head group's last operator produces the graph output
-    g.outputs.insert(0, h.make_tensor_value_info("logits", onnx_dtype, ["batch", "seq", d["vocab_size"]]))
+    g.outputs.insert(0, h.make_tensor_value_info("logits", onnx_dtype, ["batch", "kept_seq", d["vocab_size"]]))
 
     graph = h.make_graph(g.nodes, "edgepeft_decoder", g.inputs, g.outputs, g.inits)
     proto = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET), h.make_opsetid(MS, 1)],
@@ -322,7 +331,6 @@ def add_base_path(proto, info: dict):
     own copy of every weight. Sets info["base_path"], which the manifest records (adapter files
     for such a base carry the flag)."""
     onnx = require("onnx", "export")
-    from edgepeft.runtime_contract import ADAPTERS_ACTIVE
 
     h, TP = onnx.helper, onnx.TensorProto
     g = proto.graph

@@ -259,7 +259,7 @@ class Engine:
         sampler, stop = Sampler(params), set() if ignore_eos else self.tokenizer.stop_ids(chat)
         with self.backend.sequence(handle, budget) as seq:
             t0 = time.perf_counter()
-            logits = seq.forward(prompt_ids)[-1]
+            logits = seq.forward(prompt_ids, all_logits=False)[-1]
             timings["prefill_s"] = time.perf_counter() - t0
             t1, n = time.perf_counter(), 0
             try:

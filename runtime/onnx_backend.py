@@ -28,7 +28,7 @@ from edgepeft.bundle import Bundle
 from edgepeft.errors import AdapterError, AdapterMismatch, BundleError, EngineError, require
 from edgepeft.limits import MAX_ADAPTER_FILE_BYTES, MAX_RANK
 from edgepeft.runtime.devices import DEVICES, pick_onnx
-from edgepeft.runtime_contract import ADAPTERS_ACTIVE, fingerprint_version, prefix_names
+from edgepeft.runtime_contract import ADAPTERS_ACTIVE, LOGITS_TO_KEEP, fingerprint_version, prefix_names
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -87,6 +87,9 @@ class OnnxBackend:
         # Bases with a slot-free path run it unless a call binds the flag (onnx_graph.add_base_path).
         self.base_path = any(i.name == ADAPTERS_ACTIVE for i in overridable)
         self._active = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.float32))
+        # Bases with logits_to_keep compute only the rows a call asks for (1 for a prompt's prefill).
+        self.keeps_logits = any(i.name == LOGITS_TO_KEEP for i in overridable)
+        self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.array([n], np.int64)) for n in (0, 1)}
         kv = info["kv"]
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
         # --max-context bounds every call's KV cache (prompt + generated tokens).
@@ -257,6 +260,7 @@ class _Sequence:
         self.mask = np.ones((1, max_len), np.int64)
         # Virtual tokens occupy the first P positions: real tokens start at position P.
         self.length = backend.prefix_length(adapter)
+        self.keep = 0  # logits_to_keep as bound: unbound, the graph's default 0 (all positions)
 
     def __enter__(self):
         return self
@@ -265,9 +269,10 @@ class _Sequence:
         self.io = self.kv = self.host_kv = self.step_logits = None  # release the buffers now, not at garbage collection
 
     def forward(self, ids, all_logits: bool = True) -> np.ndarray:
-        """Run `ids` after what is cached; return logits [len(ids), vocab] as float32 (the graph
-        computes every position, so all_logits changes nothing here). A one-token call's logits
-        are overwritten by the next one-token call: use them before stepping again."""
+        """Run `ids` after what is cached; return logits as float32, [len(ids), vocab], or with
+        all_logits=False at least the last position's (only that one where the graph has
+        logits_to_keep). One-row results (a one-token call, or one kept row) share a buffer that
+        the next such call overwrites: use them before stepping again."""
         n = len(ids)
         if n == 0:
             raise EngineError("empty input: nothing to run")
@@ -279,10 +284,17 @@ class _Sequence:
         # one reused for every decode step. Reading it directly, not through io.get_outputs(),
         # matters: that wraps all 2*layers+1 outputs in Python objects each call, ~200 us a
         # token on SmolLM2 (3-4% of decode time).
-        if n == 1:
+        kept = n
+        if self.backend.keeps_logits:
+            kept = n if all_logits else 1
+            keep = 0 if kept == n else kept  # 0: every position
+            if keep != self.keep:  # bound only when it changes, not every decode step
+                self.io.bind_ortvalue_input(LOGITS_TO_KEEP, self.backend._keep[keep])
+                self.keep = keep
+        if kept == 1:
             logits, value = self.step_logits
         else:
-            logits = np.empty((1, n, self.backend.vocab_size), self.backend.dtype)
+            logits = np.empty((1, kept, self.backend.vocab_size), self.backend.dtype)
             value = self.backend.ort.OrtValue.ortvalue_from_numpy(logits)
         self.io.bind_ortvalue_output("logits", value)
         self.backend.session.run_with_iobinding(self.io)

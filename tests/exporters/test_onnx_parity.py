@@ -96,6 +96,43 @@ def test_calls_without_an_adapter_run_the_slot_free_base_path(arch, tiny_llama, 
     assert np.abs(session.run(["logits"], {**feed, **tensors})[0][0] - base_path).max() == 0
 
 
+def test_logits_to_keep_returns_the_last_rows_and_prefill_asks_for_one(tiny_llama, llama_adapters, tmp_path):
+    """logits_to_keep=n gives the last n rows of what 0 (every position) gives, on the base path
+    and with an adapter; the runtime's prefill asks for one row, scoring for all."""
+    import onnxruntime as ort
+
+    from edgepeft.runtime_contract import ADAPTERS_ACTIVE, LOGITS_TO_KEEP
+
+    bundle = export_bundle(str(tiny_llama), tmp_path / "b", {"all": str(llama_adapters["all"])},
+                           onnx_quant="fp32", quiet=True)
+    assert bundle.backends["onnx"]["logits_to_keep"] is True
+    session = ort.InferenceSession(str(bundle.file("onnx/model.onnx")), providers=["CPUExecutionProvider"])
+    engine = Engine.open(bundle.root)
+    ids = engine.tokenizer.encode(PROMPT)
+    kv = bundle.backends["onnx"]["kv"]
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for i in range(kv["num_layers"]):
+        for part in ("key", "value"):
+            feed[f"past_key_values.{i}.{part}"] = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    params = ort.AdapterFormat.read_adapter(str(bundle.file(bundle.adapters["all"]["files"]["onnx"]))).get_parameters()
+    with_adapter = {k: v.numpy() for k, v in params.items()}
+    assert with_adapter[ADAPTERS_ACTIVE].tolist() == [1.0]
+    for extra in ({}, with_adapter):
+        every = session.run(["logits"], {**feed, **extra})[0][0]
+        assert every.shape[0] == len(ids)
+        for n in (1, 3, len(ids) + 5):
+            kept = session.run(["logits"], {**feed, **extra, LOGITS_TO_KEEP: np.array([n], np.int64)})[0][0]
+            assert kept.shape[0] == min(n, len(ids)) and np.abs(kept - every[-kept.shape[0]:]).max() <= 1e-5
+    backend = engine.backend
+    with backend.sequence(None, len(ids) + 2) as seq:
+        last = seq.forward(ids, all_logits=False).copy()  # one-row results share the step buffer
+        step = seq.forward([ids[0]], all_logits=False)
+    with backend.sequence(None, len(ids) + 2) as seq:
+        rows = seq.forward(ids + [ids[0]], all_logits=True)
+    assert last.shape[0] == 1 and rows.shape[0] == len(ids) + 1
+    assert np.abs(last[0] - rows[-2]).max() <= 1e-4 and np.abs(step[0] - rows[-1]).max() <= 1e-4
+
+
 def test_mistral_fp32_matches(tmp_path):
     from factory import make_base
 
