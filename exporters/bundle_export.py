@@ -20,9 +20,9 @@ from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_bas
 from .gguf_adapter import export_adapter_gguf
 from .gguf_base import gguf_ftype, quantize_gguf, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
-from .onnx_graph import add_base_path, build_decoder
+from .onnx_graph import add_base_path, build_decoder, head_is_tied
 from .onnx_prompt import KINDS as PROMPT_KINDS
-from .onnx_quant import ONNX_QUANTS, SENSITIVE, WEIGHT_ONLY, quantize
+from .onnx_quant import EXACT_HEAD_TOP_K, ONNX_QUANTS, SENSITIVE, SENSITIVE_EXACT_HEAD, WEIGHT_ONLY, quantize
 
 FORMATS = ("onnx", "gguf")
 
@@ -106,7 +106,8 @@ def onnx_export_current(onnx: dict) -> bool:
     slot-free base path, and a logits_to_keep input. Older bundles still run; the demo and the
     benchmarks re-export them so that they measure this one."""
     quant = onnx.get("quant", "")
-    return (onnx.get("logits_to_keep", False) and "slot_set" in onnx and (quant != "int4" or onnx.get("eight_bit") == list(SENSITIVE))
+    eight_bit = list(SENSITIVE_EXACT_HEAD if onnx.get("exact_head_top_k") == EXACT_HEAD_TOP_K else SENSITIVE)
+    return (onnx.get("logits_to_keep", False) and "slot_set" in onnx and (quant != "int4" or onnx.get("eight_bit") == eight_bit)
             and (not quant.startswith("int4") or onnx.get("int4_rounding") == "importance-weighted")
             and all("chunk" in s for s in onnx.get("slots", []) if len(s.get("parts", [])) > 1)
             and (onnx.get("slot_set") == "none" or onnx.get("base_path", False)))
@@ -232,8 +233,11 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                 graph_dtype = "fp16" if onnx_quant == "fp16" else "fp32"
                 slot_set = slots or ("none" if merge is not None else
                                      "full" if any(needs_full_slots(sp) for sp in specs.values()) else "lora")
+                # int4 with a tied head: the head at 4 bits, its top logits recomputed exactly
+                exact_head = EXACT_HEAD_TOP_K if onnx_quant == "int4" and head_is_tied(base_model) else 0
+                eight_bit = SENSITIVE_EXACT_HEAD if exact_head else SENSITIVE
                 proto, info = build_decoder(base_model, graph_dtype, context_length, slot_set=slot_set,
-                                            fp16_embedding=onnx_quant in WEIGHT_ONLY)
+                                            fp16_embedding=onnx_quant in WEIGHT_ONLY, exact_head_top_k=exact_head)
                 progress.done()
                 importance = None
                 if onnx_quant in ("int4", "int4-pure"):
@@ -241,7 +245,8 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                     importance = activation_importance(base_model, info["base_matmuls"])
                     progress.done()
                 progress.step(f"quantizing ({onnx_quant})")
-                proto = quantize(proto, onnx_quant, info["lora_nodes"], block_size, accuracy_level, importance)
+                proto = quantize(proto, onnx_quant, info["lora_nodes"], block_size, accuracy_level, importance,
+                                 eight_bit)
                 if slot_set != "none":
                     proto = add_base_path(proto, info)
                 progress.done()
@@ -254,7 +259,8 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                     "model": "onnx/model.onnx", "quant": onnx_quant,
                     **({"block_size": block_size, "accuracy_level": accuracy_level}
                        if onnx_quant in WEIGHT_ONLY else {}),
-                    **({"eight_bit": list(SENSITIVE)} if onnx_quant == "int4" else {}),
+                    **({"eight_bit": list(eight_bit)} if onnx_quant == "int4" else {}),
+                    **({"exact_head_top_k": exact_head} if exact_head else {}),
                     **({"int4_rounding": "importance-weighted"} if importance else {}),
                     "dtype": info["dtype"], "context_length": info["context_length"],
                     "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],

@@ -25,6 +25,13 @@ WEIGHT_ONLY = ("int4", "int4-pure", "int8")
 #   with importance-weighted 4-bit blocks (int4_blocks): int4-pure KL 0.64, top-1 67%; this mix
 #   KL 0.12, top-1 85% (json/upper/rank-16 adapters 0.10-0.12), at the same speed.
 SENSITIVE = ("qkv_proj/MatMul", "down_proj/MatMul", "/lm_head/MatMul")
+# With a tied head, the int4 export recomputes the head's top logits exactly from the fp16
+# embedding table (onnx_graph.exact_head) and the head itself is 4-bit: verify's scoring (prompts
+# and answers, see verify.py), SmolLM2 base KL 0.077 against 0.071 with the head at 8 bits, 12%
+# faster decode. Without that recomputation a 4-bit head costs too much: base 0.125, the
+# sentiment adapter 0.176 and upper 0.156, over verify's 0.15.
+SENSITIVE_EXACT_HEAD = SENSITIVE[:2]
+EXACT_HEAD_TOP_K = 64  # k=16: +13% decode, base KL 0.082, sentiment 0.142; k=256: +8%, 0.074, 0.133
 
 # Scale candidates per 4-bit block (llama.cpp's make_qx_quants search): the level the block's
 # signed absmax is rounded to, -9 ... -7 in steps of 0.05 (-8 is plain absmax rounding).
@@ -77,9 +84,10 @@ def int4_blocks(w: np.ndarray, importance: np.ndarray, block_size: int) -> tuple
 
 
 def quantize(proto, quant: str, lora_nodes: list[str], block_size: int = 32, accuracy_level: int = 4,
-             importance: dict[str, np.ndarray] | None = None):
+             importance: dict[str, np.ndarray] | None = None, eight_bit: tuple[str, ...] = SENSITIVE):
     """Return `proto` with base MatMuls as MatMulNBits (int4/int8, symmetric blocks); fp16/fp32
-    pass through. int4 puts the SENSITIVE projections at 8 bits; int4-pure does not.
+    pass through. int4 puts the `eight_bit` projections (SENSITIVE, or SENSITIVE_EXACT_HEAD for a
+    graph with an exact head) at 8 bits; int4-pure does not.
 
     importance ({MatMul node: mean x^2 per input channel}, see calibration.py) makes the 4-bit
     blocks of those nodes importance-weighted; without it they are rounded from their absmax.
@@ -96,7 +104,7 @@ def quantize(proto, quant: str, lora_nodes: list[str], block_size: int = 32, acc
     onnx = require("onnx", "export")
     skip = set(lora_nodes)
     base = [n for n in proto.graph.node if n.op_type == "MatMul" and n.name not in skip]
-    wide = {n.name for n in base if quant == "int8" or (quant == "int4" and n.name.endswith(SENSITIVE))}
+    wide = {n.name for n in base if quant == "int8" or (quant == "int4" and n.name.endswith(eight_bit))}
     narrow = {n.name for n in base} - wide
     # Our 4-bit blocks are computed before onnxruntime's quantizer drops the float weights.
     weights = {i.name: i for i in proto.graph.initializer}

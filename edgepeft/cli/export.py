@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a PEFT adapter directory to export under NAME (repeatable)")
     p.add_argument("--format", default="onnx", help="comma-separated backends to export: onnx, gguf (default onnx)")
     p.add_argument("--onnx-quant", default="int4", choices=["int4", "int4-pure", "int8", "fp16", "fp32"],
-                   help="ONNX base precision (default int4: 4-bit MatMulNBits with qkv, down_proj and lm_head at 8 bits; int4-pure: every MatMul at 4 bits, faster, less accurate; 4-bit blocks are weighted by activation statistics from a built-in calibration text)")
+                   help="ONNX base precision (default int4: 4-bit MatMulNBits with qkv, down_proj and lm_head at 8 bits, a head tied to the embedding at 4 bits with its top 64 logits recomputed from the fp16 table; int4-pure: every MatMul at 4 bits, faster, less accurate; 4-bit blocks are weighted by activation statistics from a built-in calibration text)")
     p.add_argument("--gguf-quant", default="Q4_K_M", metavar="TYPE",
                    help="GGUF base type: F32, F16 or any llama.cpp quant type (Q8_0, Q4_K_M, ...; default Q4_K_M)")
     p.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size (default 32)")

@@ -153,3 +153,46 @@ def test_calibration_covers_every_base_matmul(trained):
     for name, stats in importance.items():
         assert stats.shape == (weights[matmuls[name].input[1]][0],)  # one per input channel
         assert np.all(np.isfinite(stats)) and stats.min() >= 0 and stats.max() > 0
+
+
+def test_int4_with_a_tied_head_recomputes_its_top_logits_exactly(tmp_path, monkeypatch):
+    """A tied head is 4-bit in int4, with each position's top logits recomputed from the fp16
+    embedding table: those logits are closer to fp32 than a plain 4-bit head's."""
+    import numpy as np
+    import onnx
+
+    import edgepeft.exporters.bundle_export as bundle_export
+    from factory import make_base
+
+    base = make_base(tmp_path / "tied", seed=3, tie=True)
+    fp32 = Engine.open(export_bundle(str(base), tmp_path / "fp32", onnx_quant="fp32", quiet=True).root)
+    exact = export_bundle(str(base), tmp_path / "exact", onnx_quant="int4", quiet=True)
+    assert exact.backends["onnx"]["exact_head_top_k"] == bundle_export.EXACT_HEAD_TOP_K
+    assert exact.backends["onnx"]["eight_bit"] == list(bundle_export.SENSITIVE_EXACT_HEAD)
+    for nodes in graph_paths(onnx.load(str(exact.file("onnx/model.onnx")), load_external_data=False)).values():
+        head = next(n for n in nodes if n.op_type == "MatMulNBits" and "/lm_head/" in n.name)
+        assert next(a.i for a in head.attribute if a.name == "bits") == 4
+        assert {"TopK", "ScatterElements"} <= {n.op_type for n in nodes if "/lm_head/exact/" in n.name}
+    # the same head at 4 bits without the recomputation
+    monkeypatch.setattr(bundle_export, "EXACT_HEAD_TOP_K", 0)
+    monkeypatch.setattr(bundle_export, "SENSITIVE", bundle_export.SENSITIVE_EXACT_HEAD)
+    plain = export_bundle(str(base), tmp_path / "plain", onnx_quant="int4", quiet=True)
+    assert "exact_head_top_k" not in plain.backends["onnx"]
+    engines = {"exact": Engine.open(exact.root), "plain": Engine.open(plain.root)}
+    k = exact.backends["onnx"]["exact_head_top_k"]
+    errors = {"exact": [], "plain": []}
+    for prompt in PROMPTS:
+        ids = fp32.tokenizer.encode(prompt)
+        ref = fp32.score(ids)
+        got = {name: engine.score(ids) for name, engine in engines.items()}
+        # Both share every other weight, so the same hidden state: the logits differ only at
+        # each position's k largest (4-bit) logits, which the exact head recomputed.
+        changed = got["exact"] != got["plain"]
+        assert changed.any() and (changed.sum(-1) <= k).all()
+        top_k = np.argsort(got["plain"], axis=-1)[:, -k:]
+        assert not np.put_along_axis(changed, top_k, False, -1) and not changed.any()
+        top = np.argsort(ref, axis=-1)[:, -5:]  # the reference's five most likely tokens
+        for name, logits in got.items():
+            errors[name].append(np.abs(np.take_along_axis(logits - ref, top, -1)).mean())
+    # and closer to fp32 there than the 4-bit head (the rest of the error is the 4-bit layers')
+    assert np.mean(errors["exact"]) < 0.9 * np.mean(errors["plain"]), errors
