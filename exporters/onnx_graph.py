@@ -7,7 +7,8 @@ adapter slots, in one pass with onnx.helper:
 
   Gather(embed) -> [SimplifiedLayerNorm | SkipSimplifiedLayerNorm] -> qkv -> GroupQueryAttention
   (rotary inside, KV cache in/out) -> o -> SkipSimplifiedLayerNorm -> gate_up -> Split -> SiLU*up
-  -> down ... -> SkipSimplifiedLayerNorm -> lm_head -> logits
+  -> down ... -> SkipSimplifiedLayerNorm -> Slice(logits_to_keep) -> lm_head [-> exact top-k]
+  -> logits
 
 Linear layers that read the same input are packed into one MatMul, as onnxruntime-genai does:
 q/k/v (GroupQueryAttention takes the packed query) and gate/up. Every packed group y = x W^T (+ b)
