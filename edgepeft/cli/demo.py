@@ -56,6 +56,9 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
+DECODE_TOKENS = 32  # fixed-length runs for the decode line (a task's answer can be one token)
+
+
 def _show(engine, adapters, tasks) -> dict:
     """Side-by-side outputs, switch time and decode speed for one backend; returns speeds."""
     columns = [None, *adapters]
@@ -65,14 +68,18 @@ def _show(engine, adapters, tasks) -> dict:
         print(f"  prompt ({task_name} task): {example.prompt}")
         for col in columns:
             r = engine.complete(example.prompt, adapter=col, max_new_tokens=task.max_new_tokens, chat=True)
-            if r.timings["decode_tokens_per_s"]:
-                speeds[col].append(r.timings["decode_tokens_per_s"])
+            # decode speed from fixed-length runs (EOS ignored, as llama-bench does), not from
+            # answers a token or two long
+            fixed = engine.complete(example.prompt, adapter=col, max_new_tokens=DECODE_TOKENS, chat=True,
+                                    ignore_eos=True)
+            speeds[col].append(fixed.timings["decode_tokens_per_s"])
             lines = textwrap.wrap(" ".join(r.text.split()), 86) or [""]
             print(f"    {col or 'base':<10} | {lines[0]}" + "".join(f"\n    {'':<10} | {l}" for l in lines[1:3]))
     switch = {n: statistics.median(engine.switch_seconds(n)) * 1e3 for n in adapters}
     print("  switch  " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in switch.items())
           + "  (median of 200, from the plain base; no base weights move)")
-    print("  decode  " + ", ".join(f"{c or 'base'} {statistics.median(v):.0f} tok/s" for c, v in speeds.items() if v))
+    print("  decode  " + ", ".join(f"{c or 'base'} {statistics.median(v):.0f} tok/s" for c, v in speeds.items())
+          + f"  (median of {len(tasks)} runs of {DECODE_TOKENS} tokens)")
     return speeds
 
 

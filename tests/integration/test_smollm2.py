@@ -74,6 +74,12 @@ def test_demo_prints_outputs_switch_speed_memory_and_accuracy(demo_bundle):
     for backend_section in stdout.split("\n[")[1:]:
         for name in shipped_adapters():
             assert f"    {name:<10} |" in backend_section and f"{name} " in backend_section.split("switch", 1)[1]
+        # decode speed for the base and every adapter, from fixed-length runs
+        decode = next(line for line in backend_section.splitlines() if line.startswith("  decode  "))
+        for name in ["base", *shipped_adapters()]:
+            rate = decode.split(f" {name} ", 1)[1].split(" tok/s", 1)[0]
+            assert float(rate) > 0, decode
+        assert "runs of 32 tokens" in decode
 
 
 def test_second_demo_run_reuses_the_bundle(demo_bundle):
