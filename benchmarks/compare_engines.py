@@ -222,7 +222,8 @@ def onnx_size(bundle) -> str:
 
 def quality(base_dir: Path, bundles: dict, genai_dir: Path | None) -> dict:
     """Base-model logits against PyTorch fp32 as `edgepeft verify` scores them (its prompts, each
-    followed by PyTorch's greedy answer; mean KL, top-1 agreement), so that each engine's speed is read next to what its quantization costs.
+    followed by PyTorch's greedy answer; mean KL, top-1 agreement), so that each engine's speed
+    is read next to what its quantization costs.
     onnxruntime-genai's model runs through plain onnxruntime here (its graph uses only
     onnxruntime operators), with an empty KV cache, as verify scores ours."""
     import numpy as np

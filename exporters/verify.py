@@ -45,19 +45,15 @@ def thresholds(quant: str) -> dict:
     return THRESHOLDS.get(quant, QUANTIZED_4BIT)
 
 
-def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+def _kl_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(ref || got) per position (row), in float64."""
     def log_softmax(x):
         x = x.astype(np.float64)
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
     lr, lg = log_softmax(ref), log_softmax(got)
-    return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
-
-
-def _kl_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
-    """KL(ref || got) per position."""
-    return np.array([_kl(ref[i:i + 1], got[i:i + 1]) for i in range(len(ref))])
+    return (np.exp(lr) * (lr - lg)).sum(-1)
 
 
 def shared_prefix(seqs: list[list[int]]) -> int:

@@ -11,6 +11,16 @@ TOL = 1e-3
 PROMPT = "the quick brown fox jumps over the lazy dog, then rests"
 
 
+def empty_cache_feed(bundle, ids) -> dict:
+    """Inputs for one plain onnxruntime call on `ids` from an empty KV cache."""
+    kv = bundle.backends["onnx"]["kv"]
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for i in range(kv["num_layers"]):
+        for part in ("key", "value"):
+            feed[f"past_key_values.{i}.{part}"] = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    return feed
+
+
 @pytest.fixture(scope="module")
 def qwen2_adapters(tiny_qwen2, tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen2_adapters")
@@ -72,11 +82,7 @@ def test_calls_without_an_adapter_run_the_slot_free_base_path(arch, tiny_llama, 
 
     session = ort.InferenceSession(str(bundle.file("onnx/model.onnx")), providers=["CPUExecutionProvider"])
     ids = Engine.open(bundle.root).tokenizer.encode(PROMPT)
-    kv = bundle.backends["onnx"]["kv"]
-    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-    for i in range(kv["num_layers"]):
-        for part in ("key", "value"):
-            feed[f"past_key_values.{i}.{part}"] = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    feed = empty_cache_feed(bundle, ids)
     base_path = session.run(["logits"], feed)[0][0]
     empty_slots = session.run(["logits"], {**feed, ADAPTERS_ACTIVE: np.ones(1, np.float32)})[0][0]
     assert np.abs(base_path - reference_logits(base, None, ids)).max() <= TOL
@@ -109,11 +115,7 @@ def test_logits_to_keep_returns_the_last_rows_and_prefill_asks_for_one(tiny_llam
     session = ort.InferenceSession(str(bundle.file("onnx/model.onnx")), providers=["CPUExecutionProvider"])
     engine = Engine.open(bundle.root)
     ids = engine.tokenizer.encode(PROMPT)
-    kv = bundle.backends["onnx"]["kv"]
-    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-    for i in range(kv["num_layers"]):
-        for part in ("key", "value"):
-            feed[f"past_key_values.{i}.{part}"] = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    feed = empty_cache_feed(bundle, ids)
     params = ort.AdapterFormat.read_adapter(str(bundle.file(bundle.adapters["all"]["files"]["onnx"]))).get_parameters()
     with_adapter = {k: v.numpy() for k, v in params.items()}
     assert with_adapter[ADAPTERS_ACTIVE].tolist() == [1.0]
