@@ -354,8 +354,9 @@ def add_base_path(proto, info: dict):
     then-branch is the graph as built, the else-branch the same graph without its slot operators,
     for calls with no adapter active. Both branches read the same outer-scope initializers, so the
     weights are stored and prepacked once. Empty slots cost a few small operators per projection
-    even at rank 0 (measured on SmolLM2 int4: 8-29% of decode speed); the base path costs one
-    Cast and one If per call. Slot adapters set the flag (their files carry it as 1, see
+    even at rank 0 (measured on SmolLM2 int4: 8-29% of decode speed); the base path adds one
+    Cast and one If per call, and decodes at 0.91-0.94x a slot-free graph (docs/design.md).
+    Slot adapters set the flag (their files carry it as 1, see
     edgepeft.runtime_contract.ADAPTERS_ACTIVE); prompt-learning adapters only fill the KV cache
     and run the base path.
 
