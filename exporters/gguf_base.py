@@ -17,11 +17,11 @@ import numpy as np
 from edgepeft.errors import UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
+from .archs import ARCHS, arch_of
 from .hf_base import BaseModel
 
 GGUF_QUANTS = ("F32", "F16", "Q8_0", "Q4_K_M")  # common ones; any LLAMA_FTYPE_MOSTLY_* name works
-_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
-_PERMUTED = {"llama", "mistral"}
+_ARCH = {model_type: arch.gguf_arch for model_type, arch in ARCHS.items()}
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -31,7 +31,7 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def needs_permutation(model_type: str) -> bool:
-    return model_type in _PERMUTED
+    return arch_of(model_type).permute_qk
 
 
 def _pre_tokenizer(base: BaseModel, tok_json: dict) -> str:
@@ -41,8 +41,9 @@ def _pre_tokenizer(base: BaseModel, tok_json: dict) -> str:
     table of known models; we name the families we export from their own structure."""
     pre = tok_json.get("pre_tokenizer") or {}
     kinds = [p.get("type") for p in pre.get("pretokenizers", [pre])]
-    if base.config.model_type == "qwen2":
-        return "qwen2"
+    named = arch_of(base.config.model_type).gguf_pre_tokenizer
+    if named is not None:
+        return named
     if kinds[:1] == ["Digits"] and "ByteLevel" in kinds:
         return "smollm"
     if kinds == ["ByteLevel"] and pre.get("use_regex", True):

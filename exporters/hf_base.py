@@ -10,8 +10,8 @@ from pathlib import Path
 
 from edgepeft.errors import UnsupportedModel, require
 
-# Architectures the exporters know; SmolLM models are model_type "llama".
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from .archs import arch_of
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 
@@ -52,7 +52,8 @@ def _dims(config) -> dict:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     window = getattr(config, "sliding_window", None)
-    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+    flag = arch_of(config.model_type).sliding_window_flag
+    if flag is not None and not getattr(config, flag, False):
         window = None
     return {
         "hidden_size": config.hidden_size,
@@ -91,11 +92,7 @@ def load_base(source: str) -> BaseModel:
         config = transformers.AutoConfig.from_pretrained(local, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UnsupportedModel(f"{local}/config.json: cannot be read ({str(e).splitlines()[0]})") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModel(
-            f"{local}: architecture {config.model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    arch_of(config.model_type, local)
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModel(f"{local}: mlp_bias=True is not supported yet")
     try:
