@@ -11,9 +11,8 @@ from pathlib import Path
 from edgepeft.bundle import MANIFEST, Bundle, adapter_file, check_adapter_name, new_manifest
 from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, require
 from edgepeft.files import DIR_MODE, TMP_PREFIX
-from edgepeft.peft_config import read_checked_adapter
 from edgepeft.recovery import recover, writer_lock
-from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needs_full_slots
+from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needs_full_slots, read_checked_adapter
 
 from .calibration import activation_importance
 from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir

@@ -7,10 +7,12 @@ and `read(path, config) -> AdapterSpec`. The exporters hold each kind's backend 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from ..errors import AdapterError, UnsupportedAdapter
+from ..errors import AdapterError, EdgepeftError, UnsupportedAdapter
 from ..files import read_json_object
+from ..limits import check_adapter_limits
 from ..peft_config import check_peft_config
 from . import ia3, lora, prefix, prompt
 from .spec import AdapterSpec
@@ -62,6 +64,18 @@ def read_peft_adapter(path: str | Path) -> AdapterSpec:
     return kind.read(path, config)
 
 
+def read_checked_adapter(path: str | Path) -> AdapterSpec:
+    """`read_peft_adapter`, held to edgepeft.limits, and with any failure a one-line
+    EdgepeftError: what the exporters call on a user's directory."""
+    try:
+        return check_adapter_limits(read_peft_adapter(path))
+    except EdgepeftError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, re.error) as e:
+        # A combination of fields no kind expected: still the user's input, still one line.
+        raise AdapterError(f"{path}: cannot read this adapter ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
 def features(spec: AdapterSpec) -> list[str]:
     """The SUPPORT rows `spec` needs: its kind, plus the LoRA extras it uses."""
     rows = [spec.kind]
@@ -83,4 +97,4 @@ def support_table() -> list[dict[str, str]]:
     return [{"kind": k, **row} for k, row in SUPPORT.items()]
 
 
-__all__ = ["AdapterSpec", "KINDS", "SUPPORT", "features", "needs_full_slots", "read_peft_adapter", "support_table"]
+__all__ = ["AdapterSpec", "KINDS", "SUPPORT", "features", "needs_full_slots", "read_checked_adapter", "read_peft_adapter", "support_table"]
