@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-
 from typing import Callable, Iterator
 
 import numpy as np
