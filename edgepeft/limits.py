@@ -3,6 +3,8 @@ the network, PEFT directories from anywhere). Each is far above any real model o
 stops a hostile or corrupt file from making a reader allocate, loop or recurse without bound.
 docs/security.md lists them; one place, so a reader and its test agree."""
 
+from .errors import AdapterError
+
 MAX_MANIFEST_BYTES = 16 << 20  # edgepeft.json, adapter_config.json, tokenizer_config.json
 MAX_MANIFEST_FILES = 10_000  # entries in the manifest's "files"
 MAX_ADAPTERS = 4_096  # adapters in one bundle
@@ -15,8 +17,6 @@ MAX_RANK = 4_096  # LoRA rank of one module
 
 def check_adapter_limits(spec):
     """Return `spec`, or refuse it when beyond the limits above (any module's rank, module count)."""
-    from .errors import AdapterError
-
     if len(spec.modules) + len(spec.biases) > MAX_TENSORS:
         raise AdapterError(f"{spec.path}: more than {MAX_TENSORS} adapted modules")
     for name, module in spec.modules.items():

@@ -1,13 +1,13 @@
 """The types of the adapter_config.json fields edgepeft's kinds read, checked before any kind
-reads them: a config from anywhere gets a one-line AdapterError, not a TypeError inside a kind."""
+reads them (edgepeft.kinds.read_peft_adapter): a config from anywhere gets a one-line
+AdapterError, not a TypeError inside a kind. Imports no kind, so the kinds can import it."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .errors import AdapterError, EdgepeftError
-from .files import read_json_object
+from .errors import AdapterError
 from .limits import MAX_RANK
 
 
@@ -73,20 +73,3 @@ def check_peft_config(config: dict, path: Path) -> dict:
             raise AdapterError(f"{path}: {key} must be {what}, not {str(config[key])[:40]!r}")
     return config
 
-
-def read_checked_adapter(path: str | Path):
-    """`edgepeft.kinds.read_peft_adapter`, with adapter_config.json's field types checked first
-    and the result held to edgepeft.limits: what the exporters call on a user's directory."""
-    from .kinds import read_peft_adapter
-    from .limits import check_adapter_limits
-
-    cfg = Path(path) / "adapter_config.json"
-    if cfg.is_file():
-        check_peft_config(read_json_object(cfg, AdapterError), cfg)
-    try:
-        return check_adapter_limits(read_peft_adapter(path))
-    except EdgepeftError:
-        raise
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, re.error) as e:
-        # A combination of fields no kind expected: still the user's input, still one line.
-        raise AdapterError(f"{path}: cannot read this adapter ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None

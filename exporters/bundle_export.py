@@ -11,9 +11,8 @@ from pathlib import Path
 from edgepeft.bundle import MANIFEST, Bundle, adapter_file, check_adapter_name, new_manifest
 from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, require
 from edgepeft.files import DIR_MODE, TMP_PREFIX
-from edgepeft.peft_config import read_checked_adapter
 from edgepeft.recovery import recover, writer_lock
-from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needs_full_slots
+from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
 from .calibration import activation_importance
 from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir
@@ -21,7 +20,6 @@ from .gguf_adapter import export_adapter_gguf
 from .gguf_base import gguf_ftype, quantize_gguf, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
 from .onnx_graph import add_base_path, build_decoder, head_is_tied
-from .onnx_prompt import KINDS as PROMPT_KINDS
 from .onnx_quant import EXACT_HEAD_TOP_K, ONNX_QUANTS, SENSITIVE, SENSITIVE_EXACT_HEAD, WEIGHT_ONLY, quantize
 
 FORMATS = ("onnx", "gguf")
@@ -115,7 +113,7 @@ def onnx_export_current(onnx: dict) -> bool:
 
 def _check_mergeable(spec: AdapterSpec, name: str) -> None:
     """Kinds that add virtual tokens (prompt, prefix) have no weight delta to bake in."""
-    if not getattr(KINDS[spec.kind], "MERGEABLE", True):
+    if not KINDS[spec.kind].MERGEABLE:
         raise UnsupportedAdapter(
             f"{spec.path}: --merge {name}: {spec.kind} adapters add virtual tokens, not weight changes, and cannot "
             "be merged into the base; export it as a swappable adapter (--format onnx)"
@@ -197,7 +195,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
             for backend in formats:
                 _check_kind(spec, backend, name)
     if slots == "none" and "onnx" in formats:
-        swappable = [n for n, sp in specs.items() if n != merge and sp.kind not in PROMPT_KINDS]
+        swappable = [n for n, sp in specs.items() if n != merge and needed_slots(sp) != "none"]
         if swappable:
             raise BundleError(f"--slots none leaves the ONNX base no adapter slots, and adapter {swappable[0]!r} needs "
                               "them; export with --slots lora (or full), or bake it in with --merge")

@@ -1,39 +1,27 @@
-"""Adapter kinds: one module per kind, and the table of which kind runs where.
-
-Each kind module exposes `KIND` (our name), `PEFT_TYPES` (PEFT's `peft_type` values it reads)
-and `read(path, config) -> AdapterSpec`. The exporters hold each kind's backend encoding in
-`edgepeft.exporters.kinds`; this table says what exists, and `edgepeft inspect` prints it.
+"""Adapter kinds: one module per kind, end to end (reading, ONNX tensors, GGUF tensors or the
+refusal, merging, slots; the protocol is protocol.Kind), and the one registry callers look a kind
+up in. Adding a kind is its module and its entry in KINDS (docs/kinds.md).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from ..errors import AdapterError, UnsupportedAdapter
+from ..errors import AdapterError, EdgepeftError, UnsupportedAdapter
 from ..files import read_json_object
+from ..limits import check_adapter_limits
 from ..peft_config import check_peft_config
-from . import ia3, lora, prefix, prompt
+from . import dora, ia3, lora, prefix, prompt
+from .protocol import BaseView, GgufLora, Kind
 from .spec import AdapterSpec
 
-KINDS = {m.KIND: m for m in (lora, ia3, prompt, prefix)}
-_BY_PEFT_TYPE = {t: m for m in KINDS.values() for t in m.PEFT_TYPES}
-KINDS["dora"] = lora  # DoRA is LoRA with use_dora; its own row in SUPPORT because it runs differently
+KINDS: dict[str, Kind] = {unit.NAME: unit for unit in (lora, dora, ia3, prompt, prefix)}
+_BY_PEFT_TYPE = {t: unit for unit in KINDS.values() for t in unit.PEFT_TYPES}
 
-# How each kind runs on each backend: "swap" = separate file, hot-swapped at run time;
-# "merge" = only baked into a dedicated base; "no" = not supported (yet). One row per kind.
-SUPPORT: dict[str, dict[str, str]] = {
-    "lora": {"onnx": "swap", "gguf": "swap"},
-    # LoRA on the embedding or the lm_head; on GGUF only merged (not tested against llama.cpp).
-    "lora-embedding": {"onnx": "swap", "gguf": "merge"},
-    # DoRA: the magnitude / row-norm term becomes a per-output scale at export (ONNX scale slots);
-    # llama.cpp's LoRA format has no such term.
-    "dora": {"onnx": "swap", "gguf": "merge"},
-    "ia3": {"onnx": "swap", "gguf": "merge"},
-    # Bias tuning: PEFT's lora_bias, or trained base biases (bias="all"/"lora_only", BitFit-style).
-    "bias": {"onnx": "swap", "gguf": "merge"},
-    "prompt": {"onnx": "swap", "gguf": "no"},
-    "prefix": {"onnx": "swap", "gguf": "no"},
-}
+# How each kind runs on each backend, then LoRA's extras (features()): "swap" = separate file,
+# hot-swapped at run time; "merge" = only baked into a dedicated base; "no" = not supported (yet).
+SUPPORT: dict[str, dict[str, str]] = {**{name: unit.SUPPORT for name, unit in KINDS.items()}, **lora.EXTRAS}
 
 
 def read_peft_adapter(path: str | Path) -> AdapterSpec:
@@ -62,20 +50,31 @@ def read_peft_adapter(path: str | Path) -> AdapterSpec:
     return kind.read(path, config)
 
 
+def read_checked_adapter(path: str | Path) -> AdapterSpec:
+    """`read_peft_adapter`, held to edgepeft.limits, and with any failure a one-line
+    EdgepeftError: what the exporters call on a user's directory."""
+    try:
+        return check_adapter_limits(read_peft_adapter(path))
+    except EdgepeftError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, re.error) as e:
+        # A combination of fields no kind expected: still the user's input, still one line.
+        raise AdapterError(f"{path}: cannot read this adapter ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
 def features(spec: AdapterSpec) -> list[str]:
     """The SUPPORT rows `spec` needs: its kind, plus the LoRA extras it uses."""
-    rows = [spec.kind]
-    mods = spec.modules.values()
-    if any(name.endswith(("embed_tokens", "lm_head")) for name in spec.modules):
-        rows.append("lora-embedding")
-    if spec.biases or any(getattr(m, "bias", None) is not None for m in mods):
-        rows.append("bias")
-    return rows
+    return [spec.kind, *lora.extras(spec)]
+
+
+def needed_slots(spec: AdapterSpec) -> str:
+    """The ONNX slot set `spec` needs: "lora", "full" or "none" (a KV-cache prefix needs no slot)."""
+    return KINDS[spec.kind].slots(spec)
 
 
 def needs_full_slots(spec: AdapterSpec) -> bool:
     """Whether `spec` needs the ONNX base's scale and bias slots (export --slots full)."""
-    return spec.kind in ("dora", "ia3") or "bias" in features(spec)
+    return needed_slots(spec) == "full"
 
 
 def support_table() -> list[dict[str, str]]:
@@ -83,4 +82,5 @@ def support_table() -> list[dict[str, str]]:
     return [{"kind": k, **row} for k, row in SUPPORT.items()]
 
 
-__all__ = ["AdapterSpec", "KINDS", "SUPPORT", "features", "needs_full_slots", "read_peft_adapter", "support_table"]
+__all__ = ["AdapterSpec", "BaseView", "GgufLora", "KINDS", "Kind", "SUPPORT", "features", "needed_slots",
+           "needs_full_slots", "read_checked_adapter", "read_peft_adapter", "support_table"]

@@ -1,20 +1,40 @@
 """LoRA, with PEFT's variants: per-module rank and alpha (rank_pattern, alpha_pattern), rsLoRA
-scaling, lora_bias, DoRA (kind "dora"), embedding and lm_head LoRA, trained biases (bias="all" or
-"lora_only"), any subset of linear layers."""
+scaling, lora_bias, embedding and lm_head LoRA, trained biases (bias="all" or "lora_only"), any
+subset of linear layers. DoRA is read here too (a LORA config with use_dora) and exported by dora.py.
+
+ONNX: each module's A = lora_A^T [in, r] and B = scale * lora_B^T [r, out] go into the slot of its
+packed group (slots.py); the scale (alpha/r, alpha/sqrt(r) for rsLoRA, per-module alpha_pattern)
+is folded into B so the graph needs no scale input.
+"""
 
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
+from typing import Callable, Iterator
 
-from ..errors import AdapterError, UnsupportedAdapter
+import numpy as np
+
+from ..errors import AdapterError, AdapterMismatch, UnsupportedAdapter
 from ..files import sha256_file
 from ..tensors import read_safetensors
+from .protocol import BaseView, GgufLora
+from .slots import SlotTensors
 from .spec import AdapterSpec, LoraModule
 
-KIND = "lora"
+NAME = "lora"
 PEFT_TYPES = ("LORA",)
+SUPPORT = {"onnx": "swap", "gguf": "swap"}
+MERGEABLE = True
+# What a LoRA may use beyond plain LoRA, with rows of their own because they run differently
+# (features() in the registry names the ones an adapter uses).
+EXTRAS = {
+    # LoRA on the embedding or the lm_head; on GGUF only merged (not tested against llama.cpp).
+    "lora-embedding": {"onnx": "swap", "gguf": "merge"},
+    # Bias tuning: PEFT's lora_bias, or trained base biases (bias="all"/"lora_only", BitFit-style).
+    "bias": {"onnx": "swap", "gguf": "merge"},
+}
 
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[A-Za-z0-9_]+)?\.(?P<param>weight|bias)$")
@@ -106,6 +126,88 @@ def read(path: Path, config: dict) -> AdapterSpec:
             bias=p["B.bias"].astype("float32") if "B.bias" in p else None,
             magnitude=magnitude.astype("float32") if dora else None,
         )
-    return AdapterSpec(kind="dora" if dora else KIND, path=path, config=config,
+    return AdapterSpec(kind="dora" if dora else NAME, path=path, config=config,
                        source_hash=sha256_file(weights_path), modules=modules, biases=biases,
                        saved_base=saved_base)
+
+
+def extras(spec: AdapterSpec) -> list[str]:
+    """The EXTRAS rows `spec` uses."""
+    rows = []
+    if any(name.endswith(("embed_tokens", "lm_head")) for name in spec.modules):
+        rows.append("lora-embedding")
+    if spec.biases or any(getattr(m, "bias", None) is not None for m in spec.modules.values()):
+        rows.append("bias")
+    return rows
+
+
+def slots(spec: AdapterSpec) -> str:
+    return "full" if "bias" in extras(spec) else "lora"
+
+
+def onnx_tensors(spec: AdapterSpec, onnx_info: dict, base: BaseView | None) -> dict[str, np.ndarray]:
+    packer = SlotTensors(spec, onnx_info, base)
+    if slots(spec) == "full":
+        packer.require_full("bias tuning")
+    add_modules(spec, packer)
+    return packer.tensors()
+
+
+ScaleOut = Callable[[SlotTensors, str, LoraModule], np.ndarray]
+
+
+def add_modules(spec: AdapterSpec, packer: SlotTensors, scale_out: ScaleOut | None = None) -> None:
+    """Put `spec`'s LoRA modules, lora_bias and trained biases into their slots. `scale_out`
+    (DoRA's) gives a module's output scale, for the slot's scale_out columns of that module."""
+    for name, saved in spec.saved_base.items():
+        weight = packer.base_param(name, "weight")
+        if weight is None or weight.shape != saved.shape or not np.allclose(weight, saved, atol=1e-6):
+            raise AdapterMismatch(f"{spec.path}: the adapter saved its own {name} weights and they differ from the "
+                                  "base's (a resized or retrained embedding is not an adapter; use --merge)")
+    for name, mod in spec.modules.items():
+        slot, part = packer.find(name)
+        cols = slice(part["offset"], part["offset"] + part["out"])
+        if (mod.in_features, mod.out_features) != (slot["in"], part["out"]):
+            raise AdapterMismatch(
+                f"{spec.path}: module {name} is {mod.in_features}->{mod.out_features} but the base's is "
+                f"{slot['in']}->{part['out']} (adapter trained for another base?)"
+            )
+        if slot.get("embedding") and (mod.magnitude is not None or mod.bias is not None):
+            raise UnsupportedAdapter(f"{spec.path}: DoRA or lora_bias on the embedding is not supported")
+        if scale_out is not None:
+            packer.vector(slot, "scale_out")[cols] = scale_out(packer, name, mod)
+        if mod.bias is not None:
+            packer.vector(slot, "bias")[cols] += np.float32(mod.scale) * mod.bias
+        packer.add_lora(slot, part, mod)
+    for name, trained in spec.biases.items():
+        slot, part = packer.find(name)
+        if trained.shape != (part["out"],):
+            raise AdapterMismatch(f"{spec.path}: bias of {name} has {trained.size} values, the layer has {part['out']}")
+        packer.vector(slot, "bias")[part["offset"]:part["offset"] + part["out"]] = trained
+
+
+def gguf_tensors(spec: AdapterSpec, linear_shapes: dict) -> GgufLora:
+    """llama.cpp scales each module by alpha / rank(module). When every module's PEFT scale is that
+    for one alpha, the alpha is written and B kept as trained (the conventional encoding);
+    otherwise (rsLoRA, alpha_pattern, rank_pattern with a fixed alpha...) each module's exact
+    scale is folded into its B and alpha is 0, which llama.cpp reads as "no scaling"."""
+    alpha = _uniform_alpha(spec)
+    return GgufLora(float(alpha or 0.0), _gguf_modules(spec, linear_shapes, alpha))
+
+
+def _uniform_alpha(spec: AdapterSpec) -> float | None:
+    alphas = {round(m.scale * m.rank, 6) for m in spec.modules.values()}
+    return alphas.pop() if len(alphas) == 1 else None
+
+
+def _gguf_modules(spec: AdapterSpec, shapes: dict, alpha: float | None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    for module, m in spec.modules.items():
+        short = module.rsplit(".", 1)[-1]
+        if short not in shapes:
+            raise UnsupportedAdapter(f"{spec.path}: module {module} is not a linear layer GGUF adapters cover")
+        if [m.in_features, m.out_features] != list(shapes[short]):
+            raise AdapterMismatch(f"{spec.path}: module {module} is {m.in_features}->{m.out_features} but the "
+                                  f"base's is {shapes[short][0]}->{shapes[short][1]} (adapter trained for another base?)")
+        if m.bias is not None:
+            raise UnsupportedAdapter(f"{spec.path}: lora_bias has no GGUF adapter form; use --merge")
+        yield module, m.a, (m.b if alpha else m.b * np.float32(m.scale))

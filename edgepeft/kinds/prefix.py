@@ -7,21 +7,30 @@ head_dim and num_attention_heads = num_kv_heads in the saved config, so `PeftMod
 views each row as [num_layers * 2, num_attention_heads, token_dim / num_attention_heads]: entry
 2*l is layer l's key, 2*l + 1 its value. Keys go into the KV cache as they are (no rotary), the
 real tokens then run at positions P, P+1, ...
+
+ONNX: PEFT hands these to the model as a P-long cache, so the adapter file holds them as they are
+(prompt.kv_prefix_tensors), with no slots and nothing computed from the base. Not mergeable, and
+llama.cpp's adapter files cannot hold it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import AdapterError
+import numpy as np
+
+from ..errors import AdapterError, AdapterMismatch
 from ..files import sha256_file
-from .prompt import config_int, read_virtual
+from .prompt import config_int, kv_prefix_tensors, read_virtual
+from .protocol import BaseView, no_gguf_form
 from .spec import AdapterSpec
 
-KIND = "prefix"
+NAME = "prefix"
 PEFT_TYPES = ("PREFIX_TUNING",)
+SUPPORT = {"onnx": "swap", "gguf": "no"}
 # Virtual tokens are not a weight delta: `export --merge` refuses this kind.
 MERGEABLE = False
+gguf_tensors = no_gguf_form
 
 
 def read(path: Path, config: dict) -> AdapterSpec:
@@ -32,7 +41,7 @@ def read(path: Path, config: dict) -> AdapterSpec:
         raise AdapterError(f"{path / 'adapter_config.json'}: token_dim {token_dim} is not a multiple of "
                            f"num_attention_heads {heads}")
     virtual = read_virtual(path, config, layers * 2 * token_dim, "num_layers * 2 * token_dim")
-    return AdapterSpec(kind=KIND, path=path, config=config, source_hash=sha256_file(path / "adapter_model.safetensors"),
+    return AdapterSpec(kind=NAME, path=path, config=config, source_hash=sha256_file(path / "adapter_model.safetensors"),
                        virtual=virtual)
 
 
@@ -44,3 +53,19 @@ def past_key_values(spec: AdapterSpec) -> list[tuple]:
     p = spec.virtual.shape[0]
     kv = spec.virtual.reshape(p, layers * 2, heads, int(cfg["token_dim"]) // heads).transpose(1, 2, 0, 3)
     return [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
+
+
+def slots(spec: AdapterSpec) -> str:
+    return "none"
+
+
+def onnx_tensors(spec: AdapterSpec, onnx_info: dict, base: BaseView | None) -> dict[str, np.ndarray]:
+    kv, cfg = onnx_info["kv"], spec.config
+    have = (int(cfg["num_layers"]), int(cfg["num_attention_heads"]), int(cfg["token_dim"]) // int(cfg["num_attention_heads"]))
+    want = (kv["num_layers"], kv["num_kv_heads"], kv["head_dim"])
+    if have != want:
+        raise AdapterMismatch(
+            f"{spec.path}: prefix is for {have[0]} layers x {have[1]} KV heads x {have[2]} dims, the base has "
+            f"{want[0]} x {want[1]} x {want[2]} (adapter trained for another base?)"
+        )
+    return kv_prefix_tensors(spec, onnx_info, past_key_values(spec))

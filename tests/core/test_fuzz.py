@@ -21,7 +21,7 @@ from edgepeft.bundle import Bundle, new_manifest
 from edgepeft.cli.inspect import describe
 from edgepeft.errors import EdgepeftError
 from edgepeft.kinds import read_peft_adapter
-from edgepeft.peft_config import read_checked_adapter
+from edgepeft.kinds import read_checked_adapter
 from edgepeft.tensors import read_safetensors
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,

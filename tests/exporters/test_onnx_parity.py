@@ -197,7 +197,7 @@ def test_batched_and_legacy_block_diagonal_slots_compute_the_same_update(tiny_ll
     that have block-diagonal slots (no "chunk" in the manifest) and still get adapters in their
     layout. Both must give every packed layer the same x A B."""
     from edgepeft.exporters.onnx_adapter import adapter_tensors
-    from edgepeft.peft_config import read_checked_adapter
+    from edgepeft.kinds import read_checked_adapter
 
     bundle = export_bundle(str(tiny_llama), tmp_path / "b", onnx_quant="fp32", quiet=True)
     info = bundle.backends["onnx"]
