@@ -114,7 +114,8 @@ class _DecoderBuilder:
         first = len(g.nodes)
         self.axes1 = g.init("const.axes1", np.array([1], np.int64), cast=False)
         mask_sum = g.node("ReduceSum", [ATTENTION_MASK, self.axes1], 1, "/seqlens/ReduceSum", keepdims=0)
-        seqlens = g.node("Sub", [mask_sum, g.init("const.one_i64", np.array(1, np.int64), cast=False)], 1, "/seqlens/Sub")
+        seqlens = g.node("Sub", [mask_sum, g.init("const.one_i64", np.array(1, np.int64), cast=False)], 1,
+                         "/seqlens/Sub")
         self.seqlens = g.node("Cast", [seqlens], 1, "/seqlens/Cast", to=TP.INT32)
         mask_shape = g.node("Shape", [ATTENTION_MASK], 1, "/total/Shape")
         total = g.node("Gather", [mask_shape, g.init("const.one_idx", np.array(1, np.int64), cast=False)], 1,
@@ -204,7 +205,8 @@ class _DecoderBuilder:
         self.proj.linear(final, None, "lm_head", self.base.model, ("lm_head",),
                          refine=self.exact_head if self.exact_head_top_k else None)
         g.nodes[-1].output[0] = LOGITS  # the lm_head group's last operator produces the graph output
-        g.outputs.insert(0, g.h.make_tensor_value_info(LOGITS, g.onnx_dtype, ["batch", "kept_seq", self.d["vocab_size"]]))
+        logits = g.h.make_tensor_value_info(LOGITS, g.onnx_dtype, ["batch", "kept_seq", self.d["vocab_size"]])
+        g.outputs.insert(0, logits)
 
     def exact_head(self, x: str, y: str) -> str:
         """The k largest logits of each position, recomputed exactly: x · E[i] for their token
