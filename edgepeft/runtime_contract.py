@@ -1,6 +1,77 @@
-"""Small facts both sides of the ONNX path must agree on (exporter writes, runtime checks)."""
+"""The names and small facts both sides of the ONNX path agree on: the exporter writes them into the
+graph and the adapter files, the runtime binds and checks them. Each is stated here once (as
+gguf-py's constants.py states every GGUF key) and both sides build names only from these. They
+are on disk in every bundle exported so far, so none may change. No onnx or torch here: the
+runtime imports this module."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+# ---- the decoder's inputs and outputs (the names onnxruntime-genai and Optimum use) -------------
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+
+
+def kv_names(layer: int) -> tuple[str, str, str, str]:
+    """A layer's KV-cache graph inputs and outputs: past key, past value, present key, present
+    value."""
+    return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+            f"present.{layer}.key", f"present.{layer}.value")
+
+
+# Graph input that picks the path of a base with slots (exporters/onnx_base_path.add_base_path):
+# float [1], default 0 (the base without slot operators); non-zero runs the slots. Adapter
+# files carry it as 1, so onnxruntime's own adapter API (RunOptions.add_active_adapter) selects
+# the slot path too.
+ADAPTERS_ACTIVE = "adapters_active"
+
+# Graph input (int64 [1], default 0 = all positions): logits for the last n positions only, as
+# transformers' logits_to_keep. The runtime asks for 1 when it only samples from a prompt's last
+# position. Bundles from before it have no such input and compute every position.
+LOGITS_TO_KEEP = "logits_to_keep"
+
+# ---- adapter slots: graph inputs with defaults, which an adapter file's parameters override -------
+# By role (the keys of the manifest's slot entries): the family and the ending of each name,
+# "<family>.<module><ending>". The LoRA pair is in every slot; the scales and the bias only in
+# the full slot set.
+_SLOT_INPUTS = {"A": ("lora", ".A"), "B": ("lora", ".B"), "scale_in": ("scale", ".in"),
+                "scale_out": ("scale", ".out"), "bias": ("bias", "")}
+LORA_ROLES = ("A", "B")
+
+
+def slot_inputs(module: str) -> dict[str, str]:
+    """Graph input names of `module`'s slot by role: "A", "B", "scale_in", "scale_out", "bias"."""
+    return {role: f"{family}.{module}{ending}" for role, (family, ending) in _SLOT_INPUTS.items()}
+
+
+def slot_params(modules: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """{graph input name: (module, role)} for the slots of `modules`, from slot_inputs: how the
+    runtime tells slot inputs and adapter parameters apart without parsing their names."""
+    return {name: (module, role) for module in modules for role, name in slot_inputs(module).items()}
+
+
+def slot_family(role: str) -> str:
+    """What a role's inputs are together: "lora", "scale" or "bias"."""
+    return _SLOT_INPUTS[role][0]
+
+
+# ---- KV prefixes (prompt and prefix tuning): adapter-file parameters, not graph inputs -----------
+_PREFIX = "prefix"
+
+
+def prefix_names(layer: int) -> tuple[str, str]:
+    """Adapter-file parameter names of a layer's KV prefix (prompt and prefix tuning): each is
+    [num_kv_heads, P, head_dim] in the base graph's float type. They are not graph inputs: the
+    runtime copies them into the first P positions of a sequence's KV cache."""
+    return f"{_PREFIX}.{layer}.key", f"{_PREFIX}.{layer}.value"
+
+
+def is_prefix_param(name: str) -> bool:
+    """Whether an adapter file's parameter claims to be part of a KV prefix. Files come from
+    outside, so the runtime sorts them by family first, then checks each layer's names."""
+    return name.startswith(f"{_PREFIX}.")
 
 
 def fingerprint_version(fingerprint: str) -> int:
@@ -13,20 +84,12 @@ def fingerprint_version(fingerprint: str) -> int:
     return int(digest[:8], 16) & 0x7FFFFFFF
 
 
-def prefix_names(layer: int) -> tuple[str, str]:
-    """Adapter-file parameter names of a layer's KV prefix (prompt and prefix tuning): each is
-    [num_kv_heads, P, head_dim] in the base graph's float type. They are not graph inputs: the
-    runtime copies them into the first P positions of a sequence's KV cache."""
-    return f"prefix.{layer}.key", f"prefix.{layer}.value"
+# ---- the base path's branches --------------------------------------------------------------------
+# add_base_path wraps the graph in If(ADAPTERS_ACTIVE); each branch tags its node and value names,
+# since a subgraph may not reuse the outer graph's names.
+PATH_TAGS = {"then_branch": "slots", "else_branch": "base"}
 
 
-# Graph input that picks the path of a base with slots (exporters/onnx_graph.add_base_path):
-# float [1], default 0 (the base without slot operators); non-zero runs the slots. Adapter
-# files carry it as 1, so onnxruntime's own adapter API (RunOptions.add_active_adapter) selects
-# the slot path too.
-ADAPTERS_ACTIVE = "adapters_active"
-
-# Graph input (int64 [1], default 0 = all positions): logits for the last n positions only, as
-# transformers' logits_to_keep. The runtime asks for 1 when it only samples from a prompt's last
-# position. Bundles from before it have no such input and compute every position.
-LOGITS_TO_KEEP = "logits_to_keep"
+def tagged(tag: str, name: str) -> str:
+    """A node or value name as it is inside the branch tagged `tag`."""
+    return f"{tag}:{name}"

@@ -244,7 +244,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                     progress.done()
                 progress.step(f"quantizing ({onnx_quant})")
                 proto = quantize(proto, onnx_quant, info["lora_nodes"], block_size, accuracy_level, importance,
-                                 eight_bit)
+                                 eight_bit, projections=info["projections"])
                 if slot_set != "none":
                     proto = add_base_path(proto, info)
                 progress.done()

@@ -15,23 +15,18 @@ ONNX_QUANTS = ("int4", "int4-pure", "int8", "fp16", "fp32")
 WEIGHT_ONLY = ("int4", "int4-pure", "int8")
 
 
-# int4 keeps the tensors quantization hurts most at 8 bits, as llama.cpp's Q4_K_M keeps some at 6:
-# the packed q/k/v projection (v_proj is one Q4_K_M widens), the MLP down projection and the
-# output head. Measured on SmolLM2-135M (`edgepeft verify`'s first scoring, the 7 chat prompts
-# alone; base KL / top-1 against PyTorch), 4-bit blocks rounded from their absmax (onnxruntime's
-# default):
-#   int4-pure (every MatMul at 4 bits, as onnxruntime-genai's int4): KL 0.74, top-1 55%;
-#   qkv + down_proj + lm_head at 8 bits (this mix): KL 0.16, top-1 79%, ~20% slower decode;
-#   with importance-weighted 4-bit blocks (int4_blocks): int4-pure KL 0.64, top-1 67%; this mix
-#   KL 0.12, top-1 85% (json/upper/rank-16 adapters 0.10-0.12), at the same speed.
-SENSITIVE = ("qkv_proj/MatMul", "down_proj/MatMul", "/lm_head/MatMul")
+# int4 keeps the projection groups quantization hurts most at 8 bits, as llama.cpp's Q4_K_M keeps
+# some tensors at 6: the packed q/k/v projection (v_proj is one Q4_K_M widens), the MLP down
+# projection and the output head. Each is named as the manifest's eight_bit list records it (the
+# tail of the group's MatMul node name, the form of the first int4 bundles), here with its group.
+EIGHT_BIT_GROUPS = {"qkv_proj/MatMul": "qkv_proj", "down_proj/MatMul": "down_proj", "/lm_head/MatMul": "lm_head"}
+SENSITIVE = tuple(EIGHT_BIT_GROUPS)
 # With a tied head, the int4 export recomputes the head's top logits exactly from the fp16
-# embedding table (onnx_graph.exact_head) and the head itself is 4-bit: verify's scoring (prompts
-# and answers, see verify.py), SmolLM2 base KL 0.077 against 0.071 with the head at 8 bits, 12%
-# faster decode. Without that recomputation a 4-bit head costs too much: base 0.125, the
-# sentiment adapter 0.176 and upper 0.156, over verify's 0.15.
+# embedding table (onnx_graph's _DecoderBuilder.exact_head), so the head itself can be 4-bit; without that
+# recomputation a 4-bit head fails verify.
 SENSITIVE_EXACT_HEAD = SENSITIVE[:2]
-EXACT_HEAD_TOP_K = 64  # k=16: +13% decode, base KL 0.082, sentiment 0.142; k=256: +8%, 0.074, 0.133
+# Fewer exact logits decode faster but lose accuracy; more cost speed for little gain.
+EXACT_HEAD_TOP_K = 64
 
 # Scale candidates per 4-bit block (llama.cpp's make_qx_quants search): the level the block's
 # signed absmax is rounded to, -9 ... -7 in steps of 0.05 (-8 is plain absmax rounding).
@@ -49,10 +44,9 @@ def int4_blocks(w: np.ndarray, importance: np.ndarray, block_size: int) -> tuple
     GPTQ and AWQ need a calibration reader over the whole ONNX graph, and AWQ a GPU), so this is
     ours, after llama.cpp's importance-matrix Q4_0: per block, the scale candidate that minimises
     sum_k c_k (w_k - d q_k)^2 with c_k = importance_k * sqrt(sigma2 + w_k^2) (sigma2 the mean
-    square of the weight's row), d refit by least squares for the chosen rounding. On SmolLM2-135M
-    (int4 mix) onnxruntime's k-quant gave KL 0.13 on the base but 0.18 with the json adapter
-    (over verify's 0.15), this 0.12 and 0.11; weighing by importance alone (no sqrt term) cost
-    the json adapter 5 of its 40 task prompts.
+    square of the weight's row), d refit by least squares for the chosen rounding. onnxruntime's
+    k-quant kept the base but not every adapter within verify's bound; weighing by importance
+    alone (no sqrt term) lost an adapter's task check.
     """
     K, N = w.shape
     nb = -(-K // block_size)
@@ -83,11 +77,18 @@ def int4_blocks(w: np.ndarray, importance: np.ndarray, block_size: int) -> tuple
     return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4)), d_all.reshape(N, nb)
 
 
+def nbits_node(matmul: str, bits: int) -> str:
+    """The name onnxruntime's MatMulNBitsQuantizer gives the node that replaces MatMul `matmul`."""
+    return f"{matmul}_Q{bits}"
+
+
 def quantize(proto, quant: str, lora_nodes: list[str], block_size: int = 32, accuracy_level: int = 4,
-             importance: dict[str, np.ndarray] | None = None, eight_bit: tuple[str, ...] = SENSITIVE):
+             importance: dict[str, np.ndarray] | None = None, eight_bit: tuple[str, ...] = SENSITIVE,
+             projections: dict[str, str] | None = None):
     """Return `proto` with base MatMuls as MatMulNBits (int4/int8, symmetric blocks); fp16/fp32
     pass through. int4 puts the `eight_bit` projections (SENSITIVE, or SENSITIVE_EXACT_HEAD for a
-    graph with an exact head) at 8 bits; int4-pure does not.
+    graph with an exact head) at 8 bits; int4-pure does not. lora_nodes and projections ({MatMul
+    node: projection group}) are build_decoder's info["lora_nodes"] and info["projections"].
 
     importance ({MatMul node: mean x^2 per input channel}, see calibration.py) makes the 4-bit
     blocks of those nodes importance-weighted; without it they are rounded from their absmax.
@@ -99,16 +100,20 @@ def quantize(proto, quant: str, lora_nodes: list[str], block_size: int = 32, acc
         return proto
     if block_size < 16 or block_size & (block_size - 1):
         raise UnsupportedModel(f"block size {block_size} must be a power of two >= 16")
+    if quant == "int4" and eight_bit and projections is None:
+        raise TypeError("quantize: int4's 8-bit projections need build_decoder's info['projections']")
     # onnxruntime comes from the onnx or onnx-gpu extra (the two packages cannot share a venv).
     nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnx")
     onnx = require("onnx", "export")
     skip = set(lora_nodes)
     base = [n for n in proto.graph.node if n.op_type == "MatMul" and n.name not in skip]
-    wide = {n.name for n in base if quant == "int8" or (quant == "int4" and n.name.endswith(eight_bit))}
+    groups = {EIGHT_BIT_GROUPS[tag] for tag in eight_bit}
+    wide = {n.name for n in base if quant == "int8" or (quant == "int4" and projections.get(n.name) in groups)}
     narrow = {n.name for n in base} - wide
     # Our 4-bit blocks are computed before onnxruntime's quantizer drops the float weights.
     weights = {i.name: i for i in proto.graph.initializer}
-    ours = {name: int4_blocks(onnx.numpy_helper.to_array(weights[node.input[1]]), importance[name], block_size)
+    ours = {nbits_node(name, 4): int4_blocks(onnx.numpy_helper.to_array(weights[node.input[1]]), importance[name],
+                                             block_size)
             for node in base if (name := node.name) in narrow and importance and name in importance}
     # Two passes of onnxruntime's default quantizer (blockwise absmax rounding, in its C++ kernel):
     # the 8-bit nodes, then the 4-bit ones; each pass leaves the other's nodes alone.
@@ -123,11 +128,8 @@ def quantize(proto, quant: str, lora_nodes: list[str], block_size: int = 32, acc
         proto = quantizer.model.model
     inits = {i.name: i for i in proto.graph.initializer}
     for node in proto.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        name = node.name.rsplit("_", 1)[0]  # onnxruntime names it <MatMul>_Q4 / _Q8
-        if name in ours:
-            packed, scales = ours[name]
+        if node.op_type == "MatMulNBits" and node.name in ours:
+            packed, scales = ours[node.name]
             inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(packed, node.input[1]))
             inits[node.input[2]].CopyFrom(onnx.numpy_helper.from_array(scales, node.input[2]))
     return proto

@@ -28,7 +28,9 @@ from edgepeft.bundle import Bundle
 from edgepeft.errors import AdapterError, AdapterMismatch, BundleError, EngineError, require
 from edgepeft.limits import MAX_ADAPTER_FILE_BYTES, MAX_RANK
 from edgepeft.runtime.devices import DEVICES, pick_onnx
-from edgepeft.runtime_contract import ADAPTERS_ACTIVE, LOGITS_TO_KEEP, fingerprint_version, prefix_names
+from edgepeft.runtime_contract import (ADAPTERS_ACTIVE, ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP,
+                                       fingerprint_version, is_prefix_param, kv_names, prefix_names, slot_family,
+                                       slot_inputs, slot_params)
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -78,13 +80,14 @@ class OnnxBackend:
         # host memory (other providers copy what they need).
         self.device = "cuda" if choice.device in ("cuda", "tensorrt") else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.dtype = _ORT_TYPES[inputs["past_key_values.0.key"].type]
-        self.vocab_size = int(next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1])
+        self.dtype = _ORT_TYPES[inputs[kv_names(0)[0]].type]
+        self.vocab_size = int(next(o for o in self.session.get_outputs() if o.name == LOGITS).shape[-1])
         # Slots have defaults (rank-0 LoRA pairs, ones for scales, the base bias), so onnxruntime
-        # lists them as overridable initializers.
+        # lists them as overridable initializers; the manifest's slots say which modules have one.
         overridable = self.session.get_overridable_initializers()
-        self.slots = {i.name: i.shape for i in overridable if i.name.startswith(("lora.", "scale.", "bias."))}
-        # Bases with a slot-free path run it unless a call binds the flag (onnx_graph.add_base_path).
+        self.slot_of = slot_params(s["module"] for s in info.get("slots", []))  # input -> (module, role)
+        self.slots = {i.name: i.shape for i in overridable if i.name in self.slot_of}
+        # Bases with a slot-free path run it unless a call binds the flag (onnx_base_path.add_base_path).
         self.base_path = any(i.name == ADAPTERS_ACTIVE for i in overridable)
         self._active = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.float32))
         # Bases with logits_to_keep compute only the rows a call asks for (1 for a prompt's prefill).
@@ -112,7 +115,7 @@ class OnnxBackend:
         want = "tensor(float16)" if self.dtype == np.float16 else "tensor(float)"
         prefix = self._read_prefix(path, params, want)
         # The file's path flag (if any) is the runtime's to set: bind_adapter sets it for slot adapters.
-        params = {n: v for n, v in params.items() if not n.startswith("prefix.") and n != ADAPTERS_ACTIVE}
+        params = {n: v for n, v in params.items() if not is_prefix_param(n) and n != ADAPTERS_ACTIVE}
         if params and not self.slots:
             raise AdapterMismatch(f"{path}: this base has no adapter slots (exported with --merge or --slots none)")
         for name, value in params.items():
@@ -125,18 +128,18 @@ class OnnxBackend:
                 raise AdapterMismatch(f"{path}: parameter {name!r} is {value.data_type()}{got}, slot is {shape}")
         # The rank is A's last axis and B's second last: A [in, r], B [r, out] for one module;
         # A [parts, in, r], B [chunks, r, chunk] for a packed group (see exporters/onnx_graph.py).
-        for a_name in [n for n in params if n.endswith(".A")]:
-            rank = params[a_name].shape()[-1]
+        for module in [m for m, role in map(self.slot_of.get, params) if role == "A"]:
+            names = slot_inputs(module)
+            rank = params[names["A"]].shape()[-1]
             if rank > 3 * MAX_RANK:  # bundles from before batched slots concatenate up to 3 modules' ranks
-                raise AdapterMismatch(f"{path}: slot {a_name[:-2]} has rank {rank}, over the limit of {3 * MAX_RANK}")
-            b_name = a_name[:-2] + ".B"
-            if b_name not in params or rank != params[b_name].shape()[-2]:
-                raise AdapterMismatch(f"{path}: slot {a_name[:-2]} has mismatched A/B ranks")
+                raise AdapterMismatch(f"{path}: slot of {module} has rank {rank}, over the limit of {3 * MAX_RANK}")
+            if names["B"] not in params or rank != params[names["B"]].shape()[-2]:
+                raise AdapterMismatch(f"{path}: slot of {module} has mismatched A/B ranks")
         return OnnxAdapter(path=path, params=params, keepalive=fmt, prefix=prefix)
 
     def _read_prefix(self, path: Path, params: dict, want: str) -> list:
         """Validate an adapter file's `prefix.*` parameters; return per-layer (key, value) arrays."""
-        names = sorted(n for n in params if n.startswith("prefix."))
+        names = sorted(n for n in params if is_prefix_param(n))
         if not names:
             return []
         expected = [n for i in range(self.num_layers) for n in prefix_names(i)]
@@ -180,7 +183,7 @@ class OnnxBackend:
             if adapter.prefix:
                 raise EngineError(f"adapter {name!r} adds virtual tokens; PEFT cannot activate it together with "
                                   "other adapters (use one at a time)")
-            other = sorted({p.split(".", 1)[0] for p in adapter.params if not p.startswith("lora.")})
+            other = sorted({slot_family(role) for _, role in map(self.slot_of.get, adapter.params)} - {"lora"})
             if other:
                 raise EngineError(f"adapter {name!r} sets {other[0]} slots (DoRA, IA3 or bias tuning); only plain "
                                   "LoRA adapters can be active together")
@@ -189,11 +192,11 @@ class OnnxBackend:
             for pname, value in adapter.params.items():
                 arrays.setdefault(pname, []).append(value.numpy())
         combined = {}
-        for pname, parts in arrays.items():
-            if pname.endswith(".A"):  # the rank is A's last axis, B's second last (batched slots too)
-                b_parts = arrays[pname[:-2] + ".B"]
-                combined[pname] = np.ascontiguousarray(np.concatenate(parts, axis=-1))
-                combined[pname[:-2] + ".B"] = np.ascontiguousarray(np.concatenate(b_parts, axis=-2))
+        for module in [m for m, role in map(self.slot_of.get, arrays) if role == "A"]:
+            names = slot_inputs(module)  # the rank is A's last axis, B's second last (batched slots too)
+            a_name, b_name = names["A"], names["B"]
+            combined[a_name] = np.ascontiguousarray(np.concatenate(arrays[a_name], axis=-1))
+            combined[b_name] = np.ascontiguousarray(np.concatenate(arrays[b_name], axis=-2))
         params = {n: self.ort.OrtValue.ortvalue_from_numpy(a) for n, a in combined.items()}
         return OnnxAdapter(path=Path("+".join(names)), params=params, keepalive=combined)
 
@@ -242,7 +245,8 @@ class _Sequence:
         shape = [1, b.kv_heads, max_len, b.head_dim]
         prefix = adapter.prefix if adapter is not None else []
         for i in range(b.num_layers):
-            for j, part in enumerate(("key", "value")):
+            past_key, past_value, present_key, present_value = kv_names(i)
+            for j, (past, present) in enumerate(((past_key, present_key), (past_value, present_value))):
                 if prefix:
                     # The prefix is written on the host, then the buffer is wrapped: zero-copy on
                     # CPU (the OrtValue uses this array's memory, kept alive in self.host_kv),
@@ -254,8 +258,8 @@ class _Sequence:
                     self.host_kv.append(host)
                 else:
                     v = ort.OrtValue.ortvalue_from_shape_and_type(shape, b.dtype, b.device, 0)
-                self.io.bind_ortvalue_input(f"past_key_values.{i}.{part}", v)
-                self.io.bind_ortvalue_output(f"present.{i}.{part}", v)
+                self.io.bind_ortvalue_input(past, v)
+                self.io.bind_ortvalue_output(present, v)
                 self.kv.append(v)
         self.mask = np.ones((1, max_len), np.int64)
         # Virtual tokens occupy the first P positions: real tokens start at position P.
@@ -278,12 +282,11 @@ class _Sequence:
             raise EngineError("empty input: nothing to run")
         if self.length + n > self.max_len:
             raise EngineError(f"sequence of {self.length + n} tokens exceeds the buffer of {self.max_len}")
-        self.io.bind_cpu_input("input_ids", np.asarray(ids, np.int64).reshape(1, n))
-        self.io.bind_cpu_input("attention_mask", self.mask[:, : self.length + n])
+        self.io.bind_cpu_input(INPUT_IDS, np.asarray(ids, np.int64).reshape(1, n))
+        self.io.bind_cpu_input(ATTENTION_MASK, self.mask[:, : self.length + n])
         # Logits land in a host array this call owns (onnxruntime copies them there from a GPU),
         # one reused for every decode step. Reading it directly, not through io.get_outputs(),
-        # matters: that wraps all 2*layers+1 outputs in Python objects each call, ~200 us a
-        # token on SmolLM2 (3-4% of decode time).
+        # matters: that wraps all 2*layers+1 outputs in Python objects each call.
         kept = n
         if self.backend.keeps_logits:
             kept = n if all_logits else 1
@@ -296,7 +299,7 @@ class _Sequence:
         else:
             logits = np.empty((1, kept, self.backend.vocab_size), self.backend.dtype)
             value = self.backend.ort.OrtValue.ortvalue_from_numpy(logits)
-        self.io.bind_ortvalue_output("logits", value)
+        self.io.bind_ortvalue_output(LOGITS, value)
         self.backend.session.run_with_iobinding(self.io)
         self.length += n
         return logits[0].astype(np.float32, copy=False)

@@ -186,18 +186,22 @@ def make_prompt_adapter(base_dir: Path, out: Path, peft_type: str = "PROMPT_TUNI
 
 def graph_paths(model) -> dict[str, list]:
     """The operators of an exported decoder per path, names without the branch tag: "slots" (the
-    If's then-branch) and "base" (its else-branch, see onnx_graph.add_base_path); a graph without
+    If's then-branch) and "base" (its else-branch, see onnx_base_path.add_base_path); a graph without
     the If (slot set "none") has only "slots"."""
     import copy
+
+    from edgepeft.runtime_contract import PATH_TAGS, tagged
 
     top = list(model.graph.node)
     choose = next((n for n in top if n.op_type == "If"), None)
     if choose is None:
-        return {"slots": top}
+        return {PATH_TAGS["then_branch"]: top}
     paths = {}
     for attr in choose.attribute:
-        nodes = [copy.deepcopy(n) for n in attr.g.node]
+        tag = PATH_TAGS[attr.name]
+        nodes, prefix = [copy.deepcopy(n) for n in attr.g.node], tagged(tag, "")
         for n in nodes:
-            n.name = n.name.split(":", 1)[1]
-        paths["slots" if attr.name == "then_branch" else "base"] = nodes
+            assert n.name.startswith(prefix)
+            n.name = n.name[len(prefix):]
+        paths[tag] = nodes
     return paths

@@ -13,11 +13,13 @@ PROMPT = "the quick brown fox jumps over the lazy dog, then rests"
 
 def empty_cache_feed(bundle, ids) -> dict:
     """Inputs for one plain onnxruntime call on `ids` from an empty KV cache."""
+    from edgepeft.runtime_contract import ATTENTION_MASK, INPUT_IDS, kv_names
+
     kv = bundle.backends["onnx"]["kv"]
-    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    feed = {INPUT_IDS: np.array([ids], np.int64), ATTENTION_MASK: np.ones((1, len(ids)), np.int64)}
     for i in range(kv["num_layers"]):
-        for part in ("key", "value"):
-            feed[f"past_key_values.{i}.{part}"] = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+        for past in kv_names(i)[:2]:
+            feed[past] = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
     return feed
 
 

@@ -57,7 +57,11 @@ def test_int4_base_uses_matmulnbits_and_keeps_adapter_slots_float(trained, tmp_p
                                                           for m in ("self_attn/qkv_proj", "mlp/down_proj")])
         assert all(a["bits"] == 4 for name, a in nbits.items() if name not in eight)
         assert all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in nbits.values())
-    slot_inits = [i for i in model.graph.initializer if i.name.startswith("lora.")]
+    from edgepeft.runtime_contract import LORA_ROLES, slot_params
+
+    lora = {n for n, (_, role) in slot_params(s["module"] for s in bundle.backends["onnx"]["slots"]).items()
+            if role in LORA_ROLES}
+    slot_inits = [i for i in model.graph.initializer if i.name in lora]
     assert slot_inits and all(i.data_type == onnx.TensorProto.FLOAT for i in slot_inits)
     assert bundle.backends["onnx"]["quant"] == "int4" and bundle.backends["onnx"]["block_size"] == 32
     assert bundle.backends["onnx"]["int4_rounding"] == "importance-weighted"
