@@ -101,17 +101,18 @@ def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
             raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({feature}) cannot be hot-swapped on {backend}{hint}")
 
 
+# The version of the ONNX export recipe, written into every bundle's ONNX backend entry. Bump it
+# when an export of the same base and options would write a different graph or different weights
+# (layout, slots, quantization), so that the demo and the benchmarks re-export older bundles.
+ONNX_RECIPE = 1
+
+
 def onnx_export_current(onnx: dict) -> bool:
-    """Whether a bundle's ONNX backend entry comes from the current export recipe: a recorded
-    slot set, batched packed slots, int4's 8-bit mix, importance-weighted 4-bit blocks and a
-    slot-free base path, and a logits_to_keep input. Older bundles still run; the demo and the
-    benchmarks re-export them so that they measure this one."""
-    quant = onnx.get("quant", "")
-    eight_bit = list(SENSITIVE_EXACT_HEAD if onnx.get("exact_head_top_k") == EXACT_HEAD_TOP_K else SENSITIVE)
-    return (onnx.get("logits_to_keep", False) and "slot_set" in onnx and (quant != "int4" or onnx.get("eight_bit") == eight_bit)
-            and (not quant.startswith("int4") or onnx.get("int4_rounding") == "importance-weighted")
-            and all("chunk" in s for s in onnx.get("slots", []) if len(s.get("parts", [])) > 1)
-            and (onnx.get("slot_set") == "none" or onnx.get("base_path", False)))
+    """Whether a bundle's ONNX backend entry comes from the current export recipe (ONNX_RECIPE);
+    bundles from before the recipe was recorded have none. Older bundles still run; the demo and
+    the benchmarks re-export them so that they measure this one."""
+    recipe = onnx.get("recipe")
+    return type(recipe) is int and recipe == ONNX_RECIPE
 
 
 def _check_mergeable(spec: AdapterSpec, name: str) -> None:
@@ -239,7 +240,7 @@ def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, blo
             bundle.record_file(rel)
     progress.done()
     return {
-        "model": "onnx/model.onnx", "quant": quant,
+        "model": "onnx/model.onnx", "quant": quant, "recipe": ONNX_RECIPE,
         **({"block_size": block_size, "accuracy_level": accuracy_level} if quant in WEIGHT_ONLY else {}),
         **({"eight_bit": list(eight_bit)} if quant == "int4" else {}),
         **({"exact_head_top_k": exact_head} if exact_head else {}),
