@@ -4,8 +4,8 @@
     python benchmarks/head_to_head.py --genai-python PATH [--rounds 10] [--threads 2]
 
 compare_engines.py runs each engine in its own process one after the other, so on a shared
-machine an engine can land in a slow minute and another in a fast one (onnxruntime-genai alone
-has read 188 to 261 tok/s across sittings here). This script keeps one process per engine too,
+machine an engine can land in a slow minute and another in a fast one (docs/experiments.md has
+how far one engine's speed moved between sittings). This script keeps one process per engine too,
 but starts them all, then asks each in turn for one 128-token greedy generation, round after
 round: drift hits every engine alike, and the per-round ratio to onnxruntime-genai is the figure
 to trust. Our workers also run the rank-16 all-projection adapter after each base run, for the

@@ -1,8 +1,9 @@
 """The bundle: a directory with edgepeft.json (the manifest) and the files it lists.
 
-Layout (see docs/bundle.md):
-    edgepeft.json, tokenizer.json, tokenizer_config.json,
-    onnx/model.onnx (+ model.onnx.data), adapters/<name>.onnx_adapter
+Layout (docs/bundle.md has every manifest field):
+    edgepeft.json, tokenizer.json, tokenizer_config.json, ...
+    onnx/model.onnx (+ model.onnx.data), gguf/base-<QUANT>.gguf,
+    adapters/<name>.onnx_adapter, adapters/<name>.gguf
 """
 
 from __future__ import annotations
@@ -14,31 +15,16 @@ from pathlib import Path
 from . import __version__
 from .errors import BundleError
 from .files import read_json_object, sha256_file, write_json_atomic
+# The layout names are re-exported here, where readers of a bundle have always found them.
+from .layout import ADAPTER_NAME, ADAPTER_SUFFIX, MANIFEST, adapter_file, check_adapter_name  # noqa: F401
 from .limits import MAX_ADAPTER_FILE_BYTES, MAX_ADAPTERS, MAX_MANIFEST_FILES, MAX_RANK
+from .recovery import recover, writer_lock
 
-MANIFEST = "edgepeft.json"
 FORMAT = "edgepeft-bundle"
 FORMAT_VERSION = 1
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # GGUF adapters carry their base's fingerprint under this key (stock llama.cpp ignores it).
 GGUF_FINGERPRINT_KEY = "edgepeft.base_fingerprint"
-
-# Suffix of each backend's adapter file.
-ADAPTER_SUFFIX = {"onnx": ".onnx_adapter", "gguf": ".gguf"}
-
-
-def check_adapter_name(name: str) -> str:
-    if not ADAPTER_NAME.match(name) or name in (".", ".."):
-        raise BundleError(
-            f"adapter name {name!r} is invalid: use letters, digits, '_', '-', '.', at most 64"
-        )
-    return name
-
-
-def adapter_file(name: str, backend: str) -> str:
-    return f"adapters/{name}{ADAPTER_SUFFIX[backend]}"
-
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Base dims every reader of a bundle relies on (inspect, the runtime's checks).
@@ -241,8 +227,6 @@ def new_manifest(base: dict, tokenizer: dict) -> dict:
 
 def remove_adapter(bundle_dir: str | Path, name: str) -> Bundle:
     """Drop an adapter: the manifest first (atomically), then its files."""
-    from .recovery import recover, writer_lock
-
     with writer_lock(bundle_dir):
         recover(bundle_dir)
         bundle = Bundle.open(bundle_dir)

@@ -19,7 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from .files import TMP_PREFIX
+from .errors import EdgepeftError
+from .files import TMP_PREFIX, read_json_object
+from .layout import ADAPTER_NAME, ADAPTER_SUFFIX, FOLDERS, MANIFEST
 
 try:
     import fcntl
@@ -60,10 +62,6 @@ def _remove(p: Path) -> None:
 
 
 def _listed_files(root: Path) -> set[str] | None:
-    from .bundle import MANIFEST
-    from .errors import EdgepeftError
-    from .files import read_json_object
-
     try:
         files = read_json_object(root / MANIFEST, EdgepeftError, "manifest").get("files")
     except EdgepeftError:
@@ -74,8 +72,6 @@ def _listed_files(root: Path) -> set[str] | None:
 def recover(bundle_dir: str | Path) -> str | None:
     """Undo what an interrupted write left at `bundle_dir`; return a one-line account of it, or
     None when there was nothing to do. The caller holds `writer_lock(bundle_dir)`."""
-    from .bundle import ADAPTER_NAME, ADAPTER_SUFFIX, MANIFEST
-
     root = Path(bundle_dir).absolute()
     parent, name = root.parent, root.name
     if not parent.is_dir():
@@ -93,7 +89,7 @@ def recover(bundle_dir: str | Path) -> str | None:
             _remove(p)
             removed += 1
     if root.is_dir() and not root.is_symlink():
-        for folder in (root, root / "adapters", root / "onnx", root / "gguf"):
+        for folder in (root, *(root / f for f in FOLDERS)):
             if folder.is_dir() and not folder.is_symlink():
                 for p in folder.iterdir():
                     if p.name.startswith(TMP_PREFIX):

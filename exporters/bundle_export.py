@@ -8,9 +8,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgepeft.bundle import MANIFEST, Bundle, adapter_file, check_adapter_name, new_manifest
+from edgepeft.bundle import Bundle, new_manifest
 from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, require
 from edgepeft.files import DIR_MODE, TMP_PREFIX
+from edgepeft.layout import MANIFEST, adapter_file, check_adapter_name
 from edgepeft.recovery import recover, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
@@ -98,17 +99,18 @@ def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
             raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({feature}) cannot be hot-swapped on {backend}{hint}")
 
 
+# The version of the ONNX export recipe, written into every bundle's ONNX backend entry. Bump it
+# when an export of the same base and options would write a different graph or different weights
+# (layout, slots, quantization), so that the demo and the benchmarks re-export older bundles.
+ONNX_RECIPE = 1
+
+
 def onnx_export_current(onnx: dict) -> bool:
-    """Whether a bundle's ONNX backend entry comes from the current export recipe: a recorded
-    slot set, batched packed slots, int4's 8-bit mix, importance-weighted 4-bit blocks and a
-    slot-free base path, and a logits_to_keep input. Older bundles still run; the demo and the
-    benchmarks re-export them so that they measure this one."""
-    quant = onnx.get("quant", "")
-    eight_bit = list(SENSITIVE_EXACT_HEAD if onnx.get("exact_head_top_k") == EXACT_HEAD_TOP_K else SENSITIVE)
-    return (onnx.get("logits_to_keep", False) and "slot_set" in onnx and (quant != "int4" or onnx.get("eight_bit") == eight_bit)
-            and (not quant.startswith("int4") or onnx.get("int4_rounding") == "importance-weighted")
-            and all("chunk" in s for s in onnx.get("slots", []) if len(s.get("parts", [])) > 1)
-            and (onnx.get("slot_set") == "none" or onnx.get("base_path", False)))
+    """Whether a bundle's ONNX backend entry comes from the current export recipe (ONNX_RECIPE);
+    bundles from before the recipe was recorded have none. Older bundles still run; the demo and
+    the benchmarks re-export them so that they measure this one."""
+    recipe = onnx.get("recipe")
+    return type(recipe) is int and recipe == ONNX_RECIPE
 
 
 def _check_mergeable(spec: AdapterSpec, name: str) -> None:
@@ -167,22 +169,13 @@ def _merge(base: BaseModel, spec: AdapterSpec) -> None:
     base.fingerprint = fingerprint_state_dict(base.model.state_dict())
 
 
-def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = None,
-                  formats="onnx", onnx_quant: str = "int4", gguf_quant: str = "Q4_K_M", block_size: int = 32,
-                  accuracy_level: int = 4, context_length: int | None = None,
-                  merge: str | None = None, quiet: bool = False, slots: str | None = None) -> Bundle:
-    """Export `base` (HF dir or builtin:NAME) and PEFT `adapters` {name: dir} into bundle `out`.
-
-    slots: the ONNX base's adapter slots, "lora" (LoRA only), "full" (also the scale and bias
-    slots IA3, DoRA and bias tuning need; ~20% slower decode on SmolLM2) or "none" (no hot-swap,
-    ~12% faster than "lora"). Default: "none" with `merge`, else "full" when one of `adapters`
-    needs it, else "lora"."""
-    out = Path(out)
+def _read_request(base: str, adapters: dict[str, str], formats, onnx_quant: str, gguf_quant: str,
+                  merge: str | None, slots: str | None) -> tuple[list[str], dict[str, AdapterSpec]]:
+    """Check an export's arguments and read its adapters, before the (slow) base export, so that
+    bad input fails in a second. Returns the formats and the adapter specs by name."""
     formats = _parse_formats(formats)
     if onnx_quant not in ONNX_QUANTS:
         raise BundleError(f"unknown ONNX precision {onnx_quant!r} (choose from {', '.join(ONNX_QUANTS)})")
-    adapters = dict(adapters or {})
-    # Read every adapter before the (slow) base export, so bad input fails in a second.
     specs = {check_adapter_name(n): read_checked_adapter(p) for n, p in adapters.items()}
     if merge is not None:
         if merge not in specs:
@@ -203,6 +196,85 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     resolve_base_dir(base)  # a wrong path or quant type fails here, before anything slow starts
     if "gguf" in formats:
         gguf_ftype(gguf_quant)
+    return formats, specs
+
+
+def _base_entry(source: str, base: BaseModel, merged: dict | None) -> dict:
+    """The manifest's `base`: where it came from, what it is, and the adapter baked into it."""
+    config = base.config
+    return {"source": source, "architecture": config.architectures[0]
+            if getattr(config, "architectures", None) else config.model_type,
+            "model_type": config.model_type, "fingerprint": base.fingerprint,
+            "dims": base.dims, "linear_shapes": base.linear_shapes(),
+            **({"merged_adapter": merged} if merged else {})}
+
+
+def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, block_size: int,
+                 accuracy_level: int, context_length: int | None, progress: _Progress) -> dict:
+    """Write onnx/ (the base graph, quantized, with `slot_set` adapter slots) into the bundle,
+    list its files, and return the manifest's backends["onnx"] entry."""
+    progress.step(f"building ONNX graph ({quant})")
+    graph_dtype = "fp16" if quant == "fp16" else "fp32"
+    # int4 with a tied head: the head at 4 bits, its top logits recomputed exactly
+    exact_head = EXACT_HEAD_TOP_K if quant == "int4" and head_is_tied(base) else 0
+    eight_bit = SENSITIVE_EXACT_HEAD if exact_head else SENSITIVE
+    proto, info = build_decoder(base, graph_dtype, context_length, slot_set=slot_set,
+                                fp16_embedding=quant in WEIGHT_ONLY, exact_head_top_k=exact_head)
+    progress.done()
+    importance = None
+    if quant in ("int4", "int4-pure"):
+        progress.step("calibrating 4-bit weights")
+        importance = activation_importance(base, info["base_matmuls"])
+        progress.done()
+    progress.step(f"quantizing ({quant})")
+    proto = quantize(proto, quant, info["lora_nodes"], block_size, accuracy_level, importance, eight_bit,
+                     projections=info["projections"])
+    if slot_set != "none":
+        proto = add_base_path(proto, info)
+    progress.done()
+    progress.step("writing onnx/model.onnx")
+    _save_onnx(proto, bundle.root / "onnx" / "model.onnx")
+    for rel in ("onnx/model.onnx", "onnx/model.onnx.data"):
+        if bundle.file(rel).exists():
+            bundle.record_file(rel)
+    progress.done()
+    return {
+        "model": "onnx/model.onnx", "quant": quant, "recipe": ONNX_RECIPE,
+        **({"block_size": block_size, "accuracy_level": accuracy_level} if quant in WEIGHT_ONLY else {}),
+        **({"eight_bit": list(eight_bit)} if quant == "int4" else {}),
+        **({"exact_head_top_k": exact_head} if exact_head else {}),
+        **({"int4_rounding": "importance-weighted"} if importance else {}),
+        "dtype": info["dtype"], "context_length": info["context_length"],
+        "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
+        **({"base_path": True} if info.get("base_path") else {}),
+        "logits_to_keep": True,
+    }
+
+
+def _export_gguf(bundle: Bundle, base: BaseModel, quant: str, context_length: int | None,
+                 progress: _Progress) -> dict:
+    """Write the base GGUF into the bundle, list it, and return the manifest's backends["gguf"]."""
+    progress.step(f"writing GGUF ({quant})")
+    rel = _write_gguf(base, bundle.root, quant)
+    bundle.record_file(rel)
+    progress.done()
+    return {"model": rel, "quant": quant.upper(),
+            "context_length": int(context_length or min(base.dims["max_position_embeddings"], 8192))}
+
+
+def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = None,
+                  formats="onnx", onnx_quant: str = "int4", gguf_quant: str = "Q4_K_M", block_size: int = 32,
+                  accuracy_level: int = 4, context_length: int | None = None,
+                  merge: str | None = None, quiet: bool = False, slots: str | None = None) -> Bundle:
+    """Export `base` (HF dir or builtin:NAME) and PEFT `adapters` {name: dir} into bundle `out`.
+
+    slots: the ONNX base's adapter slots, "lora" (LoRA only), "full" (also the scale and bias
+    slots IA3, DoRA and bias tuning need; slower in calls with an adapter, so not the default)
+    or "none" (no hot-swap: a base with nothing to swap). Default: "none" with `merge`, else
+    "full" when one of `adapters` needs it, else "lora"."""
+    out = Path(out)
+    adapters = dict(adapters or {})
+    formats, specs = _read_request(base, adapters, formats, onnx_quant, gguf_quant, merge, slots)
     progress = _Progress(2 + 3 * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
     try:
         progress.step("loading base")
@@ -215,66 +287,16 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
             _merge(base_model, spec)
         with _staging_dir(out) as tmp:
             tokenizer = copy_tokenizer(base_model, tmp)
-            manifest = new_manifest(
-                base={"source": base, "architecture": base_model.config.architectures[0]
-                      if getattr(base_model.config, "architectures", None) else base_model.config.model_type,
-                      "model_type": base_model.config.model_type, "fingerprint": base_model.fingerprint,
-                      "dims": base_model.dims, "linear_shapes": base_model.linear_shapes(),
-                      **({"merged_adapter": merged} if merged else {})},
-                tokenizer=tokenizer,
-            )
-            bundle = Bundle(tmp, manifest)
+            bundle = Bundle(tmp, new_manifest(base=_base_entry(base, base_model, merged), tokenizer=tokenizer))
             for name in tokenizer["files"]:
                 bundle.record_file(name)
             if "onnx" in formats:
-                progress.step(f"building ONNX graph ({onnx_quant})")
-                graph_dtype = "fp16" if onnx_quant == "fp16" else "fp32"
                 slot_set = slots or ("none" if merge is not None else
                                      "full" if any(needs_full_slots(sp) for sp in specs.values()) else "lora")
-                # int4 with a tied head: the head at 4 bits, its top logits recomputed exactly
-                exact_head = EXACT_HEAD_TOP_K if onnx_quant == "int4" and head_is_tied(base_model) else 0
-                eight_bit = SENSITIVE_EXACT_HEAD if exact_head else SENSITIVE
-                proto, info = build_decoder(base_model, graph_dtype, context_length, slot_set=slot_set,
-                                            fp16_embedding=onnx_quant in WEIGHT_ONLY, exact_head_top_k=exact_head)
-                progress.done()
-                importance = None
-                if onnx_quant in ("int4", "int4-pure"):
-                    progress.step("calibrating 4-bit weights")
-                    importance = activation_importance(base_model, info["base_matmuls"])
-                    progress.done()
-                progress.step(f"quantizing ({onnx_quant})")
-                proto = quantize(proto, onnx_quant, info["lora_nodes"], block_size, accuracy_level, importance,
-                                 eight_bit, projections=info["projections"])
-                if slot_set != "none":
-                    proto = add_base_path(proto, info)
-                progress.done()
-                progress.step("writing onnx/model.onnx")
-                _save_onnx(proto, tmp / "onnx" / "model.onnx")
-                for rel in ("onnx/model.onnx", "onnx/model.onnx.data"):
-                    if bundle.file(rel).exists():
-                        bundle.record_file(rel)
-                bundle.backends["onnx"] = {
-                    "model": "onnx/model.onnx", "quant": onnx_quant,
-                    **({"block_size": block_size, "accuracy_level": accuracy_level}
-                       if onnx_quant in WEIGHT_ONLY else {}),
-                    **({"eight_bit": list(eight_bit)} if onnx_quant == "int4" else {}),
-                    **({"exact_head_top_k": exact_head} if exact_head else {}),
-                    **({"int4_rounding": "importance-weighted"} if importance else {}),
-                    "dtype": info["dtype"], "context_length": info["context_length"],
-                    "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
-                    **({"base_path": True} if info.get("base_path") else {}),
-                    "logits_to_keep": True,
-                }
-                progress.done()
+                bundle.backends["onnx"] = _export_onnx(bundle, base_model, onnx_quant, slot_set, block_size,
+                                                       accuracy_level, context_length, progress)
             if "gguf" in formats:
-                progress.step(f"writing GGUF ({gguf_quant})")
-                rel = _write_gguf(base_model, tmp, gguf_quant)
-                bundle.record_file(rel)
-                bundle.backends["gguf"] = {
-                    "model": rel, "quant": gguf_quant.upper(),
-                    "context_length": int(context_length or min(base_model.dims["max_position_embeddings"], 8192)),
-                }
-                progress.done()
+                bundle.backends["gguf"] = _export_gguf(bundle, base_model, gguf_quant, context_length, progress)
             for name, spec in specs.items():
                 progress.step(f"adapter {name}")
                 _write_adapter(bundle, name, spec, formats, base=base_model)

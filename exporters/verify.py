@@ -4,10 +4,10 @@ For a fixed set of chat prompts, each followed by the reference's own greedy ans
 ANSWER_TOKENS, so that the positions a model generates are scored, not only prompt text),
 teacher-forced logits of the exported model are compared with the reference's: max abs
 difference, mean KL(reference || exported) and top-1 agreement over positions. The chat
-template's system prompt, which every prompt starts with, is counted once (identical inputs give
-identical logits; counted per prompt it was 58% of the positions on SmolLM2). Adapters with a
-task check (the shipped demo adapters) are also scored on their held-out prompts. Thresholds
-depend on the backend's precision and are printed with the results.
+template's system prompt, which every prompt starts with, is counted once: identical inputs give
+identical logits, and counted per prompt it would outweigh the positions that differ. Adapters
+with a task check (the shipped demo adapters) are also scored on their held-out prompts.
+Thresholds depend on the backend's precision and are printed with the results.
 """
 
 from __future__ import annotations
