@@ -37,6 +37,12 @@ class EngineError(EdgepeftError):
     exit_code = 1
 
 
+def unknown_adapter(name: str, have, where=None) -> BundleError:
+    """The error for adapter `name` missing among `have` (names), prefixed by `where` if given."""
+    prefix = f"{where}: " if where is not None else ""
+    return BundleError(f"{prefix}no adapter named {name!r} (have: {', '.join(have) or 'none'})")
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise MissingExtra naming the extra that provides it."""
     import importlib

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 
 from edgepeft.bundle import Bundle, check_adapter_name
-from edgepeft.errors import BundleError, EngineError
+from edgepeft.errors import BundleError, EngineError, unknown_adapter
 
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -207,7 +207,7 @@ class Engine:
                 return handle
             lazy = name in self._lazy
         if not lazy:
-            raise BundleError(f"no adapter named {name!r} is loaded (have: {', '.join(self.adapters) or 'none'})")
+            raise unknown_adapter(name, self.adapters)
         with self._load_lock:  # one thread loads it; the others wait and take the loaded handle
             with self._lock:
                 handle = self._adapters.get(name)
