@@ -31,6 +31,11 @@ class MissingExtra(EdgepeftError):
     """An optional dependency is not installed; the message names the pip extra."""
 
 
+class InvalidArgument(EdgepeftError, ValueError):
+    """A value given to a call or a command is out of range or unknown (a sampling parameter, a
+    token budget, a device name). Also a ValueError, so callers that catch ValueError still do."""
+
+
 class EngineError(EdgepeftError):
     """A failure while running a model (not caused by bad input)."""
 

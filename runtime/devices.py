@@ -14,6 +14,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from edgepeft.errors import InvalidArgument
+
 # --device value -> onnxruntime execution providers, best first; CPU is always appended as the
 # fallback for operators a provider does not implement.
 ONNX_PROVIDERS = {
@@ -32,6 +34,12 @@ DEVICES = ("auto", *ONNX_PROVIDERS)
 AUTO_ORDER = ("cuda",)
 
 
+def check_device(device: str) -> None:
+    """Refuse a --device value that names no device we know (InvalidArgument, exit 2)."""
+    if device not in DEVICES:
+        raise InvalidArgument(f"device {device!r} is not one of {', '.join(DEVICES)}")
+
+
 @dataclass
 class Choice:
     device: str          # what runs: cpu, cuda, tensorrt, coreml, dml, openvino, gpu (llama.cpp)
@@ -42,8 +50,7 @@ class Choice:
 
 def pick_onnx(available: list[str], device: str = "auto") -> Choice:
     """Providers for `device` among `available` (onnxruntime.get_available_providers())."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    check_device(device)
     if device == "auto":
         for candidate in AUTO_ORDER:
             wanted = ONNX_PROVIDERS[candidate]
@@ -62,8 +69,7 @@ def pick_onnx(available: list[str], device: str = "auto") -> Choice:
 def pick_gguf(gpu_offload: bool, device: str = "auto", gpu_layers: int | None = None) -> Choice:
     """llama.cpp offload for `device`: all layers on the GPU when the build supports it (or
     `gpu_layers` of them), none on the CPU."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    check_device(device)
     if device == "cpu":
         return Choice("cpu", [], None, 0)
     if not gpu_offload:

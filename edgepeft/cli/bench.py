@@ -12,9 +12,11 @@ from .run import add_verify_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from edgepeft.runtime.devices import DEVICES
+
     p.add_argument("bundle", metavar="BUNDLE")
     p.add_argument("--backend", default="onnx", choices=["onnx", "gguf"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, tensorrt, coreml, dml, openvino (default auto)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median; default 3)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
