@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from edgepeft.byte_sizes import format_bytes
 from edgepeft.errors import InvalidArgument
 
 # --device value -> onnxruntime execution providers, best first; CPU is always appended as the
@@ -204,6 +205,6 @@ def advice(report: dict) -> list[str]:
                    else "gguf: CPU build; Q4_K_M is the usual speed/quality balance, Q8_0 for quality")
     mem = report["memory"].get("available") or report["memory"].get("total")
     if mem and mem < 4 * 2**30:
-        out.append(f"memory: {mem / 2**30:.1f} GiB available; use --max-context and --max-resident-adapters "
+        out.append(f"memory: {format_bytes(mem, 'GiB')} available; use --max-context and --max-resident-adapters "
                    "(see docs/devices.md)")
     return out

@@ -25,12 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_verify_argument(p)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.0f} KiB"
-
-
 def run(args) -> int:
     from edgepeft.bundle import Bundle
+    from edgepeft.byte_sizes import format_bytes
     from edgepeft.runtime.bench import run_bench
 
     Bundle.open(args.bundle, verify_hashes=args.verify_hashes)  # bad input fails here, before timing
@@ -48,7 +45,7 @@ def run(args) -> int:
     print(f"{'base':<12}{'':>10}{b['load_s'] * 1e3:>8.0f}ms{'':>12}{'':>9}{'':>11}"
           f"{b['ttft_ms']:>7.1f}ms{b['prefill_tokens_per_s']:>10.0f}{b['decode_tokens_per_s']:>10.1f}{'':>9}")
     for name, a in r["adapters"].items():
-        print(f"{name:<12}{_mib(a['file_bytes']):>10}{a['load_ms']:>8.1f}ms{a['switch_ms_median']:>10.4f}ms"
+        print(f"{name:<12}{format_bytes(a['file_bytes']):>10}{a['load_ms']:>8.1f}ms{a['switch_ms_median']:>10.4f}ms"
               f"{a['switch_ms_p95']:>7.4f}ms{a['switch_vs_reload']:>10}x{a['ttft_ms']:>7.1f}ms"
               f"{a['prefill_tokens_per_s']:>10.0f}{a['decode_tokens_per_s']:>10.1f}"
               f"{a['decode_vs_base']:>8.2f}x")
@@ -56,8 +53,9 @@ def run(args) -> int:
     m = r.get("memory")
     if m:
         ratio = f", {m['added_per_file_byte']:.2f}x their file size" if m["added_per_file_byte"] is not None else ""
-        print(f"peak RSS from the {m['peaks_from']}: 0 adapters {_mib(m['peak_rss_0_adapters'])}, "
-              f"1 adapter {_mib(m['peak_rss_1_adapter'])}, all {_mib(m['peak_rss_all_adapters'])} "
-              f"(+{_mib(m['added_by_all_adapters'])} for {_mib(m['adapter_files_bytes'])} of adapter files{ratio}); "
-              f"process peak {_mib(m['process_peak_rss'])}")
+        print(f"peak RSS from the {m['peaks_from']}: 0 adapters {format_bytes(m['peak_rss_0_adapters'])}, "
+              f"1 adapter {format_bytes(m['peak_rss_1_adapter'])}, all {format_bytes(m['peak_rss_all_adapters'])} "
+              f"(+{format_bytes(m['added_by_all_adapters'])} for {format_bytes(m['adapter_files_bytes'])} "
+              f"of adapter files{ratio}); "
+              f"process peak {format_bytes(m['process_peak_rss'])}")
     return 0
