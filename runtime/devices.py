@@ -153,6 +153,12 @@ def _version(module: str) -> str | None:
     return None
 
 
+def onnx_telemetry() -> str:
+    """"off" when ORT_DISABLE_TELEMETRY holds a value onnxruntime reads as "disable" (edgepeft sets
+    "1" unless the user set it, see edgepeft/__init__.py), else "on"."""
+    return "off" if os.environ.get("ORT_DISABLE_TELEMETRY", "").lower() in ("1", "true", "yes") else "on"
+
+
 def probe() -> dict:
     """What this machine offers: CPU, memory, GPUs, engines and their devices, and the choices
     `device="auto"` makes."""
@@ -164,7 +170,7 @@ def probe() -> dict:
         available = ort.get_available_providers()
         choice = pick_onnx(available)
         report["engines"]["onnxruntime"] = {"version": _version("onnxruntime"), "providers": available,
-                                            "auto": choice.device}
+                                            "auto": choice.device, "telemetry": onnx_telemetry()}
     else:
         report["engines"]["onnxruntime"] = None
     if importlib.util.find_spec("llama_cpp") is not None:

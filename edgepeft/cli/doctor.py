@@ -30,7 +30,8 @@ def run(args) -> int:
     print("gpu      " + ("; ".join(f"{g['name']} ({g['memory_mib']} MiB, driver {g['driver']})" for g in r["gpus"])
                          or "none found (no nvidia-smi)"))
     ort, llama = r["engines"]["onnxruntime"], r["engines"]["llama_cpp"]
-    print("onnx     " + (f"onnxruntime {ort['version']}; providers: {', '.join(ort['providers'])}; auto -> {ort['auto']}"
+    print("onnx     " + (f"onnxruntime {ort['version']}; providers: {', '.join(ort['providers'])}; auto -> {ort['auto']}; "
+                         f"telemetry {ort['telemetry']}"
                          if ort else "not installed (pip install 'edgepeft[onnx]' or 'edgepeft[onnx-gpu]')"))
     print("gguf     " + (f"llama-cpp-python {llama['version']}; GPU offload: {'yes' if llama['gpu_offload'] else 'no'}; "
                          f"mmap: {'yes' if llama['mmap'] else 'no'}; auto -> {llama['auto']}"
