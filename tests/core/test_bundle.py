@@ -116,10 +116,23 @@ def test_hashes_are_checked_at_open_and_cached_by_size_and_mtime(tmp_path, monke
 
 
 def test_a_damaged_hash_cache_is_ignored(tmp_path, monkeypatch):
+    from edgepeft import hash_cache
+
     monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "file-hashes.json").write_text('{"1:2": [1, "x"], "3:4": 5')
-    Bundle.open(make_bundle(tmp_path / "b"))
+    cache = tmp_path / "cache" / "file-hashes.json"
+    cache.write_text('{"1:2": [1, "x"], "3:4": 5')
+    root = make_bundle(tmp_path / "b")
+    tok = root / "tokenizer.json"
+    old = tok.stat().st_mtime_ns - 10**10  # older than the racy window: cacheable
+    os.utime(tok, ns=(old, old))
+    reads = []
+    real = hash_cache.sha256_file
+    monkeypatch.setattr(hash_cache, "sha256_file", lambda p: reads.append(p) or real(p))
+    assert Bundle.open(root).manifest["files"]["tokenizer.json"]["size"] == 2  # opens, no error
+    assert reads == [tok]  # hashed by reading it: nothing in the damaged cache was trusted
+    st = tok.stat()
+    assert json.loads(cache.read_text()) == {f"{st.st_dev}:{st.st_ino}": [2, old, real(tok)]}  # replaced
 
 
 def test_symlinks_leading_out_of_the_bundle_are_refused(tmp_path):
