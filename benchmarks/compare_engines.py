@@ -31,6 +31,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from edgepeft.byte_sizes import format_bytes
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PROMPT = "Write a short story about a robot who learns to paint, in three paragraphs."
@@ -217,7 +219,7 @@ def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_qua
 def onnx_size(bundle) -> str:
     """The ONNX base's files (graph and external data) of `bundle`, in MiB."""
     total = sum(bundle.file(r).stat().st_size for r in bundle.manifest["files"] if r.startswith("onnx/"))
-    return f"{total / 2**20:.0f} MiB"
+    return format_bytes(total, "MiB", 0)
 
 
 def quality(base_dir: Path, bundles: dict, genai_dir: Path | None) -> dict:
@@ -346,7 +348,7 @@ def main() -> None:
     pure = bench_bundle(work, base_dir, adapters, "int4-pure", "onnx")
     noslots = bench_bundle(work, base_dir, adapters, "int4-pure", "onnx", slots="none")
     adapters = {n: Path(a["source"]) for n, a in bundle.adapters.items()}
-    size = lambda rel: f"{bundle.file(rel).stat().st_size / 2**20:.0f} MiB"  # noqa: E731
+    size = lambda rel: format_bytes(bundle.file(rel).stat().st_size, "MiB", 0)  # noqa: E731
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": args.threads,
                "new_tokens": args.new_tokens, "runs": args.runs, "prompt": PROMPT,
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -375,7 +377,7 @@ def main() -> None:
         cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = args.threads
         (model_dir / "genai_config.json").write_text(json.dumps(cfg, indent=2))
         e["onnxruntime-genai int4"] = {**genai(args.genai_python, model_dir, args.threads, args.runs, args.new_tokens),
-                                       "file": f"{(model_dir / 'model.onnx.data').stat().st_size / 2**20:.0f} MiB"}
+                                       "file": format_bytes((model_dir / "model.onnx.data").stat().st_size, "MiB", 0)}
     else:
         e["onnxruntime-genai int4"] = {"error": "not run: pass --genai-python"}
     e["pytorch+peft fp32"] = {**pytorch(base_dir, adapters, args.threads, args.runs, args.new_tokens), "file": ""}
@@ -416,8 +418,9 @@ def main() -> None:
             m = r.get("memory")
             if m:
                 lines.append(f"- {eng} peak RSS from the {m.get('peaks_from', 'process start')}: "
-                             f"{m['peak_rss_0_adapters'] / 2**20:.0f} MiB (0 adapters), "
-                             f"{m['peak_rss_1_adapter'] / 2**20:.0f} MiB (1), {m['peak_rss_all_adapters'] / 2**20:.0f} MiB "
+                             f"{format_bytes(m['peak_rss_0_adapters'], 'MiB', 0)} (0 adapters), "
+                             f"{format_bytes(m['peak_rss_1_adapter'], 'MiB', 0)} (1), "
+                             f"{format_bytes(m['peak_rss_all_adapters'], 'MiB', 0)} "
                              f"(all); adapters add {m['added_per_file_byte']}x their file size")
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
     try:

@@ -22,6 +22,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from edgepeft.byte_sizes import format_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -66,9 +68,9 @@ def main() -> None:
             default = probe(path, backend, None, None, args.threads)
             bounded = probe(path, backend, args.max_context, args.max_resident_adapters, args.threads)
             raw[f"{path}:{backend}"] = {"default": default, "bounded": bounded, "base_file_bytes": files}
-            mib = lambda r: f"{r['peak'] / 2**20:.0f} MiB" if "peak" in r else f"failed: {r['error']}"  # noqa: E731
+            mib = lambda r: format_bytes(r["peak"], "MiB", 0) if "peak" in r else f"failed: {r['error']}"  # noqa: E731
             rows.append(f"| {Path(path).name} ({params['num_layers']} layers, hidden {params['hidden_size']}) | "
-                        f"{backend} {b.backends[backend]['quant']} | {files / 2**20:.0f} MiB | {len(b.adapters)} | "
+                        f"{backend} {b.backends[backend]['quant']} | {format_bytes(files, 'MiB', 0)} | {len(b.adapters)} | "
                         f"{mib(default)} (context {default.get('context')}) | {mib(bounded)} (context "
                         f"{bounded.get('context')}, ≤{args.max_resident_adapters} resident) |")
     lines = ["# Runtime memory: default vs small-device settings", "",

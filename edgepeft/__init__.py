@@ -5,4 +5,12 @@ adapter spec read from PEFT directories, errors and the CLI. It needs numpy, saf
 tokenizers only; `edgepeft.exporters` (workstation) and `edgepeft.runtime` (device) build on it.
 """
 
+import os
+
+# onnxruntime's Linux wheel records a device id and usage events under ~/.cache/Microsoft and
+# holds an uploader for them; an offline tool must not. Only this variable, read when onnxruntime
+# is imported, stops it, and every entry point imports this package first. setdefault: a user who
+# sets ORT_DISABLE_TELEMETRY=0 keeps Microsoft's telemetry (docs/security.md).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .errors import BundleError
+from .errors import BundleError, unknown_adapter
 from .files import read_json_object, sha256_file, write_json_atomic
 # The layout names are re-exported here, where readers of a bundle have always found them.
 from .layout import ADAPTER_NAME, ADAPTER_SUFFIX, MANIFEST, adapter_file, check_adapter_name  # noqa: F401
@@ -192,7 +192,7 @@ class Bundle:
     def adapter_path(self, name: str, backend: str) -> Path:
         entry = self.adapters.get(name)
         if entry is None:
-            raise BundleError(f"{self.root}: no adapter named {name!r} (have: {', '.join(self.adapters) or 'none'})")
+            raise unknown_adapter(name, self.adapters, self.root)
         rel = (entry.get("files") or {}).get(backend)
         if rel is None:
             raise BundleError(f"{self.root}: adapter {name!r} has no {backend} file")
@@ -232,7 +232,7 @@ def remove_adapter(bundle_dir: str | Path, name: str) -> Bundle:
         bundle = Bundle.open(bundle_dir)
         entry = bundle.adapters.pop(name, None)
         if entry is None:
-            raise BundleError(f"{bundle.root}: no adapter named {name!r} (have: {', '.join(bundle.adapters) or 'none'})")
+            raise unknown_adapter(name, bundle.adapters, bundle.root)
         rels = list((entry.get("files") or {}).values())
         for rel in rels:
             bundle.forget_file(rel)

@@ -31,10 +31,21 @@ class MissingExtra(EdgepeftError):
     """An optional dependency is not installed; the message names the pip extra."""
 
 
+class InvalidArgument(EdgepeftError, ValueError):
+    """A value given to a call or a command is out of range or unknown (a sampling parameter, a
+    token budget, a device name). Also a ValueError, so callers that catch ValueError still do."""
+
+
 class EngineError(EdgepeftError):
     """A failure while running a model (not caused by bad input)."""
 
     exit_code = 1
+
+
+def unknown_adapter(name: str, have, where=None) -> BundleError:
+    """The error for adapter `name` missing among `have` (names), prefixed by `where` if given."""
+    prefix = f"{where}: " if where is not None else ""
+    return BundleError(f"{prefix}no adapter named {name!r} (have: {', '.join(have) or 'none'})")
 
 
 def require(module: str, extra: str):

@@ -14,6 +14,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from edgepeft.byte_sizes import format_bytes
+from edgepeft.errors import InvalidArgument
+
 # --device value -> onnxruntime execution providers, best first; CPU is always appended as the
 # fallback for operators a provider does not implement.
 ONNX_PROVIDERS = {
@@ -32,6 +35,12 @@ DEVICES = ("auto", *ONNX_PROVIDERS)
 AUTO_ORDER = ("cuda",)
 
 
+def check_device(device: str) -> None:
+    """Refuse a --device value that names no device we know (InvalidArgument, exit 2)."""
+    if device not in DEVICES:
+        raise InvalidArgument(f"device {device!r} is not one of {', '.join(DEVICES)}")
+
+
 @dataclass
 class Choice:
     device: str          # what runs: cpu, cuda, tensorrt, coreml, dml, openvino, gpu (llama.cpp)
@@ -42,8 +51,7 @@ class Choice:
 
 def pick_onnx(available: list[str], device: str = "auto") -> Choice:
     """Providers for `device` among `available` (onnxruntime.get_available_providers())."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    check_device(device)
     if device == "auto":
         for candidate in AUTO_ORDER:
             wanted = ONNX_PROVIDERS[candidate]
@@ -62,8 +70,7 @@ def pick_onnx(available: list[str], device: str = "auto") -> Choice:
 def pick_gguf(gpu_offload: bool, device: str = "auto", gpu_layers: int | None = None) -> Choice:
     """llama.cpp offload for `device`: all layers on the GPU when the build supports it (or
     `gpu_layers` of them), none on the CPU."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    check_device(device)
     if device == "cpu":
         return Choice("cpu", [], None, 0)
     if not gpu_offload:
@@ -146,6 +153,12 @@ def _version(module: str) -> str | None:
     return None
 
 
+def onnx_telemetry() -> str:
+    """"off" when ORT_DISABLE_TELEMETRY holds a value onnxruntime reads as "disable" (edgepeft sets
+    "1" unless the user set it, see edgepeft/__init__.py), else "on"."""
+    return "off" if os.environ.get("ORT_DISABLE_TELEMETRY", "").lower() in ("1", "true", "yes") else "on"
+
+
 def probe() -> dict:
     """What this machine offers: CPU, memory, GPUs, engines and their devices, and the choices
     `device="auto"` makes."""
@@ -157,7 +170,7 @@ def probe() -> dict:
         available = ort.get_available_providers()
         choice = pick_onnx(available)
         report["engines"]["onnxruntime"] = {"version": _version("onnxruntime"), "providers": available,
-                                            "auto": choice.device}
+                                            "auto": choice.device, "telemetry": onnx_telemetry()}
     else:
         report["engines"]["onnxruntime"] = None
     if importlib.util.find_spec("llama_cpp") is not None:
@@ -198,6 +211,6 @@ def advice(report: dict) -> list[str]:
                    else "gguf: CPU build; Q4_K_M is the usual speed/quality balance, Q8_0 for quality")
     mem = report["memory"].get("available") or report["memory"].get("total")
     if mem and mem < 4 * 2**30:
-        out.append(f"memory: {mem / 2**30:.1f} GiB available; use --max-context and --max-resident-adapters "
+        out.append(f"memory: {format_bytes(mem, 'GiB')} available; use --max-context and --max-resident-adapters "
                    "(see docs/devices.md)")
     return out

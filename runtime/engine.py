@@ -12,9 +12,10 @@ from typing import Iterator
 import numpy as np
 
 from edgepeft.bundle import Bundle, check_adapter_name
-from edgepeft.errors import BundleError, EngineError
+from edgepeft.errors import BundleError, EngineError, InvalidArgument, unknown_adapter
 
-from .sampling import Sampler, SamplingParams
+from .devices import check_device
+from .sampling import Sampler, SamplingParams, generation_params
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 BACKENDS = ("onnx", "gguf")
@@ -40,8 +41,6 @@ class Completion:
 
 def _make_backend(bundle: Bundle, backend: str, device: str, threads: int | None,
                   max_context: int | None = None, gpu_layers: int | None = None):
-    if max_context is not None and max_context < 1:
-        raise EngineError(f"max context {max_context} must be at least 1")
     if backend == "onnx":
         from .onnx_backend import OnnxBackend
 
@@ -88,8 +87,11 @@ class Engine:
         device: auto, cpu, cuda, tensorrt, coreml, dml, openvino (see docs/devices.md); one the
         installed engine lacks falls back to the CPU and sets `device_note`. max_context bounds
         each call's KV cache; gpu_layers offloads only that many layers (GGUF)."""
-        if max_resident_adapters is not None and max_resident_adapters < 1:
-            raise EngineError(f"max resident adapters {max_resident_adapters} must be at least 1")
+        # Bad arguments fail before the bundle's files are hashed or a model loads.
+        check_device(device)
+        for what, value in (("max context", max_context), ("max resident adapters", max_resident_adapters)):
+            if value is not None and value < 1:
+                raise InvalidArgument(f"{what} {value} must be at least 1")
         t0 = time.perf_counter()
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         engine = cls(b, _make_backend(b, backend, device, threads, max_context, gpu_layers),
@@ -207,7 +209,7 @@ class Engine:
                 return handle
             lazy = name in self._lazy
         if not lazy:
-            raise BundleError(f"no adapter named {name!r} is loaded (have: {', '.join(self.adapters) or 'none'})")
+            raise unknown_adapter(name, self.adapters)
         with self._load_lock:  # one thread loads it; the others wait and take the loaded handle
             with self._lock:
                 handle = self._adapters.get(name)
@@ -283,7 +285,7 @@ class Engine:
                  chat: bool = False, ignore_eos: bool = False) -> Completion:
         """Generate and return text, token ids and timings. ignore_eos generates exactly
         max_new_tokens (for benchmarks, like llama-bench)."""
-        params = SamplingParams(temperature, top_k, top_p, seed)
+        params = generation_params(max_new_tokens, temperature, top_k, top_p, seed)
         ids = self.encode_prompt(prompt, chat)
         timings: dict = {}
         tokens = list(self._tokens(ids, adapter, max_new_tokens, params, chat, timings, ignore_eos))
@@ -303,7 +305,7 @@ class Engine:
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                chat: bool = False) -> Iterator[str]:
         """Like generate, yielding text pieces as they are decoded."""
-        params = SamplingParams(temperature, top_k, top_p, seed)
+        params = generation_params(max_new_tokens, temperature, top_k, top_p, seed)
         decoder = IncrementalDecoder(self.tokenizer)
         for token in self._tokens(self.encode_prompt(prompt, chat), adapter, max_new_tokens, params, chat, {}):
             piece = decoder.push(token)

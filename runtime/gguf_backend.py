@@ -24,7 +24,7 @@ from edgepeft.errors import AdapterError, BundleError, EngineError, require
 from edgepeft.llama_log import quiet_llama_cpp
 
 from .gguf_check import check_adapter_gguf, check_base_gguf
-from edgepeft.runtime.devices import DEVICES, pick_gguf
+from edgepeft.runtime.devices import pick_gguf
 
 BATCH = 512  # tokens per llama_decode; longer inputs are decoded in chunks
 
@@ -63,8 +63,6 @@ class GgufBackend:
         # Checked in Python before llama.cpp parses anything (see gguf_check).
         self.fingerprint = bundle.fingerprint
         self.arch, self.base_shapes = check_base_gguf(path, bundle.base)
-        if device not in DEVICES:
-            raise EngineError(f"device {device!r} is not one of {', '.join(DEVICES)}")
         choice = pick_gguf(bool(llama_cpp.llama_supports_gpu_offload()), device, n_gpu_layers)
         n_gpu_layers, self.device_note = choice.gpu_layers, choice.note
         self.device = choice.device

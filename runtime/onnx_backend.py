@@ -27,7 +27,7 @@ import numpy as np
 from edgepeft.bundle import Bundle
 from edgepeft.errors import AdapterError, AdapterMismatch, BundleError, EngineError, require
 from edgepeft.limits import MAX_ADAPTER_FILE_BYTES, MAX_RANK
-from edgepeft.runtime.devices import DEVICES, pick_onnx
+from edgepeft.runtime.devices import pick_onnx
 from edgepeft.runtime_contract import (ADAPTERS_ACTIVE, ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP,
                                        fingerprint_version, is_prefix_param, kv_names, prefix_names, slot_family,
                                        slot_inputs, slot_params)
@@ -67,8 +67,6 @@ class OnnxBackend:
         if threads:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3  # overridable slot initializers make onnxruntime warn once each
-        if device not in DEVICES:
-            raise EngineError(f"device {device!r} is not one of {', '.join(DEVICES)}")
         choice = pick_onnx(ort.get_available_providers(), device)
         self.providers, self.device_note = choice.providers, choice.note
         path = bundle.file(info["model"])

@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from edgepeft.errors import InvalidArgument
+
 
 @dataclass
 class SamplingParams:
+    """How each next token is chosen; out-of-range values raise InvalidArgument naming the value."""
+
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0 or not (0 < self.top_p <= 1) or self.top_k < 0:
-            raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InvalidArgument(f"temperature {self.temperature} must be a finite number >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k {self.top_k} must be >= 0 (0 = no limit)")
+        if not 0 < self.top_p <= 1:  # also refuses NaN
+            raise InvalidArgument(f"top_p {self.top_p} must be in (0, 1] (1 = no limit)")
+        if self.seed is not None and self.seed < 0:
+            raise InvalidArgument(f"seed {self.seed} must be >= 0")
+
+
+def generation_params(max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                      seed: int | None = None) -> SamplingParams:
+    """Check one generation request's arguments and return its sampling parameters; the CLI calls
+    it before opening a bundle, so that bad values fail before any model loads."""
+    if max_new_tokens < 1:
+        raise InvalidArgument(f"max new tokens {max_new_tokens} must be at least 1")
+    return SamplingParams(temperature, top_k, top_p, seed)
 
 
 class Sampler:

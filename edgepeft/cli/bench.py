@@ -12,9 +12,11 @@ from .run import add_verify_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from edgepeft.runtime.devices import DEVICES
+
     p.add_argument("bundle", metavar="BUNDLE")
     p.add_argument("--backend", default="onnx", choices=["onnx", "gguf"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, tensorrt, coreml, dml, openvino (default auto)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's choice)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median; default 3)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
@@ -23,12 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_verify_argument(p)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.0f} KiB"
-
-
 def run(args) -> int:
     from edgepeft.bundle import Bundle
+    from edgepeft.byte_sizes import format_bytes
     from edgepeft.runtime.bench import run_bench
 
     Bundle.open(args.bundle, verify_hashes=args.verify_hashes)  # bad input fails here, before timing
@@ -46,7 +45,7 @@ def run(args) -> int:
     print(f"{'base':<12}{'':>10}{b['load_s'] * 1e3:>8.0f}ms{'':>12}{'':>9}{'':>11}"
           f"{b['ttft_ms']:>7.1f}ms{b['prefill_tokens_per_s']:>10.0f}{b['decode_tokens_per_s']:>10.1f}{'':>9}")
     for name, a in r["adapters"].items():
-        print(f"{name:<12}{_mib(a['file_bytes']):>10}{a['load_ms']:>8.1f}ms{a['switch_ms_median']:>10.4f}ms"
+        print(f"{name:<12}{format_bytes(a['file_bytes']):>10}{a['load_ms']:>8.1f}ms{a['switch_ms_median']:>10.4f}ms"
               f"{a['switch_ms_p95']:>7.4f}ms{a['switch_vs_reload']:>10}x{a['ttft_ms']:>7.1f}ms"
               f"{a['prefill_tokens_per_s']:>10.0f}{a['decode_tokens_per_s']:>10.1f}"
               f"{a['decode_vs_base']:>8.2f}x")
@@ -54,8 +53,9 @@ def run(args) -> int:
     m = r.get("memory")
     if m:
         ratio = f", {m['added_per_file_byte']:.2f}x their file size" if m["added_per_file_byte"] is not None else ""
-        print(f"peak RSS from the {m['peaks_from']}: 0 adapters {_mib(m['peak_rss_0_adapters'])}, "
-              f"1 adapter {_mib(m['peak_rss_1_adapter'])}, all {_mib(m['peak_rss_all_adapters'])} "
-              f"(+{_mib(m['added_by_all_adapters'])} for {_mib(m['adapter_files_bytes'])} of adapter files{ratio}); "
-              f"process peak {_mib(m['process_peak_rss'])}")
+        print(f"peak RSS from the {m['peaks_from']}: 0 adapters {format_bytes(m['peak_rss_0_adapters'])}, "
+              f"1 adapter {format_bytes(m['peak_rss_1_adapter'])}, all {format_bytes(m['peak_rss_all_adapters'])} "
+              f"(+{format_bytes(m['added_by_all_adapters'])} for {format_bytes(m['adapter_files_bytes'])} "
+              f"of adapter files{ratio}); "
+              f"process peak {format_bytes(m['process_peak_rss'])}")
     return 0

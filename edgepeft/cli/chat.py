@@ -14,10 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, metavar="NAME", help="adapter to start with")
 
 
-def _unknown_adapter(engine, spec: str) -> str | None:
+def _unknown_adapter(engine, spec: str):
     """The error for an adapter spec ("name" or "a+b") naming an adapter the engine lacks, or None."""
+    from edgepeft.errors import unknown_adapter
+
     unknown = [n for n in spec.split("+") if n not in engine.adapters]
-    return f"no adapter named {unknown[0]!r} (have: {', '.join(engine.adapters) or 'none'})" if unknown else None
+    return unknown_adapter(unknown[0], engine.adapters) if unknown else None
 
 
 def run(args) -> int:
@@ -26,7 +28,7 @@ def run(args) -> int:
     engine = open_engine(args)
     adapter, history = args.adapter, []
     if adapter and (problem := _unknown_adapter(engine, adapter)):
-        raise EdgepeftError(problem)
+        raise problem
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"edgepeft chat: {engine.bundle.root} on {args.backend}; adapters: "

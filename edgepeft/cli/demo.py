@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from edgepeft.byte_sizes import format_bytes
+
 BASE = "builtin:smollm2-135m"
 QUANTS = {"onnx": "int4", "gguf": "Q4_K_M"}
 
@@ -50,10 +52,6 @@ def demo_bundle(out: Path, adapters: dict[str, Path], backends: list[str], quiet
     b = export_bundle(BASE, out, {n: str(p) for n, p in adapters.items()}, formats=",".join(QUANTS),
                       onnx_quant=QUANTS["onnx"], gguf_quant=QUANTS["gguf"], quiet=quiet)
     return b, time.perf_counter() - t0
-
-
-def _mb(n: float) -> str:
-    return f"{n / 2**20:.0f} MiB"
 
 
 DECODE_TOKENS = 32  # fixed-length runs for the decode line (a task's answer can be one token)
@@ -115,8 +113,9 @@ def run(args) -> int:
             engine.load_adapter(name)
             load_ms[name] = (time.perf_counter() - t) * 1e3
         print(f"\n[{backend} {QUANTS[backend]}, {engine.backend.providers[0]}] base loaded once in {base_s:.2f} s "
-              f"(+{_mb(rss_base - rss0)} RSS); adapters in " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in load_ms.items())
-              + f" (+{_mb(rss_bytes() - rss_base)} RSS)")
+              f"(+{format_bytes(rss_base - rss0, 'MiB', 0)} RSS); adapters in "
+              + ", ".join(f"{n} {ms:.1f} ms" for n, ms in load_ms.items())
+              + f" (+{format_bytes(rss_bytes() - rss_base, 'MiB', 0)} RSS)")
         _show(engine, adapters, tasks)
         for name, task in tasks.items():
             accuracy[(backend, name)] = task.evaluate(engine, name, args.held_out)
@@ -131,5 +130,6 @@ def run(args) -> int:
         pct = lambda k: f"{m[k]:.0%}" if k in m else "n/a"  # noqa: E731
         cells = "".join(f"{accuracy[(b, name)]:>14.0%}" for b in backends)
         print(f"  {name:<10} {pct('base_accuracy'):>6} {pct('pytorch_accuracy'):>13}{cells}")
-    print(f"\npeak RSS {_mb(peak_rss_bytes())} (demo process, {peak_scope}, both backends loaded in turn)")
+    print(f"\npeak RSS {format_bytes(peak_rss_bytes(), 'MiB', 0)} (demo process, {peak_scope}, "
+          "both backends loaded in turn)")
     return 0

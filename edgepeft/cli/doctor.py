@@ -13,12 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _gib(n) -> str:
-    return f"{n / 2**30:.1f} GiB" if n else "unknown"
-
-
 def run(args) -> int:
     from edgepeft import __version__
+    from edgepeft.byte_sizes import format_bytes
     from edgepeft.runtime.devices import probe
 
     r = probe()
@@ -29,11 +26,12 @@ def run(args) -> int:
     cpu, mem = r["cpu"], r["memory"]
     print(f"edgepeft {__version__} on {r['platform']}, Python {r['python']}")
     print(f"cpu      {cpu['model'] or cpu['machine']}, {cpu['cores']} cores; features: {', '.join(cpu['features']) or 'none detected'}")
-    print(f"memory   {_gib(mem['total'])} total, {_gib(mem['available'])} available")
+    print(f"memory   {format_bytes(mem['total'], 'GiB')} total, {format_bytes(mem['available'], 'GiB')} available")
     print("gpu      " + ("; ".join(f"{g['name']} ({g['memory_mib']} MiB, driver {g['driver']})" for g in r["gpus"])
                          or "none found (no nvidia-smi)"))
     ort, llama = r["engines"]["onnxruntime"], r["engines"]["llama_cpp"]
-    print("onnx     " + (f"onnxruntime {ort['version']}; providers: {', '.join(ort['providers'])}; auto -> {ort['auto']}"
+    print("onnx     " + (f"onnxruntime {ort['version']}; providers: {', '.join(ort['providers'])}; auto -> {ort['auto']}; "
+                         f"telemetry {ort['telemetry']}"
                          if ort else "not installed (pip install 'edgepeft[onnx]' or 'edgepeft[onnx-gpu]')"))
     print("gguf     " + (f"llama-cpp-python {llama['version']}; GPU offload: {'yes' if llama['gpu_offload'] else 'no'}; "
                          f"mmap: {'yes' if llama['mmap'] else 'no'}; auto -> {llama['auto']}"

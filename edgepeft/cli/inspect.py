@@ -7,6 +7,7 @@ import argparse
 import json
 
 from ..bundle import Bundle
+from ..byte_sizes import format_bytes
 from ..kinds import support_table
 from .run import add_verify_argument
 
@@ -36,10 +37,6 @@ def describe(bundle: Bundle) -> dict:
             "support": support_table()}
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
 def run(args) -> int:
     info = describe(Bundle.open(args.bundle, verify_hashes=args.verify_hashes))
     if args.json:
@@ -55,10 +52,11 @@ def run(args) -> int:
     for name, be in info["backends"].items():
         extra = f", block {be['block_size']}" if "block_size" in be else ""
         slots = f"  {be['slots']} adapter slots ({be.get('slot_set', 'lora')})" if "slots" in be else ""
-        print(f"{name:<8} {be['model']}  {be['quant']}{extra}  {_mb(be['bytes'])}  context {be['context_length']}{slots}")
+        print(f"{name:<8} {be['model']}  {be['quant']}{extra}  {format_bytes(be['bytes'])}  "
+              f"context {be['context_length']}{slots}")
     print(f"adapters {len(info['adapters'])}")
     for name, a in info["adapters"].items():
-        files = ", ".join(f"{bk} {_mb(f['bytes'])}" for bk, f in a["files"].items())
+        files = ", ".join(f"{bk} {format_bytes(f['bytes'])}" for bk, f in a["files"].items())
         what = (f"{a['num_virtual_tokens']} virtual tokens ({a.get('peft_type')})" if "num_virtual_tokens" in a
                 else f"rank {a['rank']}  {','.join(a['targets'])}")
         print(f"  {name:<16} {a['kind']:<6} {what}  [{files}]")

@@ -51,9 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def open_engine(args):
+    """The engine for run and chat. The generation arguments are checked first: a bad value is one
+    line and exit 2 before the bundle is opened (chat: before it reads stdin)."""
     from edgepeft.bundle import Bundle
     from edgepeft.runtime import Engine
+    from edgepeft.runtime.sampling import generation_params
 
+    generation_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     bundle = Bundle.open(args.bundle, verify_hashes=args.verify_hashes)
     engine = Engine.open(bundle, backend=args.backend, device=args.device, threads=args.threads,
                          max_context=args.max_context, max_resident_adapters=args.max_resident_adapters,
@@ -64,18 +68,13 @@ def open_engine(args):
 
 
 def run(args) -> int:
-    from edgepeft.errors import EngineError
-
     engine = open_engine(args)
-    kw = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat)
-    try:
-        if args.json:
-            print(json.dumps(engine.complete(args.prompt, **kw).to_json()))
-            return 0
-        result = engine.complete(args.prompt, **kw)
-    except ValueError as e:  # sampling parameters out of range
-        raise EngineError(str(e)) from None
+    result = engine.complete(args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             chat=args.chat)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
     print(result.text)
     if not args.quiet:
         t = result.timings

@@ -7,7 +7,7 @@ import pytest
 
 from edgepeft.bundle import Bundle, check_adapter_name, new_manifest
 from edgepeft.errors import BundleError
-from edgepeft.files import TMP_PREFIX, atomic_path, write_bytes_atomic
+from edgepeft.files import TMP_PREFIX, atomic_path, sha256_file, write_bytes_atomic
 
 
 DIMS = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "vocab_size": 16}
@@ -85,17 +85,24 @@ def test_adapter_names_that_could_escape_or_confuse_are_refused(name):
         check_adapter_name(name)
 
 
-def test_hashes_are_checked_at_open_and_cached_by_size_and_mtime(tmp_path, monkeypatch):
+def cacheable_tokenizer(root, monkeypatch):
+    """Age the bundle's tokenizer.json past the racy window, so that its hash is cached; return
+    it, its mtime and the list of files the sha256 check reads from now on."""
     from edgepeft import hash_cache
 
-    monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
-    root = make_bundle(tmp_path / "b")
     tok = root / "tokenizer.json"
-    old = tok.stat().st_mtime_ns - 10**10  # older than the racy window: cacheable
+    old = tok.stat().st_mtime_ns - 10**10
     os.utime(tok, ns=(old, old))
     reads = []
     real = hash_cache.sha256_file
     monkeypatch.setattr(hash_cache, "sha256_file", lambda p: reads.append(p) or real(p))
+    return tok, old, reads
+
+
+def test_hashes_are_checked_at_open_and_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
+    root = make_bundle(tmp_path / "b")
+    tok, old, reads = cacheable_tokenizer(root, monkeypatch)
     Bundle.open(root)
     assert reads == [tok]
     Bundle.open(root)  # unchanged since: answered from the cache
@@ -118,8 +125,14 @@ def test_hashes_are_checked_at_open_and_cached_by_size_and_mtime(tmp_path, monke
 def test_a_damaged_hash_cache_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "file-hashes.json").write_text('{"1:2": [1, "x"], "3:4": 5')
-    Bundle.open(make_bundle(tmp_path / "b"))
+    cache = tmp_path / "cache" / "file-hashes.json"
+    cache.write_text('{"1:2": [1, "x"], "3:4": 5')
+    root = make_bundle(tmp_path / "b")
+    tok, old, reads = cacheable_tokenizer(root, monkeypatch)
+    assert Bundle.open(root).manifest["files"]["tokenizer.json"]["size"] == 2  # opens, no error
+    assert reads == [tok]  # hashed by reading it: nothing in the damaged cache was trusted
+    st = tok.stat()
+    assert json.loads(cache.read_text()) == {f"{st.st_dev}:{st.st_ino}": [2, old, sha256_file(tok)]}  # rewritten
 
 
 def test_symlinks_leading_out_of_the_bundle_are_refused(tmp_path):

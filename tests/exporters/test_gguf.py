@@ -99,6 +99,7 @@ def test_bad_gguf_inputs_fail_cleanly(tiny_llama, llama_adapters, tmp_path):
     bundle = export_bundle(str(tiny_llama), tmp_path / "b", {"qv": str(llama_adapters["qv"])},
                            formats="gguf", gguf_quant="F32", quiet=True)
     engine = Engine.open(bundle.root, backend="gguf")
+    before = engine.complete("still works", adapter="qv", max_new_tokens=4).tokens
     good = bundle.adapter_path("qv", "gguf").read_bytes()
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(good[: len(good) // 2])
@@ -114,7 +115,9 @@ def test_bad_gguf_inputs_fail_cleanly(tiny_llama, llama_adapters, tmp_path):
                             formats="gguf", gguf_quant="F32", quiet=True)
     with pytest.raises(AdapterMismatch, match="architecture qwen2"):
         engine.load_adapter("q", foreign.adapter_path("q", "gguf"))
-    assert engine.generate("still works", adapter="qv", max_new_tokens=4)
+    # the refused files left the engine as it was: no new adapter, the same output with the old one
+    assert engine.adapters == ["qv"]
+    assert engine.complete("still works", adapter="qv", max_new_tokens=4).tokens == before
     with pytest.raises(EdgepeftError, match="unknown GGUF quant type 'Q9_Z'"):
         export_bundle(str(tiny_llama), tmp_path / "q9", formats="gguf", gguf_quant="Q9_Z", quiet=True)
     assert not (tmp_path / "q9").exists()

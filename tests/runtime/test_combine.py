@@ -36,7 +36,12 @@ def test_two_and_three_loras_together_match_peft(llama_bundle, tiny_llama, llama
         assert np.abs(single - want).max() > 1e-2  # the second adapter really takes part
     # alternating single and combined calls leaves no adapter behind
     np.testing.assert_allclose(engine.score(IDS, adapter="qv"), engine.score(IDS, adapter=["qv"]), atol=1e-6)
-    assert engine.generate("abc", adapter="qv+mixed", max_new_tokens=4)
+    # generating with a combination follows its own scores: the greedy chain of score()'s argmax
+    ids, chain, stop = engine.encode_prompt("abc"), [], engine.tokenizer.stop_ids(False)
+    while len(chain) < 4 and (token := int(engine.score(ids + chain, adapter="qv+mixed")[-1].argmax())) not in stop:
+        chain.append(token)
+    assert engine.complete("abc", adapter="qv+mixed", max_new_tokens=4).tokens == chain, backend
+    assert engine.generate("abc", adapter="qv+mixed", max_new_tokens=4) == engine.tokenizer.decode(chain)
 
 
 def test_combinations_fail_clearly(llama_bundle):

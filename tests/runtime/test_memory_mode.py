@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from edgepeft.errors import EngineError
+from edgepeft.errors import EngineError, InvalidArgument
 from edgepeft.runtime import Engine
 
 IDS = [5, 17, 99, 3, 42]
@@ -56,7 +56,7 @@ def test_max_context_bounds_every_call(llama_bundle, backend):
     assert len(engine.complete("ab", max_new_tokens=100, ignore_eos=True).tokens) <= 16
     with pytest.raises(EngineError, match="context"):
         engine.complete("x" * 40, max_new_tokens=4)
-    with pytest.raises(EngineError):
+    with pytest.raises(InvalidArgument, match="max context 0"):
         Engine.open(llama_bundle.root, backend=backend, max_context=0)
 
 

@@ -1,0 +1,57 @@
+"""Bad generation arguments to run and chat: one line naming the value, exit 2 (bad input), before
+any model runs; chat refuses them before it reads stdin."""
+
+import subprocess
+import sys
+
+import pytest
+
+from edgepeft.exporters import export_bundle
+
+BAD = [
+    (["--temperature", "-1"], "temperature -1.0 "),
+    (["--temperature", "nan"], "temperature nan "),
+    (["--max-new-tokens", "0"], "max new tokens 0 "),
+    (["--max-new-tokens", "-3"], "max new tokens -3 "),
+    (["--top-k", "-1"], "top_k -1 "),
+    (["--top-p", "0"], "top_p 0.0 "),
+    (["--top-p", "1.5"], "top_p 1.5 "),
+    (["--seed", "-1"], "seed -1 "),
+    (["--max-context", "0"], "max context 0 "),
+    (["--max-resident-adapters", "0"], "max resident adapters 0 "),
+]
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_llama, tmp_path_factory):
+    return export_bundle(str(tiny_llama), tmp_path_factory.mktemp("args") / "bundle", formats="onnx",
+                         onnx_quant="fp32", quiet=True).root
+
+
+def assert_one_line(stderr: str, verb: str, message: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"edgepeft {verb}: error: {message}"), stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("args, message", BAD)
+def test_run_refuses_a_bad_value_in_one_line_with_exit_2(bundle, args, message):
+    p = subprocess.run([sys.executable, "-m", "edgepeft", "run", str(bundle), *args, "hello"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == ""
+    assert_one_line(p.stderr, "run", message)
+
+
+@pytest.mark.parametrize("args, message", BAD)
+def test_chat_refuses_a_bad_value_before_reading_stdin(bundle, args, message):
+    # stdin stays open and empty: a chat that read it would wait, and the timeout would fail the test
+    p = subprocess.Popen([sys.executable, "-m", "edgepeft", "chat", str(bundle), *args],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        code = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    stdout, stderr = p.communicate()
+    assert code == 2 and stdout == ""
+    assert_one_line(stderr, "chat", message)
