@@ -12,7 +12,7 @@ from edgepeft.bundle import MANIFEST, Bundle, adapter_file, check_adapter_name, 
 from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, require
 from edgepeft.files import DIR_MODE, TMP_PREFIX
 from edgepeft.recovery import recover, writer_lock
-from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needs_full_slots, read_checked_adapter, slot_set
+from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
 from .calibration import activation_importance
 from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir
@@ -195,7 +195,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
             for backend in formats:
                 _check_kind(spec, backend, name)
     if slots == "none" and "onnx" in formats:
-        swappable = [n for n, sp in specs.items() if n != merge and slot_set(sp) != "none"]
+        swappable = [n for n, sp in specs.items() if n != merge and needed_slots(sp) != "none"]
         if swappable:
             raise BundleError(f"--slots none leaves the ONNX base no adapter slots, and adapter {swappable[0]!r} needs "
                               "them; export with --slots lora (or full), or bake it in with --merge")

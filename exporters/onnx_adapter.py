@@ -13,7 +13,7 @@ import numpy as np
 
 from edgepeft.errors import require
 from edgepeft.files import atomic_path
-from edgepeft.kinds import KINDS, AdapterSpec, slot_set
+from edgepeft.kinds import KINDS, AdapterSpec, needed_slots
 from edgepeft.runtime_contract import ADAPTERS_ACTIVE, fingerprint_version
 
 from .hf_base import BaseModel
@@ -57,7 +57,7 @@ def export_adapter_onnx(spec: AdapterSpec, onnx_info: dict, fingerprint: str, de
     BaseModel, or a function returning it) is used by kinds computed from the base."""
     ort = require("onnxruntime", "onnx")
     tensors = adapter_tensors(spec, onnx_info, base)
-    if onnx_info.get("base_path") and slot_set(spec) != "none":
+    if onnx_info.get("base_path") and needed_slots(spec) != "none":
         tensors[ADAPTERS_ACTIVE] = np.ones(1, np.float32)  # run the slots (onnx_graph.add_base_path)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)

@@ -67,14 +67,14 @@ def features(spec: AdapterSpec) -> list[str]:
     return [spec.kind, *lora.extras(spec)]
 
 
-def slot_set(spec: AdapterSpec) -> str:
+def needed_slots(spec: AdapterSpec) -> str:
     """The ONNX slot set `spec` needs: "lora", "full" or "none" (a KV-cache prefix needs no slot)."""
     return KINDS[spec.kind].slots(spec)
 
 
 def needs_full_slots(spec: AdapterSpec) -> bool:
     """Whether `spec` needs the ONNX base's scale and bias slots (export --slots full)."""
-    return slot_set(spec) == "full"
+    return needed_slots(spec) == "full"
 
 
 def support_table() -> list[dict[str, str]]:
@@ -82,5 +82,5 @@ def support_table() -> list[dict[str, str]]:
     return [{"kind": k, **row} for k, row in SUPPORT.items()]
 
 
-__all__ = ["AdapterSpec", "BaseView", "GgufLora", "KINDS", "Kind", "SUPPORT", "features", "needs_full_slots",
-           "read_checked_adapter", "read_peft_adapter", "slot_set", "support_table"]
+__all__ = ["AdapterSpec", "BaseView", "GgufLora", "KINDS", "Kind", "SUPPORT", "features", "needed_slots",
+           "needs_full_slots", "read_checked_adapter", "read_peft_adapter", "support_table"]
