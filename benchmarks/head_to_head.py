@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Decode speed of our ONNX backend against onnxruntime-genai, interleaved in time.
 
-    python benchmarks/head_to_head.py --genai-python PATH [--rounds 10] [--threads 2]
+    python benchmarks/head_to_head.py --genai-python PATH [--rounds 10] [--threads 2] [--baseline-python PATH]
 
 compare_engines.py runs each engine in its own process one after the other, so on a shared
 machine an engine can land in a slow minute and another in a fast one (docs/experiments.md has
@@ -13,6 +13,10 @@ with-adapter / base ratio; the "--slots none" worker (a base without adapter slo
 exports) shows what is left of the slots' cost in calls without an adapter (they run the graph's
 slot-free branch). Uses the bench bundles and genai build that compare_engines.py made
 in --work (run it first). Writes benchmarks/results/head_to_head.{md,json}.
+
+--baseline-python PATH runs each of our workers a second time under another Python (a venv with
+an earlier edgepeft installed, e.g. main before a change), in the same rounds: the before/after
+of a change in one sitting, as the per-round ratio of each worker to its baseline twin.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from compare_engines import PROMPT, RESULTS  # noqa: E402
+
+BASELINE = " (baseline)"  # suffix of the workers run under --baseline-python
 
 OURS = """
 import json, sys
@@ -87,17 +93,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "edgepeft" / "bench"))
+    ap.add_argument("--baseline-python", default=None, metavar="PATH",
+                    help="also run our workers under this Python (an earlier edgepeft), for a before/after")
     args = ap.parse_args()
     work = Path(args.work)
     common = {"threads": args.threads, "prompt": PROMPT, "n": args.new_tokens}
-    workers = {
-        "edgepeft onnx int4": start(sys.executable, OURS.format(bundle=str(work / "smollm2-135m-bench-int4"), **common)),
-        "edgepeft onnx int4-pure": start(sys.executable, OURS.format(bundle=str(work / "smollm2-135m-bench-int4-pure"),
-                                                                     **common)),
-        "edgepeft onnx int4-pure, --slots none": start(
-            sys.executable, OURS.format(bundle=str(work / "smollm2-135m-bench-int4-pure-noslots"), **common)),
-        "onnxruntime-genai int4": start(args.genai_python, GENAI.format(model=str(work / "genai-int4"), **common)),
-    }
+    ours = {"edgepeft onnx int4": "smollm2-135m-bench-int4",
+            "edgepeft onnx int4-pure": "smollm2-135m-bench-int4-pure",
+            "edgepeft onnx int4-pure, --slots none": "smollm2-135m-bench-int4-pure-noslots"}
+    pythons = {"": sys.executable, **({BASELINE: args.baseline_python} if args.baseline_python else {})}
+    workers = {name + tag: start(python, OURS.format(bundle=str(work / folder), **common))
+               for name, folder in ours.items() for tag, python in pythons.items()}
+    workers["onnxruntime-genai int4"] = start(args.genai_python, GENAI.format(model=str(work / "genai-int4"), **common))
     rounds: list[dict] = []
     names = list(workers)
     for r in range(args.rounds):
@@ -117,13 +124,19 @@ def main() -> None:
         base = [g[name]["base"] for g in rounds]
         row = {"base_median": statistics.median(base),
                "vs_genai_median": statistics.median(b / x for b, x in zip(base, genai))}
+        twin = rounds[0].get(name + BASELINE)
+        if twin is not None:
+            row["vs_baseline_median"] = statistics.median(g[name]["base"] / g[name + BASELINE]["base"] for g in rounds)
         if "r16-all7" in rounds[0][name]:
             ad = [g[name]["r16-all7"] for g in rounds]
             row.update(r16_median=statistics.median(ad),
                        r16_over_base_median=statistics.median(a / b for a, b in zip(ad, base)))
         summary[name] = row
-    results = {"command": " ".join(["python", "benchmarks/head_to_head.py", *sys.argv[1:]]).replace(
-                   args.genai_python, "GENAI_VENV/bin/python"),
+    command = " ".join(["python", "benchmarks/head_to_head.py", *sys.argv[1:]]).replace(
+        args.genai_python, "GENAI_VENV/bin/python")
+    if args.baseline_python:
+        command = command.replace(args.baseline_python, "BASELINE_VENV/bin/python")
+    results = {"command": command,
                "when": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpus": os.cpu_count(),
                "threads": args.threads, "new_tokens": args.new_tokens, "rounds": rounds, "summary": summary}
     RESULTS.mkdir(exist_ok=True)
@@ -145,6 +158,10 @@ def main() -> None:
     for name, row in summary.items():
         r16 = (f"{row['r16_median']:.1f} | {row['r16_over_base_median']:.2f}" if "r16_median" in row else "– | –")
         lines.append(f"| {name} | {row['base_median']:.1f} | {row['vs_genai_median']:.2f} | {r16} |")
+    twins = [(name, row["vs_baseline_median"]) for name, row in summary.items() if "vs_baseline_median" in row]
+    if twins:
+        lines += ["", "| worker | base decode / its baseline twin's (median of per-round ratios) |", "|---|---|"]
+        lines += [f"| {name} | {ratio:.3f} |" for name, ratio in twins]
     (RESULTS / "head_to_head.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
