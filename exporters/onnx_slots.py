@@ -6,7 +6,7 @@ add exact zeros), and onnxruntime's adapter files (or bound OrtValues) override 
 without touching the base weights. One slot per group, not per layer, because each slot costs a
 few small operators per token. A packed group's slot is batched: A [parts, in, r] (one x A_p per
 member) and B [chunks, r, chunk], the group's output cut into equal chunks, so no zeros are
-stored between members (see Projections.lora and onnx_adapter.py). The embedding has a LoRA slot
+stored between members (see Projections.lora and edgepeft/kinds/slots.py). The embedding has a LoRA slot
 too (x += A[ids] B).
 
 slot_set "full" adds, per group, an output scale (ones), an overridable bias (the base's, or
