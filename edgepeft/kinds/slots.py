@@ -97,7 +97,7 @@ class SlotTensors:
 
 def _batched(slot: dict, members: list) -> tuple[np.ndarray, np.ndarray]:
     """A [parts, in, r] and B [chunks, r, chunk] of a packed group's batched slot (see
-    onnx_graph.linear): part p's A_p in A[p], and its B_p cut into the chunks that read part p.
+    exporters/onnx_slots.Projections.linear): part p's A_p in A[p], and its B_p cut into the chunks that read part p.
     r is the largest member rank; a smaller rank, or a member the adapter leaves out, is zeros."""
     names = [p["module"] for p in parts(slot)]
     chunk, chunks = slot["chunk"], slot["chunks"]
