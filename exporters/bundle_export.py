@@ -16,11 +16,12 @@ from edgepeft.recovery import recover, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
 from .calibration import activation_importance
-from .hf_base import BaseModel, copy_tokenizer, fingerprint_state_dict, load_base, resolve_base_dir
+from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, load_base, read_config,
+                      resolve_base_dir)
 from .gguf_adapter import export_adapter_gguf
-from .gguf_base import gguf_ftype, quantize_gguf, write_base_gguf
+from .gguf_base import check_gguf_layout, gguf_ftype, quantize_gguf, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
-from .onnx_graph import add_base_path, build_decoder, head_is_tied
+from .onnx_graph import add_base_path, build_decoder, check_onnx_shapes, head_is_tied
 from .onnx_quant import EXACT_HEAD_TOP_K, ONNX_QUANTS, SENSITIVE, SENSITIVE_EXACT_HEAD, WEIGHT_ONLY, quantize
 
 FORMATS = ("onnx", "gguf")
@@ -193,8 +194,14 @@ def _read_request(base: str, adapters: dict[str, str], formats, onnx_quant: str,
             raise BundleError(f"--slots none leaves the ONNX base no adapter slots, and adapter {swappable[0]!r} needs "
                               "them; export with --slots lora (or full), or bake it in with --merge")
 
-    resolve_base_dir(base)  # a wrong path or quant type fails here, before anything slow starts
+    # A wrong path, family, shape or quant type fails here, before anything slow starts.
+    local = resolve_base_dir(base)
+    config = read_config(local)
+    dims, lay = config_layout(config)
+    if "onnx" in formats:
+        check_onnx_shapes(local, dims)
     if "gguf" in formats:
+        check_gguf_layout(local, config, dims, lay)
         gguf_ftype(gguf_quant)
     return formats, specs
 
@@ -247,6 +254,7 @@ def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, blo
         "dtype": info["dtype"], "context_length": info["context_length"],
         "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
         **({"base_path": True} if info.get("base_path") else {}),
+        **({"longrope_switch": info["longrope_switch"]} if info.get("longrope_switch") else {}),
         "logits_to_keep": True,
     }
 

@@ -25,7 +25,7 @@ from edgepeft.bundle import GGUF_FINGERPRINT_KEY
 from edgepeft.files import atomic_path
 from edgepeft.kinds import KINDS, AdapterSpec
 
-from .gguf_base import _ARCH, needs_permutation, permute_rows
+from .gguf_base import gguf_arch, needs_permutation, permute_rows
 
 _ATTN = {"q_proj": "num_heads", "k_proj": "num_kv_heads"}
 
@@ -35,7 +35,7 @@ def export_adapter_gguf(spec: AdapterSpec, manifest_base: dict, dest: Path) -> N
     gguf = require("gguf", "export")
     lora = KINDS[spec.kind].gguf_tensors(spec, manifest_base["linear_shapes"])
     model_type, dims = manifest_base["model_type"], manifest_base["dims"]
-    arch = getattr(gguf.MODEL_ARCH, _ARCH[model_type])
+    arch = gguf_arch(gguf, model_type)
     names = gguf.get_tensor_name_map(arch, dims["num_layers"])
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])  # path given at write time
     writer.add_type(gguf.GGUFType.ADAPTER)

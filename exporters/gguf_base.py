@@ -3,8 +3,9 @@
 Tensor names come from gguf's TensorNameMap; hyper-parameters and tokenizer keys from its
 constants. llama.cpp applies rotary embeddings to interleaved pairs for the llama architecture,
 so q_proj/k_proj rows are permuted here exactly as llama.cpp's converter does (and LoRA B of
-those modules must get the same permutation: see gguf_adapter.py). Qwen2 uses the NeoX rotary
-layout in llama.cpp and needs no permutation.
+those modules must get the same permutation: see gguf_adapter.py). The other families use the
+NeoX rotary layout in llama.cpp and need no permutation. What differs per family (architecture,
+norm offset, keys llama.cpp reads, what it hard-codes) comes from exporters/archs.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import numpy as np
 from edgepeft.errors import UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
-from .archs import ARCHS, arch_of
+from .archs import Arch, Layout, arch_of
 from .hf_base import BaseModel
 
 GGUF_QUANTS = ("F32", "F16", "Q8_0", "Q4_K_M")  # common ones; any LLAMA_FTYPE_MOSTLY_* name works
-_ARCH = {model_type: arch.gguf_arch for model_type, arch in ARCHS.items()}
+
+
+def gguf_arch(gguf, model_type: str):
+    """gguf-py's MODEL_ARCH of `model_type`'s family."""
+    return getattr(gguf.MODEL_ARCH, arch_of(model_type).gguf_arch)
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -106,6 +111,20 @@ def _is_byte_level(tok_json: dict) -> bool:
     return "ByteLevel" in kinds(tok_json.get("pre_tokenizer")) + kinds(tok_json.get("decoder"))
 
 
+def _prepends_space(base: BaseModel) -> bool:
+    """Whether the sentencepiece-style tokenizer prepends "▁" to the text (Llama 2, Mistral) or
+    not (Gemma), read from its normalizer."""
+    tok_json = json.loads((base.local_dir / "tokenizer.json").read_text())
+
+    def kinds(node):
+        node = node or {}
+        return [(node.get("type"), node.get("prepend"))] + [k for sub in node.get("normalizers", []) for k in kinds(sub)]
+
+    pre = tok_json.get("pre_tokenizer") or {}
+    return any(t == "Prepend" for t, _ in kinds(tok_json.get("normalizer"))) or (
+        pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never")
+
+
 def _check_vocab(base: BaseModel, n_tokens: int) -> None:
     if n_tokens > base.dims["vocab_size"]:
         raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: {n_tokens} tokens, but the model's vocabulary "
@@ -131,6 +150,8 @@ def _add_sentencepiece_style(writer, gguf, base: BaseModel) -> None:
         types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
+    if not _prepends_space(base):  # Gemma: no dummy prefix (llama.cpp's default adds one)
+        writer.add_add_space_prefix(False)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
@@ -140,11 +161,51 @@ def _add_sentencepiece_style(writer, gguf, base: BaseModel) -> None:
     special.add_to_gguf(writer, quiet=True)
 
 
+def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
+    """Refuse, at export, a config llama.cpp would run differently from PyTorch because it
+    hard-codes that part of the family (exporters/archs: gguf_swa_pattern, ...)."""
+    fam = arch_of(config.model_type)
+    if fam.gguf_swa_pattern and any(lay.windows):
+        want = tuple(bool((i + 1) % fam.gguf_swa_pattern) for i in range(len(lay.windows)))
+        if tuple(w is not None for w in lay.windows) != want:
+            raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} runs every {fam.gguf_swa_pattern}th "
+                                   "layer global and the rest sliding-window; this config's layer_types differ "
+                                   "(export --format onnx instead)")
+    local = getattr(config, fam.local_rope_field, None) if fam.local_rope_field else None
+    if fam.gguf_local_rope_base is not None and local is not None and float(local) != fam.gguf_local_rope_base:
+        raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} rotates sliding-window layers with base "
+                               f"{fam.gguf_local_rope_base:g}, this config with {float(local):g} (export --format onnx)")
+    if fam.gguf_scale_is_head_dim and abs(lay.attention_scale - dims["head_dim"] ** -0.5) > 1e-7:
+        raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} scales attention by head_dim ** -0.5, this "
+                               f"config by {fam.attention_scale_field} (export --format onnx instead)")
+
+
+def _add_family_keys(writer, gguf, base: BaseModel, fam: Arch, lay: Layout) -> None:
+    """The keys llama.cpp reads for this family beyond the common ones: sliding window,
+    soft-caps, and LongRoPE's original context and attention factor."""
+    if fam.gguf_sliding_window:
+        writer.add_sliding_window(int(base.dims["sliding_window"] or 0))
+    if lay.attn_softcap:
+        writer.add_attn_logit_softcapping(float(lay.attn_softcap))
+    if lay.final_softcap:
+        writer.add_final_logit_softcapping(float(lay.final_softcap))
+    if _rope_type(base.config) == "longrope":
+        rotary = base.model.model.rotary_emb
+        writer.add_rope_scaling_orig_ctx_len(int(rotary.config.original_max_position_embeddings))
+        writer.add_rope_scaling_attn_factors(float(rotary.attention_scaling))
+
+
+def _rope_type(cfg) -> str | None:
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    return scaling.get("rope_type", scaling.get("type"))
+
+
 def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     """Write `base` as a GGUF file of type F32 or F16 at `dest` (quantize() makes the rest)."""
     gguf = require("gguf", "export")
-    d, cfg = base.dims, base.config
-    arch = getattr(gguf.MODEL_ARCH, _ARCH[cfg.model_type])
+    d, cfg, fam, lay = base.dims, base.config, base.arch, base.layout
+    check_gguf_layout(base.local_dir, cfg, d, lay)
+    arch = gguf_arch(gguf, cfg.model_type)
     names = gguf.get_tensor_name_map(arch, d["num_layers"])
     writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(Path(base.source).name or base.source)
@@ -156,18 +217,19 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     writer.add_head_count_kv(d["num_kv_heads"])
     writer.add_key_length(d["head_dim"])
     writer.add_value_length(d["head_dim"])
-    writer.add_rope_dimension_count(d["head_dim"])
+    writer.add_rope_dimension_count(lay.rotary_dim)
     writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(d["rms_norm_eps"])
     writer.add_vocab_size(d["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if ftype == "F16" else gguf.LlamaFileType.ALL_F32)
     scaling = getattr(cfg, "rope_scaling", None) or {}
-    rope_type = scaling.get("rope_type", scaling.get("type"))
+    rope_type = _rope_type(cfg)
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    elif rope_type not in (None, "default", "llama3"):
+    elif rope_type not in (None, "default", "llama3", "longrope"):
         raise UnsupportedModel(f"{base.local_dir}: rope scaling {rope_type!r} is not exported to GGUF yet")
+    _add_family_keys(writer, gguf, base, fam, lay)
     _add_tokenizer(writer, gguf, base)
 
     state = base.model.state_dict()
@@ -176,6 +238,10 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
         inv = base.model.model.rotary_emb.inv_freq.detach().float().numpy()
         base_inv = 1.0 / (float(cfg.rope_theta) ** (np.arange(0, d["head_dim"], 2, dtype=np.float32) / d["head_dim"]))
         writer.add_tensor("rope_freqs.weight", (base_inv / inv).astype(np.float32))
+    elif rope_type == "longrope":  # llama.cpp picks one of these per context (n_ctx > original: long)
+        for key, tensor in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
+                            ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+            writer.add_tensor(f"{gguf.TENSOR_NAMES[tensor]}.weight", np.asarray(scaling[key], np.float32))
     tied = d["tie_word_embeddings"]
     for name in sorted(state, key=_tensor_order):
         if name == "lm_head.weight" and tied:
@@ -187,7 +253,9 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
                 continue
             raise UnsupportedModel(f"{base.local_dir}: tensor {name} has no GGUF name")
         w = state[name].detach().float().numpy()
-        if needs_permutation(cfg.model_type):
+        if fam.norms.offset and name.endswith("norm.weight"):
+            w = w + np.float32(fam.norms.offset)  # llama.cpp multiplies by the stored weight: store 1 + w
+        if fam.permute_qk:
             if stem.endswith("q_proj"):
                 w = permute_rows(w, d["num_heads"])
             elif stem.endswith("k_proj"):

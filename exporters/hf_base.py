@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgepeft.errors import UnsupportedModel, require
 
-from .archs import arch_of
+from .archs import Arch, Layout, arch_of, layout
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
@@ -27,13 +27,26 @@ class BaseModel:
     dims: dict
     fingerprint: str
 
+    @property
+    def arch(self) -> Arch:
+        """The family's description (exporters/archs)."""
+        return arch_of(self.config.model_type, self.local_dir)
+
+    @property
+    def layout(self) -> Layout:
+        """What this base's config makes of its family's description (per-layer windows, ...)."""
+        return layout(self.arch, self.config, self.dims)
+
     def linear_shapes(self) -> dict[str, list[int]]:
-        """[in_features, out_features] of every slot-able linear layer, by short name."""
-        d = self.dims
-        q, kv = d["num_heads"] * d["head_dim"], d["num_kv_heads"] * d["head_dim"]
-        h, i = d["hidden_size"], d["intermediate_size"]
-        return {"q_proj": [h, q], "k_proj": [h, kv], "v_proj": [h, kv], "o_proj": [q, h],
-                "gate_proj": [h, i], "up_proj": [h, i], "down_proj": [i, h]}
+        """[in_features, out_features] of every slot-able linear layer, by short name, in the
+        family's group order (the checkpoint's own layers: q_proj, ... or Phi-3's qkv_proj)."""
+        layer = self.model.model.layers[0]
+        shapes = {}
+        for group in self.arch.groups:
+            for member in group.members:
+                m = getattr(getattr(layer, group.parent), member)
+                shapes[member] = [int(m.in_features), int(m.out_features)]
+        return shapes
 
 
 def resolve_base_dir(source: str) -> Path:
@@ -83,11 +96,10 @@ def fingerprint_state_dict(state_dict) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def load_base(source: str) -> BaseModel:
-    """Load `source` (local HF dir or builtin:NAME) as float32 for export."""
-    torch = require("torch", "export")
+def read_config(local: Path):
+    """The base's transformers config, checked against the architecture table (one line if the
+    family or one of its options is not supported). Cheap: no weights are read."""
     transformers = require("transformers", "export")
-    local = resolve_base_dir(source)
     try:
         config = transformers.AutoConfig.from_pretrained(local, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -95,10 +107,32 @@ def load_base(source: str) -> BaseModel:
     arch_of(config.model_type, local)
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModel(f"{local}: mlp_bias=True is not supported yet")
+    return config
+
+
+def config_layout(config) -> tuple[dict, Layout]:
+    """The manifest dims of `config` and what its family makes of it."""
+    dims = _dims(config)
+    return dims, layout(arch_of(config.model_type), config, dims)
+
+
+def reference_kwargs(config) -> dict:
+    """from_pretrained arguments that load the model as it was designed: transformers' default
+    sdpa attention silently drops Gemma 2's attention soft-cap (only its eager attention applies
+    it, as llama.cpp and onnxruntime's GroupQueryAttention do)."""
+    return {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+
+
+def load_base(source: str) -> BaseModel:
+    """Load `source` (local HF dir or builtin:NAME) as float32 for export."""
+    torch = require("torch", "export")
+    transformers = require("transformers", "export")
+    local = resolve_base_dir(source)
+    config = read_config(local)
     try:
         # use_safetensors: a base with only pickled weights (pytorch_model.bin) is refused, not unpickled.
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            local, dtype=torch.float32, local_files_only=True, use_safetensors=True
+            local, dtype=torch.float32, local_files_only=True, use_safetensors=True, **reference_kwargs(config)
         ).eval()
     except OSError as e:
         raise UnsupportedModel(f"{local}: cannot load its weights; edgepeft reads safetensors only, not "

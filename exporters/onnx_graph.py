@@ -1,14 +1,19 @@
-"""Build the ONNX decoder graph for a llama-family base, with swappable LoRA slots.
+"""Build the ONNX decoder graph for a base of any family in exporters/archs, with swappable LoRA slots.
 
 Why not Optimum: Optimum exports merged models only (no adapter inputs), and its traced graph
 keeps attention as dozens of primitive ops. onnxruntime-genai reaches its speed with a graph made
 of onnxruntime's fused operators, built directly from the weights; we do the same, plus the
 adapter slots, in one pass with onnx.helper:
 
-  Gather(embed) -> [SimplifiedLayerNorm | SkipSimplifiedLayerNorm] -> qkv -> GroupQueryAttention
-  (rotary inside, KV cache in/out) -> o -> SkipSimplifiedLayerNorm -> gate_up -> Split -> SiLU*up
-  -> down ... -> SkipSimplifiedLayerNorm -> Slice(logits_to_keep) -> lm_head [-> exact top-k]
+  Gather(embed) [* sqrt(hidden)] -> [SimplifiedLayerNorm | SkipSimplifiedLayerNorm] -> qkv
+  [-> q/k norms] -> GroupQueryAttention (rotary inside, KV cache in/out) -> o [-> norm]
+  -> SkipSimplifiedLayerNorm -> gate_up -> Split -> act(gate)*up -> down [-> norm] ...
+  -> SkipSimplifiedLayerNorm -> Slice(logits_to_keep) -> lm_head [-> exact top-k] [-> soft-cap]
   -> logits
+
+The bracketed steps, the activation, the norms' weights and each layer's window, rotary table
+and attention scale come from the family's description (exporters/archs: Arch and Layout);
+nothing here branches on the model type.
 
 Linear layers that read the same input are packed into one MatMul, as onnxruntime-genai does:
 q/k/v (GroupQueryAttention takes the packed query) and gate/up; each packed group has one adapter
@@ -27,14 +32,18 @@ import numpy as np
 from edgepeft.errors import UnsupportedModel, require
 from edgepeft.runtime_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, kv_names
 
+from .archs import ATTENTION, MLP
 from .hf_base import BaseModel
 from .onnx_base_path import add_base_path
+from .onnx_rotary import add_rotary_tables
 from .onnx_slots import EMBEDDING, SLOT_SETS, Graph, Projections, slot_names, to_numpy
 
 __all__ = ["SLOT_SETS", "add_base_path", "build_decoder", "head_is_tied", "kv_names", "slot_names"]
 
 MS = "com.microsoft"
 OPSET = 17
+# onnxruntime's GroupQueryAttention kernels take head sizes in multiples of 16 only.
+GQA_HEAD_MULTIPLE = 16
 
 
 def head_is_tied(base: BaseModel) -> bool:
@@ -59,6 +68,15 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
     return _DecoderBuilder(base, dtype, context_length, fp16_embedding, slot_set, exact_head_top_k).build()
 
 
+def check_onnx_shapes(where, dims: dict) -> None:
+    """Refuse, at export, a shape onnxruntime's fused operators cannot run (else every call of the
+    bundle would fail inside onnxruntime)."""
+    hd = dims["head_dim"]
+    if hd % GQA_HEAD_MULTIPLE:
+        raise UnsupportedModel(f"{where}: head_dim {hd} cannot run on onnxruntime's GroupQueryAttention "
+                               f"(head sizes must be multiples of {GQA_HEAD_MULTIPLE}); export --format gguf instead")
+
+
 class _DecoderBuilder:
     """Builds the decoder in graph order, one method per block: inputs, attention lengths, rotary
     tables, embedding (and its slot), each decoder layer, the head. Projections (onnx_slots.py)
@@ -73,6 +91,9 @@ class _DecoderBuilder:
         np_dtype, onnx_dtype = (np.float16, self.TP.FLOAT16) if dtype == "fp16" else (np.float32, self.TP.FLOAT)
         self.g = Graph(np_dtype, onnx_dtype)
         self.base, self.d, self.dtype = base, base.dims, dtype
+        self.arch, self.lay = base.arch, base.layout
+        self.groups = {group.name: group for group in self.arch.groups}
+        check_onnx_shapes(base.local_dir, base.dims)
         self.ctx = int(context_length or min(self.d["max_position_embeddings"], 8192))
         self.fp16_embedding = fp16_embedding and dtype == "fp32"
         self.slot_set = slot_set
@@ -124,14 +145,11 @@ class _DecoderBuilder:
         self.prelude = [n.name for n in g.nodes[first:]]
 
     def rotary_tables(self) -> None:
-        """Rotary tables from the model's own rotary module, so every rope variant transformers
-        implements (llama3, linear, dynamic at load, yarn scaling) comes out exactly as in PyTorch."""
-        torch, hd = self.torch, self.d["head_dim"]
-        with torch.no_grad():
-            pos = torch.arange(self.ctx).unsqueeze(0)
-            cos, sin = self.base.model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
-        self.cos_cache = self.g.init("rotary.cos_cache", to_numpy(cos[0, :, : hd // 2]))
-        self.sin_cache = self.g.init("rotary.sin_cache", to_numpy(sin[0, :, : hd // 2]))
+        """Each rotary table the layers use (onnx_rotary.py); a LongRoPE choice between two
+        tables joins the prelude, both paths reading it."""
+        self.rotary, ops, self.longrope_switch = add_rotary_tables(
+            self.g, self.torch, self.base.model, set(self.lay.rope), self.ctx, self.lay.rotary_dim, self.total)
+        self.prelude += ops
 
     def embedding(self) -> str:
         """The token embedding: a Gather (from an fp16 table, cast after the lookup, for int4/int8),
@@ -145,12 +163,35 @@ class _DecoderBuilder:
         else:
             x = g.node("Gather", [g.init(f"{EMBEDDING}.weight", embed), INPUT_IDS], 1, "/embed/Gather")
         self.vocab, hidden = embed.shape
-        return self.proj.embedding_slot(x, self.vocab, hidden) if self.slot_set != "none" else x
+        # Gemma scales embeddings by sqrt(hidden): Gemma 3 inside the embedding module (an
+        # embedding LoRA adds after the scale), Gemma 2 in the model (the LoRA is scaled too).
+        scale = self.arch.embed_scale
+        if scale == "module":
+            x = self.embed_scale(x)
+        if self.slot_set != "none":
+            x = self.proj.embedding_slot(x, self.vocab, hidden)
+        return self.embed_scale(x) if scale == "model" else x
+
+    def embed_scale(self, x: str) -> str:
+        mult = self.g.init("const.embed_scale", np.array(self.lay.embed_multiplier, np.float32))
+        return self.g.node("Mul", [x, mult], 1, "/embed/Scale")
+
+    def norm_weight(self, weight, name: str) -> str:
+        """A norm's weight as the graph applies it: the family's offset folded in (Gemma's 1 + w,
+        which transformers computes in float32 too)."""
+        w = to_numpy(weight)
+        return self.g.init(f"{name}.weight", w + np.float32(self.arch.norms.offset) if self.arch.norms.offset else w)
+
+    def plain_norm(self, inp: str, weight, name: str, axis: int = -1) -> str:
+        """RMSNorm of inp alone (a block's output norm, a q/k head norm); the residual stream
+        is untouched."""
+        return self.g.node("SimplifiedLayerNormalization", [inp, self.norm_weight(weight, name)], 1, f"/{name}/Norm",
+                           axis=axis, epsilon=self.d["rms_norm_eps"], stash_type=1)
 
     def norm(self, inp: str, weight, name: str) -> str:
         """RMSNorm of residual+inp (fused skip add); updates the residual stream."""
         g, eps = self.g, self.d["rms_norm_eps"]
-        w = g.init(f"{name}.weight", to_numpy(weight))
+        w = self.norm_weight(weight, name)
         if self.residual is None:
             self.residual = inp
             return g.node("SimplifiedLayerNormalization", [inp, w], 1, f"/{name}/Norm",
@@ -161,34 +202,73 @@ class _DecoderBuilder:
         self.residual = outs[3]
         return outs[0]
 
-    def layer(self, i: int, layer, x: str) -> str:
-        """Decoder layer i: attention, then the SwiGLU MLP, each after a norm. Returns the MLP's
-        output, which the next norm adds to the residual stream."""
-        g, p = self.g, f"model.layers.{i}"
-        att, mlp = layer.self_attn, layer.mlp
-        x = self.norm(x, layer.input_layernorm.weight, f"{p}.input_layernorm")
-        # Packed q/k/v: GroupQueryAttention splits a packed query input itself.
-        qkv = self.proj.linear(x, f"{p}.self_attn", "qkv_proj", att, ("q_proj", "k_proj", "v_proj"))
-        o = self.proj.linear(self.attention(i, qkv), f"{p}.self_attn", "o_proj", att, ("o_proj",))
-        x = self.norm(o, layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
-        gate_up = self.proj.linear(x, f"{p}.mlp", "gate_up_proj", mlp, ("gate_proj", "up_proj"))
-        gate, up = g.node("Split", [gate_up, self.split_sizes], 2, f"/{p}/mlp/Split", axis=-1)
-        sig = g.node("Sigmoid", [gate], 1, f"/{p}/mlp/act/Sigmoid")
-        act = g.node("Mul", [gate, sig], 1, f"/{p}/mlp/act/Mul")
-        prod = g.node("Mul", [act, up], 1, f"/{p}/mlp/Mul")
-        return self.proj.linear(prod, f"{p}.mlp", "down_proj", mlp, ("down_proj",), in_scale=True)
+    def group(self, x: str, layer_prefix: str, name: str, layer, in_scale: bool = False) -> str:
+        """The family's projection group `name` of a decoder layer, with its slot."""
+        grp = self.groups[name]
+        return self.proj.linear(x, f"{layer_prefix}.{grp.parent}", name, getattr(layer, grp.parent), grp.members,
+                                in_scale=in_scale)
 
-    def attention(self, i: int, qkv: str) -> str:
-        """GroupQueryAttention over layer i's packed q/k/v, rotary inside, its KV cache in and out."""
-        d, p = self.d, f"model.layers.{i}"
-        pk, pv, ok, ov = kv_names(i)
-        out = f"/{p}/attn/GQA/out"
-        self.g.node("GroupQueryAttention",
-                    [qkv, "", "", pk, pv, self.seqlens, self.total, self.cos_cache, self.sin_cache],
-                    [out, ok, ov], f"/{p}/attn/GQA", domain=MS,
-                    num_heads=d["num_heads"], kv_num_heads=d["num_kv_heads"], scale=float(d["head_dim"] ** -0.5),
-                    do_rotary=1, rotary_interleaved=0, local_window_size=int(d["sliding_window"] or -1))
+    def layer(self, i: int, layer, x: str) -> str:
+        """Decoder layer i: attention, then the gated MLP, each after a norm (and, where the family
+        has them, followed by one). Returns the block's output, which the next norm adds to the
+        residual stream."""
+        g, p, norms = self.g, f"model.layers.{i}", self.arch.norms
+        x = self.norm(x, getattr(layer, norms.pre_attention).weight, f"{p}.{norms.pre_attention}")
+        # Packed q/k/v: GroupQueryAttention splits a packed query input itself.
+        qkv = self.group(x, p, "qkv_proj", layer)
+        o = self.group(self.attention(i, qkv, getattr(layer, ATTENTION)), p, "o_proj", layer)
+        if norms.post_attention:
+            o = self.plain_norm(o, getattr(layer, norms.post_attention).weight, f"{p}.{norms.post_attention}")
+        x = self.norm(o, getattr(layer, norms.pre_mlp).weight, f"{p}.{norms.pre_mlp}")
+        gate_up = self.group(x, p, "gate_up_proj", layer)
+        gate, up = g.node("Split", [gate_up, self.split_sizes], 2, f"/{p}/{MLP}/Split", axis=-1)
+        prod = g.node("Mul", [self.activation(gate, f"/{p}/{MLP}/act"), up], 1, f"/{p}/{MLP}/Mul")
+        out = self.group(prod, p, "down_proj", layer, in_scale=True)
+        if norms.post_mlp:
+            out = self.plain_norm(out, getattr(layer, norms.post_mlp).weight, f"{p}.{norms.post_mlp}")
         return out
+
+    def activation(self, x: str, name: str) -> str:
+        """The MLP's gate activation: SiLU as x * sigmoid(x), or tanh GELU (FastGelu is
+        onnxruntime's tanh approximation, transformers' gelu_pytorch_tanh)."""
+        if self.arch.activation == "gelu_tanh":
+            return self.g.node("FastGelu", [x], 1, f"{name}/FastGelu", domain=MS)
+        sig = self.g.node("Sigmoid", [x], 1, f"{name}/Sigmoid")
+        return self.g.node("Mul", [x, sig], 1, f"{name}/Mul")
+
+    def attention(self, i: int, qkv: str, att) -> str:
+        """GroupQueryAttention over layer i's packed q/k/v (split and normalised per head first
+        for families with q/k norms), rotary inside, its KV cache in and out."""
+        d, lay, p = self.d, self.lay, f"model.layers.{i}"
+        pk, pv, ok, ov = kv_names(i)
+        qkv_in = [qkv, "", ""]
+        if self.arch.qk_norm:
+            qkv_in = self.head_norms(qkv, att, f"{p}.{ATTENTION}")
+        cos, sin = self.rotary[lay.rope[i]]
+        attrs = {"softcap": float(lay.attn_softcap)} if lay.attn_softcap else {}
+        out = f"/{p}/attn/GQA/out"
+        self.g.node("GroupQueryAttention", [*qkv_in, pk, pv, self.seqlens, self.total, cos, sin],
+                    [out, ok, ov], f"/{p}/attn/GQA", domain=MS,
+                    num_heads=d["num_heads"], kv_num_heads=d["num_kv_heads"], scale=float(lay.attention_scale),
+                    do_rotary=1, rotary_interleaved=0, local_window_size=int(lay.windows[i] or -1), **attrs)
+        return out
+
+    def head_norms(self, qkv: str, att, prefix: str) -> list[str]:
+        """q, k, v from the packed projection, q and k each RMS-normalised over every head
+        (Qwen3's and Gemma 3's q_norm / k_norm), as GroupQueryAttention's three inputs."""
+        g, d = self.g, self.d
+        hd, q_size, kv_size = d["head_dim"], d["num_heads"] * d["head_dim"], d["num_kv_heads"] * d["head_dim"]
+        if not hasattr(self, "qkv_sizes"):
+            self.qkv_sizes = g.init("const.qkv_split", np.array([q_size, kv_size, kv_size], np.int64), cast=False)
+            self.per_head = g.init("const.per_head", np.array([0, 0, -1, hd], np.int64), cast=False)
+            self.flat = g.init("const.flat_heads", np.array([0, 0, -1], np.int64), cast=False)
+        q, k, v = g.node("Split", [qkv, self.qkv_sizes], 3, f"/{prefix}/qkv/Split", axis=-1)
+        normed = []
+        for x, norm in ((q, "q_norm"), (k, "k_norm")):
+            heads = g.node("Reshape", [x, self.per_head], 1, f"/{prefix}/{norm}/Reshape")
+            heads = self.plain_norm(heads, getattr(att, norm).weight, f"{prefix}.{norm}")
+            normed.append(g.node("Reshape", [heads, self.flat], 1, f"/{prefix}/{norm}/Flatten"))
+        return [*normed, v]
 
     def head(self, x: str) -> None:
         """The final norm, logits_to_keep's Slice and the lm_head (with its slot) -> logits."""
@@ -202,9 +282,14 @@ class _DecoderBuilder:
         start = g.node("Neg", [g.init(LOGITS_TO_KEEP, np.zeros(1, np.int64), cast=False)], 1, "/logits_to_keep/Neg")
         end = g.init("const.int64_max", np.array([np.iinfo(np.int64).max]), cast=False)
         final = g.node("Slice", [final, start, end, self.axes1], 1, "/logits_to_keep/Slice")
-        self.proj.linear(final, None, "lm_head", self.base.model, ("lm_head",),
-                         refine=self.exact_head if self.exact_head_top_k else None)
-        g.nodes[-1].output[0] = LOGITS  # the lm_head group's last operator produces the graph output
+        y = self.proj.linear(final, None, "lm_head", self.base.model, ("lm_head",),
+                             refine=self.exact_head if self.exact_head_top_k else None)
+        if self.lay.final_softcap:  # Gemma 2: logits = cap * tanh(logits / cap)
+            cap = g.init("const.final_softcap", np.array(self.lay.final_softcap, np.float32))
+            y = g.node("Div", [y, cap], 1, "/lm_head/softcap/Div")
+            y = g.node("Tanh", [y], 1, "/lm_head/softcap/Tanh")
+            g.node("Mul", [y, cap], 1, "/lm_head/softcap/Mul")
+        g.nodes[-1].output[0] = LOGITS  # the head's last operator produces the graph output
         logits = g.h.make_tensor_value_info(LOGITS, g.onnx_dtype, ["batch", "kept_seq", self.d["vocab_size"]])
         g.outputs.insert(0, logits)
 
@@ -244,5 +329,6 @@ class _DecoderBuilder:
             "projections": g.projections,
             "slot_ops": g.slot_ops,
             "prelude": self.prelude,
+            "longrope_switch": self.longrope_switch,
         }
         return proto, info

@@ -259,6 +259,9 @@ class Engine:
                               + f" leaves no room in the context ({self.backend.context_length})")
         self._check_ids(prompt_ids)
         sampler, stop = Sampler(params), set() if ignore_eos else self.tokenizer.stop_ids(chat)
+        # A LongRoPE base switches to its long factors past this position, and the whole cache is
+        # recomputed with them there, as transformers' generate does (onnx_rotary.py).
+        switch, history = getattr(self.backend, "rope_switch", None), list(prompt_ids)
         with self.backend.sequence(handle, budget) as seq:
             t0 = time.perf_counter()
             logits = seq.forward(prompt_ids, all_logits=False)[-1]
@@ -275,7 +278,11 @@ class Engine:
                     if seq.length >= budget or n >= max_new_tokens:
                         timings["stop_reason"] = "length"
                         return
-                    logits = seq.forward([token])[-1]
+                    history.append(token)
+                    if switch is not None and seq.length == switch:
+                        logits = seq.restart(history)[-1]
+                    else:
+                        logits = seq.forward([token])[-1]
             finally:
                 timings["decode_s"] = time.perf_counter() - t1
                 timings["decode_tokens"] = n

@@ -95,6 +95,9 @@ class OnnxBackend:
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
         # --max-context bounds every call's KV cache (prompt + generated tokens).
         self.context_length = min(int(info["context_length"]), int(max_context or info["context_length"]))
+        # LongRoPE bases: the position past which the long factors apply (Engine re-runs the
+        # sequence there, as transformers does); None for every other base.
+        self.rope_switch = info.get("longrope_switch")
 
     # ---- adapters ------------------------------------------------------------------------------
     def load_adapter(self, path: Path) -> OnnxAdapter:
@@ -233,7 +236,7 @@ class _Sequence:
 
     def __init__(self, backend: OnnxBackend, adapter: OnnxAdapter | None, max_len: int):
         ort, b = backend.ort, backend
-        self.backend, self.max_len = backend, max_len
+        self.backend, self.max_len, self.adapter = backend, max_len, adapter
         self.io = b.session.io_binding()
         if adapter is not None:
             backend.bind_adapter(self.io, adapter)
@@ -269,6 +272,12 @@ class _Sequence:
 
     def __exit__(self, *exc):
         self.io = self.kv = self.host_kv = self.step_logits = None  # release the buffers now, not at garbage collection
+
+    def restart(self, ids) -> np.ndarray:
+        """Recompute the cache from scratch for `ids` (the whole sequence so far, after any
+        virtual tokens) and return the last position's logits, as forward(all_logits=False)."""
+        self.length = self.backend.prefix_length(self.adapter)
+        return self.forward(ids, all_logits=False)
 
     def forward(self, ids, all_logits: bool = True) -> np.ndarray:
         """Run `ids` after what is cached; return logits as float32, [len(ids), vocab], or with

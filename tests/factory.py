@@ -37,29 +37,66 @@ def make_tokenizer(out: Path):
     return fast
 
 
+def _longrope(rotary_dim: int) -> dict:
+    """LongRoPE factors for a rotary width: short ones near 1, long ones growing with frequency."""
+    half = rotary_dim // 2
+    return {"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(half)],
+            "long_factor": [1.0 + 1.5 * i for i in range(half)]}
+
+
+# arch: (config class, model class, config overrides). A test config of every family in
+# edgepeft.exporters.archs, with what makes it differ from Llama switched on.
 ARCHS = {
     # Llama with grouped-query attention (4 query heads share 2 KV heads).
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     # Qwen2: biases on q/k/v.
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    # Qwen3: q/k RMSNorm per head (its head_dim defaults to 128).
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    # Gemma 2: layers alternate sliding (window 8) and global, soft-capped attention and logits.
+    # query_pre_attn_scalar = head_dim, as llama.cpp's gemma2 assumes.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "rope_theta": 10000.0}),
+    # Gemma 3: 5 sliding layers (window 8, rotary base 10000) then a global one (base 1e6), q/k norms.
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10000.0, "num_hidden_layers": 6}),
+    # Gemma 3 scaled as Gemma 3 is not in llama.cpp: query_pre_attn_scalar != head_dim (ONNX only).
+    "gemma3_scaled": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8, "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 20000.0, "num_hidden_layers": 2, "final_logit_softcapping": 20.0}),
+    # Phi-3: fused qkv_proj / gate_up_proj.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None}),
+    # Phi-3.5 / Phi-4-mini style: LongRoPE past an original context of 32, partial rotary (half of
+    # head_dim 32 rotates).
+    "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", {
+        "sliding_window": None, "hidden_size": 128, "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 32, "rope_scaling": _longrope(16)}),
 }
 
 
 def make_base(out: Path, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64,
-              tie: bool = False) -> Path:
+              tie: bool = False, **overrides) -> Path:
     """Save a random tiny `arch` model plus tokenizer at `out` and return `out`."""
     import torch
     import transformers
 
     cfg_name, model_name, extra = ARCHS[arch]
     tok = make_tokenizer(out)
-    cfg = getattr(transformers, cfg_name)(
+    kwargs = dict(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=tie,
-        rope_theta=10000.0, **extra,
+        rope_theta=10000.0,
     )
+    kwargs.update(extra)
+    kwargs["intermediate_size"] = 2 * kwargs["hidden_size"]
+    kwargs.update(overrides)
+    cfg = getattr(transformers, cfg_name)(**kwargs)
+    if cfg.pad_token_id is not None and cfg.pad_token_id >= len(tok):  # Phi-3's default points past it
+        cfg.pad_token_id = tok.pad_token_id
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, so outputs differ visibly
@@ -68,6 +105,13 @@ def make_base(out: Path, arch: str = "llama", seed: int = 0, layers: int = 2, hi
                 p.normal_(0, 0.08)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def all_linear(arch: str) -> list[str]:
+    """The linear layers of `arch`'s checkpoint, for "LoRA on every linear layer"."""
+    if ARCHS[arch][1] == "Phi3ForCausalLM":  # stored fused
+        return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def make_lora(base_dir: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
@@ -89,13 +133,24 @@ def make_lora(base_dir: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
     return out
 
 
+def load_reference(base_dir: Path):
+    """The fp32 PyTorch model as designed (eager attention where sdpa would drop a soft-cap)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgepeft.exporters.hf_base import reference_kwargs
+
+    extra = reference_kwargs(AutoConfig.from_pretrained(base_dir))
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **extra).eval()
+
+
 def reference_logits(base_dir: Path, adapter_dir: Path | None, ids) -> "np.ndarray":
     """Logits of PyTorch (+PEFT) for `ids` (a list of token ids)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    model = load_reference(base_dir)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     with torch.no_grad():

@@ -1,0 +1,135 @@
+"""The shape of an architecture description, and what one base's config makes of it.
+
+An `Arch` is data a family module declares once (exporters/archs/<family>.py): how its
+checkpoint's linear layers pack into slot groups, which norms sit where and how their weight is
+applied, the activation, q/k norms, the embedding scale, which config fields give the attention
+scale and the local rotary base, and how llama.cpp names and lays out the family. `Layout` is
+what a given config makes of that: per-layer attention windows and rotary tables, the
+attention scale, soft-caps. The ONNX graph builder and the GGUF writers read these two and
+nothing else about the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ATTENTION, MLP = "self_attn", "mlp"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Linear layers of one parent module that read the same input, packed into one MatMul with
+    one adapter slot. `members` are the checkpoint's module names, in output order; a checkpoint
+    that is already fused (Phi-3's qkv_proj) has one member."""
+
+    name: str
+    parent: str
+    members: tuple[str, ...]
+
+
+# Llama-style checkpoints: separate q/k/v and gate/up layers, packed by the exporter.
+SPLIT_GROUPS = (
+    Group("qkv_proj", ATTENTION, ("q_proj", "k_proj", "v_proj")),
+    Group("o_proj", ATTENTION, ("o_proj",)),
+    Group("gate_up_proj", MLP, ("gate_proj", "up_proj")),
+    Group("down_proj", MLP, ("down_proj",)),
+)
+# Checkpoints that store q/k/v and gate/up fused (Phi-3): PEFT adapters target the fused layers.
+FUSED_GROUPS = (
+    Group("qkv_proj", ATTENTION, ("qkv_proj",)),
+    Group("o_proj", ATTENTION, ("o_proj",)),
+    Group("gate_up_proj", MLP, ("gate_up_proj",)),
+    Group("down_proj", MLP, ("down_proj",)),
+)
+
+
+@dataclass(frozen=True)
+class Norms:
+    """The RMSNorms of a decoder layer, by module name. `pre_attention` and `pre_mlp` open each
+    block; `post_attention` / `post_mlp` (Gemma 2/3) normalise a block's output before it joins
+    the residual stream. `offset` is added to every norm weight (Gemma applies `1 + w`), q/k
+    norms included."""
+
+    pre_attention: str = "input_layernorm"
+    pre_mlp: str = "post_attention_layernorm"
+    post_attention: str | None = None
+    post_mlp: str | None = None
+    offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One model family as the exporters see it."""
+
+    family: str  # the module under exporters/archs/ that declares it
+    gguf_arch: str  # gguf-py's MODEL_ARCH member llama.cpp runs this family as
+    groups: tuple[Group, ...] = SPLIT_GROUPS
+    norms: Norms = field(default_factory=Norms)
+    activation: str = "silu"  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    qk_norm: bool = False  # q_norm / k_norm: an RMSNorm over each head's q and k, before rotary
+    # Embeddings times sqrt(hidden_size): None, "module" (inside the embedding module, so an
+    # embedding LoRA adds after the scale: Gemma 3) or "model" (by the model after the module,
+    # scaling an embedding LoRA too: Gemma 2).
+    embed_scale: str | None = None
+    # Config field whose value v gives the attention scale v ** -0.5 (default head_dim).
+    attention_scale_field: str | None = None
+    # Config field with the rotary base of sliding-window layers, for families whose local
+    # layers rotate with their own base (Gemma 3); None: every layer shares one rotary table.
+    local_rope_field: str | None = None
+    # The config flag that switches `sliding_window` on, for families whose configs carry a
+    # window that is only used when the flag is set (Qwen2's use_sliding_window); None: the
+    # window, when set, always applies.
+    sliding_window_flag: str | None = None
+    # llama.cpp's llama architecture rotates interleaved pairs, so its converter permutes the
+    # rows of q_proj and k_proj (and LoRA B of those modules must follow); NeoX-layout ones don't.
+    permute_qk: bool = False
+    # llama.cpp's tokenizer.ggml.pre for this family, when it is named by the family rather than
+    # recognised from the pre-tokenizer's structure.
+    gguf_pre_tokenizer: str | None = None
+    # What llama.cpp hard-codes for this architecture rather than reading from the file: the
+    # sliding-window layer pattern (every n-th layer global, the rest windowed), the rotary base
+    # of windowed layers, and an attention scale of head_dim ** -0.5. A config that differs
+    # cannot be written as a GGUF llama.cpp runs correctly, and is refused.
+    gguf_swa_pattern: int | None = None
+    gguf_local_rope_base: float | None = None
+    gguf_scale_is_head_dim: bool = False
+    # Whether llama.cpp reads attention.sliding_window for this architecture.
+    gguf_sliding_window: bool = False
+
+    def member_groups(self) -> dict[str, Group]:
+        """Each checkpoint linear layer's short name -> its group."""
+        return {m: g for g in self.groups for m in g.members}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one base's config makes of its family's description, per layer where it varies."""
+
+    windows: tuple[int | None, ...]  # attention window of each layer (None: full attention)
+    rope: tuple[str, ...]  # each layer's rotary table: "global" or "local"
+    attention_scale: float
+    attn_softcap: float | None  # tanh soft-cap of attention scores
+    final_softcap: float | None  # tanh soft-cap of the logits
+    rotary_dim: int  # leading dimensions of each head that rotate (partial rotary: < head_dim)
+    embed_multiplier: float | None
+
+
+def layout(arch: Arch, config, dims: dict) -> Layout:
+    """Read `config` the way `arch`'s family does."""
+    n, window = dims["num_layers"], dims["sliding_window"]
+    types = getattr(config, "layer_types", None)
+    if types and window:
+        windows = tuple(window if t == "sliding_attention" else None for t in types[:n])
+    else:
+        windows = (window,) * n
+    local = arch.local_rope_field is not None
+    rope = tuple("local" if local and w else "global" for w in windows)
+    scale_from = getattr(config, arch.attention_scale_field) if arch.attention_scale_field else dims["head_dim"]
+    partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+    return Layout(
+        windows=windows, rope=rope, attention_scale=float(scale_from) ** -0.5,
+        attn_softcap=getattr(config, "attn_logit_softcapping", None) or None,
+        final_softcap=getattr(config, "final_logit_softcapping", None) or None,
+        rotary_dim=int(dims["head_dim"] * partial),
+        embed_multiplier=float(dims["hidden_size"]) ** 0.5 if arch.embed_scale else None,
+    )
