@@ -48,6 +48,7 @@ def family_adapters(arch: str, base, root) -> dict:
                              rank_pattern={linear[-1]: 6}, alpha_pattern={linear[-2]: 9}),
         "dora": make_lora(base, root / "dora", seed=4, r=4, lora_alpha=8, use_dora=True, target_modules=linear[:2]),
         "ia3": make_ia3(base, root / "ia3", seed=5, **ia3_targets(arch)),
+        "bias": make_lora(base, root / "bias", seed=6, r=4, lora_alpha=8, lora_bias=True, target_modules=linear[-2:]),
     }
 
 
@@ -67,7 +68,7 @@ def test_fp32_onnx_matches_peft_with_every_kind_in_any_switch_order(family, tmp_
     ids = engine.tokenizer.encode(PROMPT)
     assert len(ids) > 64
     refs = {name: reference_logits(base, path, ids) for name, path in [(None, None), *adapters.items()]}
-    for name in ["dora", None, "all", "ia3", "pattern", "all", None, "dora"]:
+    for name in ["dora", None, "all", "ia3", "bias", "pattern", "all", None, "dora"]:
         err = np.abs(engine.score(ids, adapter=name) - refs[name]).max()
         assert err <= TOL, f"{arch} adapter={name}: max abs {err}"
     for name in adapters:  # the adapters really change the model
@@ -101,14 +102,19 @@ def test_fp32_onnx_greedy_decoding_matches_transformers_generate(family, tmp_pat
         assert got == want, (arch, adapter)
 
 
-def test_merged_adapter_matches_peft(family, tmp_path):
+@pytest.mark.parametrize("kind", ["all", "dora"])
+def test_merged_adapter_matches_peft_on_both_backends(family, kind, tmp_path):
     arch, base, adapters = family
-    bundle = export_bundle(str(base), tmp_path / "m", {"all": str(adapters["all"])}, merge="all",
-                           onnx_quant="fp32", quiet=True)
-    engine = Engine.open(bundle.root)
-    ids = engine.tokenizer.encode(PROMPT)
-    err = np.abs(engine.score(ids) - reference_logits(base, adapters["all"], ids)).max()
+    formats = "onnx,gguf" if arch in GGUF_NEW else "onnx"
+    bundle = export_bundle(str(base), tmp_path / "m", {kind: str(adapters[kind])}, merge=kind, formats=formats,
+                           onnx_quant="fp32", gguf_quant="F32", quiet=True)
+    ids = Engine.open(bundle.root).tokenizer.encode(PROMPT)
+    ref = reference_logits(base, adapters[kind], ids)
+    err = np.abs(Engine.open(bundle.root).score(ids) - ref).max()
     assert err <= TOL, (arch, err)
+    if arch in GGUF_NEW:
+        got = Engine.open(bundle.root, backend="gguf", max_context=256).score(ids)
+        assert rel_err(got, ref) <= GGUF_REL, (arch, rel_err(got, ref))
 
 
 @pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "PREFIX_TUNING"])
