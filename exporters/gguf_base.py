@@ -10,7 +10,6 @@ norm offset, keys llama.cpp reads, what it hard-codes) comes from exporters/arch
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from edgepeft.errors import UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
 from .archs import Arch, Layout, arch_of
+from .gguf_vocab import add_tokenizer
 from .hf_base import BaseModel
 
 GGUF_QUANTS = ("F32", "F16", "Q8_0", "Q4_K_M")  # common ones; any LLAMA_FTYPE_MOSTLY_* name works
@@ -37,128 +37,6 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def needs_permutation(model_type: str) -> bool:
     return arch_of(model_type).permute_qk
-
-
-def _pre_tokenizer(base: BaseModel, tok_json: dict) -> str:
-    """llama.cpp's name for the pre-tokenizer regex (tokenizer.ggml.pre).
-
-    llama.cpp's converter identifies it by hashing the tokenization of a probe text against a
-    table of known models; we name the families we export from their own structure."""
-    pre = tok_json.get("pre_tokenizer") or {}
-    kinds = [p.get("type") for p in pre.get("pretokenizers", [pre])]
-    named = arch_of(base.config.model_type).gguf_pre_tokenizer
-    if named is not None:
-        return named
-    if kinds[:1] == ["Digits"] and "ByteLevel" in kinds:
-        return "smollm"
-    if kinds == ["ByteLevel"] and pre.get("use_regex", True):
-        return "gpt-2"
-    if "Split" in kinds and "ByteLevel" in kinds:
-        return "llama-bpe"  # Llama 3 style: split regex + byte level
-    raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: pre-tokenizer {kinds} has no known llama.cpp equivalent")
-
-
-def _add_tokenizer(writer, gguf, base: BaseModel) -> None:
-    path = base.local_dir / "tokenizer.json"
-    if not path.is_file():
-        writer.add_tokenizer_model("none")  # llama.cpp's "no vocab": ids in, logits out
-        return
-    tok_json = json.loads(path.read_text())
-    model = tok_json.get("model", {})
-    if model.get("type") != "BPE":
-        raise UnsupportedModel(f"{path}: {model.get('type')} tokenizers are not exported to GGUF yet")
-    if not _is_byte_level(tok_json):
-        return _add_sentencepiece_style(writer, gguf, base)
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: t for t in tok_json.get("added_tokens", [])}
-    for text, t in added.items():
-        vocab.setdefault(text, t["id"])
-    _check_vocab(base, max(vocab.values()) + 1)
-    n = base.dims["vocab_size"]
-    tokens, types = [f"[PAD{i}]" for i in range(n)], [gguf.TokenType.UNUSED] * n
-    # gguf's BpeVocab types every in-vocabulary token NORMAL; llama.cpp must see special added
-    # tokens (<|im_end|>, ...) as CONTROL to stop on them and keep them out of decoded text.
-    for text, i in vocab.items():
-        tokens[i] = text
-        t = added.get(text)
-        types[i] = gguf.TokenType.NORMAL if t is None else (
-            gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(base, tok_json))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(base.local_dir, load_merges=True, n_vocab=n)
-    if special.chat_template is None and (base.local_dir / "chat_template.jinja").is_file():
-        special.chat_template = (base.local_dir / "chat_template.jinja").read_text()
-    # Whether a BOS is prepended is the tokenizer's behaviour, not a config flag: ask it.
-    from tokenizers import Tokenizer
-
-    hf_tok = Tokenizer.from_file(str(base.local_dir / "tokenizer.json"))
-    probe = hf_tok.encode("a", add_special_tokens=True).ids
-    bos = special.special_token_ids.get("bos")
-    special.add_special_token["bos"] = bool(bos is not None and probe and probe[0] == bos)
-    special.add_special_token["eos"] = False
-    special.add_to_gguf(writer, quiet=True)
-
-
-def _is_byte_level(tok_json: dict) -> bool:
-    """GPT-2 style byte-level BPE (a ByteLevel pre-tokenizer or decoder), as opposed to
-    sentencepiece-style BPE with byte fallback."""
-    def kinds(node):
-        node = node or {}
-        return [node.get("type")] + [k for sub in node.get("pretokenizers", node.get("decoders", [])) for k in kinds(sub)]
-
-    return "ByteLevel" in kinds(tok_json.get("pre_tokenizer")) + kinds(tok_json.get("decoder"))
-
-
-def _prepends_space(base: BaseModel) -> bool:
-    """Whether the sentencepiece-style tokenizer prepends "▁" to the text (Llama 2, Mistral) or
-    not (Gemma), read from its normalizer."""
-    tok_json = json.loads((base.local_dir / "tokenizer.json").read_text())
-
-    def kinds(node):
-        node = node or {}
-        return [(node.get("type"), node.get("prepend"))] + [k for sub in node.get("normalizers", []) for k in kinds(sub)]
-
-    pre = tok_json.get("pre_tokenizer") or {}
-    return any(t == "Prepend" for t, _ in kinds(tok_json.get("normalizer"))) or (
-        pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never")
-
-
-def _check_vocab(base: BaseModel, n_tokens: int) -> None:
-    if n_tokens > base.dims["vocab_size"]:
-        raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: {n_tokens} tokens, but the model's vocabulary "
-                               f"has {base.dims['vocab_size']} rows")
-
-
-def _add_sentencepiece_style(writer, gguf, base: BaseModel) -> None:
-    """Llama-2 / Mistral style tokenizers (BPE with byte fallback): gguf's LlamaHfVocab gives the
-    tokens, scores and types llama.cpp's "llama" tokenizer expects."""
-    try:
-        vocab = gguf.vocab.LlamaHfVocab(base.local_dir)
-    except (FileNotFoundError, TypeError, ValueError) as e:
-        raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: cannot be written as a GGUF vocabulary ({e})") from None
-    tokens, scores, types = [], [], []
-    for text, score, kind in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(kind)
-    _check_vocab(base, len(tokens))
-    for i in range(len(tokens), base.dims["vocab_size"]):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    if not _prepends_space(base):  # Gemma: no dummy prefix (llama.cpp's default adds one)
-        writer.add_add_space_prefix(False)
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(base.local_dir, load_merges=False, n_vocab=len(tokens))
-    if special.chat_template is None and (base.local_dir / "chat_template.jinja").is_file():
-        special.chat_template = (base.local_dir / "chat_template.jinja").read_text()
-    special.add_to_gguf(writer, quiet=True)
 
 
 def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
@@ -230,7 +108,7 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     elif rope_type not in (None, "default", "llama3", "longrope"):
         raise UnsupportedModel(f"{base.local_dir}: rope scaling {rope_type!r} is not exported to GGUF yet")
     _add_family_keys(writer, gguf, base, fam, lay)
-    _add_tokenizer(writer, gguf, base)
+    add_tokenizer(writer, gguf, base)
 
     state = base.model.state_dict()
     if rope_type == "llama3":

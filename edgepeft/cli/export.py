@@ -16,7 +16,8 @@ def parse_adapter_arg(value: str) -> tuple[str, str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", metavar="BASE", help="Hugging Face model directory or builtin:smollm2-135m")
+    p.add_argument("base", metavar="BASE", help="Hugging Face model directory (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3) "
+                   "or builtin:smollm2-135m / builtin:gemma3-270m")
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
     p.add_argument("--adapter", action="append", default=[], type=parse_adapter_arg, metavar="NAME=PEFT_DIR",
                    help="a PEFT adapter directory to export under NAME (repeatable)")
