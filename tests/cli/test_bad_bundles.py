@@ -25,7 +25,7 @@ def bundles(tiny_llama, llama_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     kw = dict(formats="onnx,gguf", onnx_quant="fp32", gguf_quant="F32", quiet=True)
     good = export_bundle(str(tiny_llama), root / "good", {"qv": str(llama_adapters["qv"])}, **kw)
-    wide = make_base(root / "wide_base", "llama", hidden=96)
+    wide = make_base(root / "wide_base", "llama", hidden=128)  # head_dim 32: GroupQueryAttention takes multiples of 16
     wide_b = export_bundle(str(wide), root / "wide", {"qv": str(make_lora(wide, root / "wide_qv"))}, **kw)
     other = make_base(root / "other_base", "llama", seed=42)  # same shapes, other weights
     other_b = export_bundle(str(other), root / "other", {"qv": str(llama_adapters["qv"])}, **kw)
