@@ -58,7 +58,7 @@ def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
                                f"config by {fam.attention_scale_field} (export --format onnx instead)")
 
 
-def _add_family_keys(writer, gguf, base: BaseModel, fam: Arch, lay: Layout) -> None:
+def _add_family_keys(writer, base: BaseModel, fam: Arch, lay: Layout) -> None:
     """The keys llama.cpp reads for this family beyond the common ones: sliding window,
     soft-caps, and LongRoPE's original context and attention factor."""
     if fam.gguf_sliding_window:
@@ -107,7 +107,7 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
         writer.add_rope_scaling_factor(float(scaling["factor"]))
     elif rope_type not in (None, "default", "llama3", "longrope"):
         raise UnsupportedModel(f"{base.local_dir}: rope scaling {rope_type!r} is not exported to GGUF yet")
-    _add_family_keys(writer, gguf, base, fam, lay)
+    _add_family_keys(writer, base, fam, lay)
     add_tokenizer(writer, gguf, base)
 
     state = base.model.state_dict()
