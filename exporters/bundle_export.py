@@ -199,7 +199,7 @@ def _read_request(base: str, adapters: dict[str, str], formats, onnx_quant: str,
     config = read_config(local)
     dims, lay = config_layout(config)
     if "onnx" in formats:
-        check_onnx_shapes(local, dims)
+        check_onnx_shapes(local, dims, lay.rotary_dim)
     if "gguf" in formats:
         check_gguf_layout(local, config, dims, lay)
         gguf_ftype(gguf_quant)

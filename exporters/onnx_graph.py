@@ -68,13 +68,17 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
     return _DecoderBuilder(base, dtype, context_length, fp16_embedding, slot_set, exact_head_top_k).build()
 
 
-def check_onnx_shapes(where, dims: dict) -> None:
+def check_onnx_shapes(where, dims: dict, rotary_dim: int) -> None:
     """Refuse, at export, a shape onnxruntime's fused operators cannot run (else every call of the
     bundle would fail inside onnxruntime)."""
     hd = dims["head_dim"]
     if hd % GQA_HEAD_MULTIPLE:
         raise UnsupportedModel(f"{where}: head_dim {hd} cannot run on onnxruntime's GroupQueryAttention "
                                f"(head sizes must be multiples of {GQA_HEAD_MULTIPLE}); export --format gguf instead")
+    if (rotary_dim // 2) % 8:  # its rotary tables: half the rotary width, a multiple of 8
+        raise UnsupportedModel(f"{where}: a rotary width of {rotary_dim} (partial_rotary_factor) cannot run on "
+                               "onnxruntime's GroupQueryAttention (half of it must be a multiple of 8); "
+                               "export --format gguf instead")
 
 
 class _DecoderBuilder:
@@ -93,7 +97,7 @@ class _DecoderBuilder:
         self.base, self.d, self.dtype = base, base.dims, dtype
         self.arch, self.lay = base.arch, base.layout
         self.groups = {group.name: group for group in self.arch.groups}
-        check_onnx_shapes(base.local_dir, base.dims)
+        check_onnx_shapes(base.local_dir, base.dims, self.lay.rotary_dim)
         self.ctx = int(context_length or min(self.d["max_position_embeddings"], 8192))
         self.fp16_embedding = fp16_embedding and dtype == "fp32"
         self.slot_set = slot_set

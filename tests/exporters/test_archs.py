@@ -100,6 +100,15 @@ def test_a_head_size_groupqueryattention_cannot_run_is_refused_at_onnx_export(ar
     assert not (tmp_path / "out").exists()
 
 
+def test_a_partial_rotary_width_groupqueryattention_cannot_run_is_refused_at_onnx_export(tmp_path):
+    from factory import _longrope
+
+    base = make_base(tmp_path / "base", "phi3_longrope", partial_rotary_factor=0.375, rope_scaling=_longrope(12))
+    p = cli_export(base, tmp_path / "out", "--format", "onnx", "--onnx-quant", "fp32")
+    assert_refused(p, "rotary width of 12", "multiple of 8", "--format gguf")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_same_head_size_exports_and_runs_on_gguf(tmp_path):
     from edgepeft.runtime import Engine
 
