@@ -39,8 +39,74 @@ class Completion:
                 "stop_reason": self.stop_reason, "timings": self.timings}
 
 
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one call, as OpenAI's `usage` reports them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}
+
+
+@dataclass
+class StreamPiece:
+    """One step of `Engine.stream_pieces`: the new text and the generated token ids behind it.
+    The last piece of a call has `finish_reason` ("stop": an end token or a stop string; "length":
+    max_new_tokens or the context) and `usage`; its text may be empty."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class _StopStrings:
+    """Cuts streamed text at the first of several stop strings (the stop string itself is not
+    returned, as OpenAI and vLLM do). Text that could be the start of a stop string is held back
+    until the next piece shows whether it is."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was reached)."""
+        buf = self.held + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return buf[:cut], True
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buf)), 0, -1)
+                    if buf.endswith(s[:k])), default=0)
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+def check_stop(stop) -> list[str]:
+    """A call's stop strings: None, one string or a list of strings (at most 16)."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise InvalidArgument("stop must be a string or a list of strings")
+    if len(stops) > 16:
+        raise InvalidArgument(f"stop has {len(stops)} strings; at most 16 are allowed")
+    return list(stops)
+
+
 def _make_backend(bundle: Bundle, backend: str, device: str, threads: int | None,
-                  max_context: int | None = None, gpu_layers: int | None = None):
+                  max_context: int | None = None, gpu_layers: int | None = None, parallel: int | None = None):
     if backend == "onnx":
         from .onnx_backend import OnnxBackend
 
@@ -49,7 +115,7 @@ def _make_backend(bundle: Bundle, backend: str, device: str, threads: int | None
         from .gguf_backend import GgufBackend
 
         return GgufBackend(bundle, device=device, threads=threads, n_gpu_layers=gpu_layers,
-                           context_length=max_context)
+                           context_length=max_context, parallel=parallel)
     raise BundleError(f"backend {backend!r} is not available (choose from {', '.join(BACKENDS)})")
 
 
@@ -80,21 +146,24 @@ class Engine:
     @classmethod
     def open(cls, bundle: str | Path | Bundle, backend: str = "onnx", device: str = "auto",
              threads: int | None = None, load_adapters: bool = True, max_context: int | None = None,
-             max_resident_adapters: int | None = None, gpu_layers: int | None = None) -> "Engine":
+             max_resident_adapters: int | None = None, gpu_layers: int | None = None,
+             parallel: int | None = None) -> "Engine":
         """Open a bundle: the base loads once; with load_adapters, so does every bundled adapter
         (or, with max_resident_adapters, each on first use).
 
         device: auto, cpu, cuda, tensorrt, coreml, dml, openvino (see docs/devices.md); one the
         installed engine lacks falls back to the CPU and sets `device_note`. max_context bounds
-        each call's KV cache; gpu_layers offloads only that many layers (GGUF)."""
+        each call's KV cache; gpu_layers offloads only that many layers (GGUF); parallel bounds the
+        calls that run at once on GGUF (each holds a llama.cpp context; default 4, made on demand)."""
         # Bad arguments fail before the bundle's files are hashed or a model loads.
         check_device(device)
-        for what, value in (("max context", max_context), ("max resident adapters", max_resident_adapters)):
+        for what, value in (("max context", max_context), ("max resident adapters", max_resident_adapters),
+                            ("parallel", parallel), ("threads", threads)):
             if value is not None and value < 1:
                 raise InvalidArgument(f"{what} {value} must be at least 1")
         t0 = time.perf_counter()
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        engine = cls(b, _make_backend(b, backend, device, threads, max_context, gpu_layers),
+        engine = cls(b, _make_backend(b, backend, device, threads, max_context, gpu_layers, parallel),
                      time.perf_counter() - t0, max_resident_adapters)
         if load_adapters:
             names = [n for n, entry in b.adapters.items() if backend in (entry.get("files") or {})]
@@ -220,7 +289,21 @@ class Engine:
         return handle
 
     # ---- running -------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+    @property
+    def context_length(self) -> int:
+        """Positions one call may use (prompt, generated tokens, an adapter's virtual tokens)."""
+        return int(self.backend.context_length)
+
+    def virtual_tokens(self, adapter: str | list[str] | None) -> int:
+        """Context positions `adapter`'s virtual tokens take before the prompt (prompt and prefix
+        kinds; 0 for the others). Raises BundleError for an unknown adapter."""
+        return self._prefix_length(self._adapter(adapter))
+
+    def encode_prompt(self, prompt: str | list[dict] | list[int], chat: bool = False) -> list[int]:
+        """The token ids a call runs: a string (chat=True: as one user message), chat messages, or
+        token ids as they are (a list of ints)."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            return self._check_ids(list(prompt))
         if chat or isinstance(prompt, list):
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             return self.tokenizer.apply_chat_template(messages)
@@ -243,7 +326,7 @@ class Engine:
         vocab = self.bundle.base["dims"]["vocab_size"]
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise EngineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         return ids
 
     def _tokens(self, prompt_ids: list[int], adapter: str | None, max_new_tokens: int,
@@ -287,40 +370,88 @@ class Engine:
                 timings["decode_s"] = time.perf_counter() - t1
                 timings["decode_tokens"] = n
 
+    def stream_pieces(self, prompt: str | list[dict], adapter: str | None = None, max_new_tokens: int = 128,
+                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                      chat: bool = False, stop: str | list[str] | None = None,
+                      ignore_eos: bool = False) -> Iterator[StreamPiece]:
+        """Generate as `stream` does, yielding StreamPiece objects (text, token ids; finish reason
+        and usage on the last one). Closing the iterator early (`close()`, or dropping it) ends
+        the call and frees its KV cache before the next token is computed."""
+        params = generation_params(max_new_tokens, temperature, top_k, top_p, seed)
+        stops = check_stop(stop)
+        ids = self.encode_prompt(prompt, chat)
+        return self._pieces(ids, adapter, max_new_tokens, params, chat, stops, ignore_eos, {})
+
+    def _pieces(self, ids: list[int], adapter, max_new_tokens: int, params: SamplingParams, chat: bool,
+                stops: list[str], ignore_eos: bool, timings: dict) -> Iterator[StreamPiece]:
+        decoder, cutter = IncrementalDecoder(self.tokenizer), _StopStrings(stops)
+        tokens = self._tokens(ids, adapter, max_new_tokens, params, chat, timings, ignore_eos)
+        pending: list[int] = []  # generated ids whose text is not yielded yet
+        n, reason = 0, None
+        try:
+            for token in tokens:
+                n += 1
+                pending.append(token)
+                text, hit = cutter.push(decoder.push(token))
+                if hit:
+                    reason = "stop"
+                    timings["stop_string"] = True
+                    break
+                if text:
+                    yield StreamPiece(text, pending)
+                    pending = []
+        finally:
+            tokens.close()  # ends the sequence now, also when our caller stopped early
+        if reason is None:
+            reason = timings.get("stop_reason", "length")
+            text, hit = cutter.push(decoder.flush())
+            if hit:
+                reason = "stop"
+                timings["stop_string"] = True
+            else:
+                text += cutter.flush()
+        timings["stop_reason"] = reason
+        yield StreamPiece(text, pending, reason, Usage(len(ids), n))
+
     def complete(self, prompt: str | list[dict], adapter: str | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 chat: bool = False, ignore_eos: bool = False) -> Completion:
+                 chat: bool = False, ignore_eos: bool = False, stop: str | list[str] | None = None) -> Completion:
         """Generate and return text, token ids and timings. ignore_eos generates exactly
-        max_new_tokens (for benchmarks, like llama-bench)."""
+        max_new_tokens (for benchmarks, like llama-bench); stop: strings that end the text
+        (not included in it)."""
         params = generation_params(max_new_tokens, temperature, top_k, top_p, seed)
+        stops = check_stop(stop)
         ids = self.encode_prompt(prompt, chat)
         timings: dict = {}
-        tokens = list(self._tokens(ids, adapter, max_new_tokens, params, chat, timings, ignore_eos))
+        pieces = list(self._pieces(ids, adapter, max_new_tokens, params, chat, stops, ignore_eos, timings))
+        tokens = [t for p in pieces for t in p.token_ids]
+        # Without a stop string, the text of all tokens decoded at once (what generate always gave).
+        text = "".join(p.text for p in pieces) if timings.pop("stop_string", False) else self.tokenizer.decode(tokens)
         return Completion(
-            text=self.tokenizer.decode(tokens), tokens=tokens, adapter=adapter, backend=self.backend.name,
+            text=text, tokens=tokens, adapter=adapter, backend=self.backend.name,
             prompt_tokens=len(ids), stop_reason=timings.pop("stop_reason", "length"),
             timings=_rates(timings, len(ids), self.load_seconds),
         )
 
     def generate(self, prompt: str | list[dict], adapter: str | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 chat: bool = False) -> str:
+                 chat: bool = False, stop: str | list[str] | None = None) -> str:
         """Generate a completion of `prompt` with `adapter` (None: the plain base)."""
-        return self.complete(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, chat).text
+        return self.complete(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, chat,
+                             stop=stop).text
 
     def stream(self, prompt: str | list[dict], adapter: str | None = None, max_new_tokens: int = 128,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-               chat: bool = False) -> Iterator[str]:
-        """Like generate, yielding text pieces as they are decoded."""
-        params = generation_params(max_new_tokens, temperature, top_k, top_p, seed)
-        decoder = IncrementalDecoder(self.tokenizer)
-        for token in self._tokens(self.encode_prompt(prompt, chat), adapter, max_new_tokens, params, chat, {}):
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+               chat: bool = False, stop: str | list[str] | None = None) -> Iterator[str]:
+        """Like generate, yielding text pieces as they are decoded (stream_pieces gives token ids,
+        finish reason and usage too)."""
+        pieces = self.stream_pieces(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, chat, stop)
+        try:
+            for piece in pieces:
+                if piece.text:
+                    yield piece.text
+        finally:
+            pieces.close()
 
 
 def _rates(t: dict, prompt_tokens: int, load_s: float) -> dict:

@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from edgepeft.errors import BundleError, EngineError
+from edgepeft.errors import BundleError, EngineError, InvalidArgument
 from edgepeft.runtime import Engine
 
 
@@ -63,7 +63,7 @@ def test_unknown_adapter_and_overlong_requests_fail_clearly(engine):
         engine.generate("x", adapter="nope")
     with pytest.raises(EngineError, match="context length"):
         engine.score(list(range(10)) * 1000)
-    with pytest.raises(EngineError, match="outside the vocabulary"):
+    with pytest.raises(InvalidArgument, match="outside the vocabulary"):
         engine.score([1, 2, 10**6])
 
 
