@@ -20,6 +20,7 @@ VERBS = {
     "inspect": ("inspect", "show a bundle's base, backends, adapters and the support table"),
     "run": ("run", "generate text from a prompt"),
     "chat": ("chat", "interactive chat; /adapter NAME switches adapters"),
+    "serve": ("serve", "serve a bundle over an OpenAI-compatible HTTP API; each request picks its adapter"),
     "verify": ("verify", "compare a bundle's backends and adapters with the PyTorch+PEFT reference"),
     "bench": ("bench", "measure load, speed, adapter switch time and memory of a bundle"),
     "demo": ("demo", "export the builtin model with the shipped adapters and show them working"),

@@ -55,3 +55,36 @@ def test_chat_refuses_a_bad_value_before_reading_stdin(bundle, args, message):
     stdout, stderr = p.communicate()
     assert code == 2 and stdout == ""
     assert_one_line(stderr, "chat", message)
+
+
+SERVE_BAD = [
+    (["--port", "70000"], "port 70000 must be in 0..65535"),
+    (["--host", "no-such-host.invalid"], "host 'no-such-host.invalid' cannot be resolved"),
+    (["--allow-adapter-loading", "/no/such/dir"], "--allow-adapter-loading /no/such/dir: not a directory"),
+    (["--api-key", " "], "--api-key is empty"),
+    (["--parallel", "0"], "parallel 0 "),
+    (["--threads", "0"], "threads 0 "),
+    (["--max-context", "0"], "max context 0 "),
+    (["--max-resident-adapters", "0"], "max resident adapters 0 "),
+]
+
+
+@pytest.mark.parametrize("args, message", SERVE_BAD)
+def test_serve_refuses_a_bad_value_in_one_line_with_exit_2(bundle, args, message):
+    p = subprocess.run([sys.executable, "-m", "edgepeft", "serve", str(bundle), "--port", "0", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert_one_line(p.stderr, "serve", message)
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(bundle):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "edgepeft", "serve", str(bundle), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert_one_line(p.stderr, "serve", f"cannot listen on 127.0.0.1:{port} (Address already in use)")
