@@ -1,7 +1,7 @@
 """Device side: load a bundle once, generate with any adapter. Never imports torch,
 transformers, optimum or peft. Needs an engine extra: `pip install 'edgepeft[onnx]'`."""
 
-from .engine import Completion, Engine
+from .engine import Completion, Engine, StreamPiece, Usage
 from .sampling import SamplingParams
 
-__all__ = ["Completion", "Engine", "SamplingParams"]
+__all__ = ["Completion", "Engine", "SamplingParams", "StreamPiece", "Usage"]
