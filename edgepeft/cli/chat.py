@@ -67,7 +67,7 @@ def run(args) -> int:
         try:
             for piece in engine.stream(history, adapter=adapter, max_new_tokens=args.max_new_tokens,
                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       seed=args.seed, chat=True):
+                                       seed=args.seed, chat=True, stop=args.stop):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
         except EdgepeftError as e:

@@ -16,6 +16,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the text at TEXT (not printed); repeat for several")
     add_verify_argument(p)
 
 
@@ -57,7 +59,10 @@ def open_engine(args):
     from edgepeft.runtime import Engine
     from edgepeft.runtime.sampling import generation_params
 
+    from edgepeft.runtime.engine import check_stop
+
     generation_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    check_stop(args.stop)
     bundle = Bundle.open(args.bundle, verify_hashes=args.verify_hashes)
     engine = Engine.open(bundle, backend=args.backend, device=args.device, threads=args.threads,
                          max_context=args.max_context, max_resident_adapters=args.max_resident_adapters,
@@ -71,7 +76,7 @@ def run(args) -> int:
     engine = open_engine(args)
     result = engine.complete(args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             chat=args.chat)
+                             chat=args.chat, stop=args.stop)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0

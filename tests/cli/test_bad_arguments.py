@@ -19,6 +19,7 @@ BAD = [
     (["--seed", "-1"], "seed -1 "),
     (["--max-context", "0"], "max context 0 "),
     (["--max-resident-adapters", "0"], "max resident adapters 0 "),
+    (["--stop"] + ["x", "--stop"] * 16 + ["x"], "stop has 17 strings"),
 ]
 
 
