@@ -8,8 +8,8 @@ and sentiment adapters; exported if missing). For each backend a server is start
 port, and:
   1. every distinct request (model x prompt) is run alone, one after the other: the reference
      output of each, and the warm-up;
-  2. a burst of --clients requests at once finishes the warm-up (GGUF makes its contexts), then
-     the server's RSS is read;
+  2. --warmup requests of the same mix from the same --clients finish the warm-up (GGUF makes its
+     contexts, onnxruntime's arena grows to its steady size), then the server's RSS is read;
   3. --clients threads send --requests requests over the base, the three adapters and one
      combination (json+upper), chat and completions, streaming and not; about one in ten streams is
      closed after its third chunk (a client gone);
@@ -95,6 +95,36 @@ def one(client, base_name: str, spec: dict, cancel_after: int | None = None) -> 
     return {"status": "ok", "text": text, "tokens": tokens, "ttft": ttft, "latency": time.perf_counter() - t0}
 
 
+def drive(url: str, base_name: str, specs: list[dict], clients: int) -> tuple[dict[int, dict], float]:
+    """Send `specs` from `clients` threads, each with its own openai client; (results, seconds)."""
+    import openai
+
+    jobs: queue.Queue = queue.Queue()
+    for i, s in enumerate(specs):
+        jobs.put((i, s))
+    results: dict[int, dict] = {}
+
+    def client_thread():
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        while True:
+            try:
+                i, s = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = one(c, base_name, s, 3 if s["cancel"] else None)
+            except Exception as e:  # counted as an error below
+                results[i] = {"status": "error", "error": f"{type(e).__name__}: {e}"[:300]}
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_thread) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
 def run_backend(bundle: Path, backend: str, args, specs: list[dict]) -> dict:
     import openai
 
@@ -106,36 +136,11 @@ def run_backend(bundle: Path, backend: str, args, specs: list[dict]) -> dict:
         t0 = time.perf_counter()
         reference = {k: one(client, base_name, {**s, "stream": False})["text"] for k, s in distinct.items()}
         alone_s = time.perf_counter() - t0
-        burst = [threading.Thread(target=one, args=(client, base_name, s)) for s in specs[: args.clients]]
-        for t in burst:
-            t.start()
-        for t in burst:
-            t.join()
+        # Warm-up at the run's concurrency and mix, so that what a steady state holds (GGUF
+        # contexts, onnxruntime's arena, the stream threads) exists before the first RSS reading.
+        drive(url, base_name, specs[: args.warmup], args.clients)
         rss_warm = rss_mib(proc.pid)
-        jobs: queue.Queue = queue.Queue()
-        for i, s in enumerate(specs):
-            jobs.put((i, s))
-        results: dict[int, dict] = {}
-
-        def client_thread():
-            c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-            while True:
-                try:
-                    i, s = jobs.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    results[i] = one(c, base_name, s, 3 if s["cancel"] else None)
-                except Exception as e:  # counted as an error below
-                    results[i] = {"status": "error", "error": f"{type(e).__name__}: {e}"[:300]}
-
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=client_thread) for _ in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        results, wall = drive(url, base_name, specs, args.clients)
         time.sleep(1.0)  # cancelled requests settle
         rss_after = rss_mib(proc.pid)
         done = [(specs[i], r) for i, r in results.items() if r["status"] == "ok"]
@@ -170,6 +175,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-context", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=50, help="requests of the same mix sent before the RSS reading")
     args = ap.parse_args()
 
     from edgepeft.tasks import TASKS

@@ -16,6 +16,7 @@ adapters changes which handles the context applies; no weight is copied.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -103,6 +104,11 @@ class GgufBackend:
         self._contexts: list[_Context] = []  # every context made, in use or free
         self._idle: list[_Context] = []
         self._making = 0  # contexts being created outside the pool lock
+        # One decode at a time across contexts when two decodes' threads would not fit the cores
+        # (or on a GPU): each llama_decode already uses its threads, and overlapping ones only
+        # fight over the cores. Held per step, never across a call's tokens.
+        fits = not n_gpu_layers and 2 * n_threads <= (os.cpu_count() or 1)
+        self._step_lock = contextlib.nullcontext() if fits else threading.Lock()
         # One context up front: a base that cannot get one fails at open, not at the first call.
         self._idle.append(self._new_context())
 
@@ -283,7 +289,8 @@ class _GgufSequence:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = all_rows or (want_logits and i == n - 1)
-        rc = llama_cpp.llama_decode(c.ctx, batch)
+        with b._step_lock:
+            rc = llama_cpp.llama_decode(c.ctx, batch)
         if rc != 0:
             raise EngineError(f"llama.cpp decode failed (code {rc})")
         self.length += n

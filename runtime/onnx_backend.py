@@ -19,6 +19,10 @@ P, so the real tokens run at positions P.. with the mask covering P + tokens, as
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +102,12 @@ class OnnxBackend:
         # LongRoPE bases: the position past which the long factors apply (Engine re-runs the
         # sequence there, as transformers does); None for every other base.
         self.rope_switch = info.get("longrope_switch")
+        # On the CPU, one run at a time when two runs' threads would not fit the cores: each run
+        # already uses the intra-op threads, and overlapping runs of concurrent calls only fight
+        # over the cores (benchmarks/results/serve_load.md). Held per step (one forward), never
+        # across a call's tokens. Devices with their own queues run calls freely.
+        oversubscribed = not threads or 2 * int(threads) > (os.cpu_count() or 1)
+        self.step_lock = threading.Lock() if self.device == "cpu" and oversubscribed else contextlib.nullcontext()
 
     # ---- adapters ------------------------------------------------------------------------------
     def load_adapter(self, path: Path) -> OnnxAdapter:
@@ -307,6 +317,7 @@ class _Sequence:
             logits = np.empty((1, kept, self.backend.vocab_size), self.backend.dtype)
             value = self.backend.ort.OrtValue.ortvalue_from_numpy(logits)
         self.io.bind_ortvalue_output(LOGITS, value)
-        self.backend.session.run_with_iobinding(self.io)
+        with self.backend.step_lock:
+            self.backend.session.run_with_iobinding(self.io)
         self.length += n
         return logits[0].astype(np.float32, copy=False)

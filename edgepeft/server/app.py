@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API over one Engine, as a Starlette app (uvicorn runs it).
 
-Generation runs in worker threads, never on the event loop: a non-streaming request in anyio's
-thread pool, a stream in a thread of its own that hands pieces to the loop. When a streaming
+Generation runs on a bounded pool of worker threads, never on the event loop: a non-streaming
+request as one task, a stream as a task that hands its pieces to the loop. When a streaming
 client goes away, the stream's thread is told to stop and closes the Engine's iterator before it
 computes another token, which frees the request's sequence (its KV cache, its llama.cpp
 context). Requests never wait on one another's streams: ONNX sequences are independent, and the
@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio
@@ -35,6 +36,7 @@ from .metrics import Metrics
 from .protocol import ApiError, GenRequest, bad, parse
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a long chat prompt is a few hundred KB
+WORKERS = 16  # requests generating at once; more wait for a thread (GGUF also for a context)
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -57,6 +59,9 @@ class Server:
         self.created = int(time.time())
         self.metrics = Metrics(lambda: engine.resident_adapters)
         self.loaded_from: dict[str, str] = {}  # adapters loaded over HTTP -> their file
+        # Generation runs on one bounded pool of long-lived threads, not a thread per request: more
+        # threads would also take more malloc arenas, and the RSS with them.
+        self.workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="edgepeft-worker")
 
     # ---- plumbing ------------------------------------------------------------------------------
     def _authorized(self, request: Request) -> bool:
@@ -159,7 +164,7 @@ class Server:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         m.running.inc()
         try:
-            result = await anyio.to_thread.run_sync(self._complete, req, adapter, ids, max_new)
+            result = await asyncio.wrap_future(self.workers.submit(self._complete, req, adapter, ids, max_new))
         finally:
             m.running.dec()
         now = time.perf_counter()
@@ -221,7 +226,8 @@ class Server:
             return f"data: {json.dumps(body)}\n\n"
 
         stop_event = threading.Event()
-        pieces = _in_thread(lambda: self.engine.stream_pieces(ids, **self._kwargs(req, adapter, max_new)), stop_event)
+        kwargs = self._kwargs(req, adapter, max_new)
+        pieces = _in_thread(self.workers, lambda: self.engine.stream_pieces(ids, **kwargs), stop_event)
         m.running.inc()
         completed, first, n = False, None, 0
         try:
@@ -349,8 +355,8 @@ def _api_error(e: EdgepeftError) -> ApiError:
     return bad(message)
 
 
-async def _in_thread(make, stop: threading.Event):
-    """Iterate the iterator `make()` returns in a thread of its own, yielding its items on the
+async def _in_thread(pool: ThreadPoolExecutor, make, stop: threading.Event):
+    """Iterate the iterator `make()` returns on a thread of `pool`, yielding its items on the
     event loop. When `stop` is set (or this generator is closed), the thread closes the iterator
     before asking it for another item."""
     loop = asyncio.get_running_loop()
@@ -378,7 +384,7 @@ async def _in_thread(make, stop: threading.Event):
             if it is not None:
                 it.close()
 
-    threading.Thread(target=work, name="edgepeft-stream", daemon=True).start()
+    pool.submit(work)
     try:
         while True:
             kind, value = await queue.get()

@@ -5,6 +5,7 @@ for the same prompt; usage, finish reasons, stop strings, seeds, metrics, cancel
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import openai
@@ -123,16 +124,31 @@ def test_seeded_sampling_is_reproducible(served):
     assert any(client.completions.create(seed=s, **kw).choices[0].text != a for s in range(8, 14))
 
 
-def test_a_stream_closed_early_is_cancelled_and_the_server_goes_on(served):
+def test_a_stream_closed_early_ends_and_the_server_goes_on(served):
+    """The client closes after the first chunk. The tiny model may have finished by then, so the
+    request counts as cancelled (status 499) or as completed (200), never both; test_cancel.py has
+    a stream that is surely still generating."""
     server, engine = served
     client = server.client()
-    before = server.metric("edgepeft_requests_cancelled_total", model="qv")
+
+    def counts():
+        total = lambda status: server.metric("edgepeft_requests_total", endpoint="/v1/completions",  # noqa: E731
+                                             model="qv", status=status)
+        return total("200"), total("499"), server.metric("edgepeft_requests_cancelled_total", model="qv")
+
+    before = counts()
     stream = client.completions.create(model="qv", prompt=PROMPT, max_tokens=200, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.close()
     assert server.wait_for_metric("edgepeft_requests_running", 0) == 0
-    assert server.wait_for_metric("edgepeft_requests_cancelled_total", before + 1, model="qv") == before + 1
+    for _ in range(100):
+        after = counts()
+        if after != before:
+            break
+        time.sleep(0.05)
+    ok, cancelled, counted = (a - b for a, b in zip(after, before))
+    assert ok + cancelled == 1 and counted == cancelled
     want = engine.generate(PROMPT, adapter="qv", max_new_tokens=N)
     assert client.completions.create(model="qv", prompt=PROMPT, max_tokens=N, temperature=0).choices[0].text == want
 
