@@ -207,7 +207,7 @@ def main() -> None:
     lines = ["# `edgepeft serve` under load", "",
              f"- when: {started}; machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs",
              f"- command: `python benchmarks/serve_load.py --clients {args.clients} --requests {args.requests} "
-             f"--threads {args.threads} --max-tokens {args.max_tokens}`",
+             f"--threads {args.threads} --max-tokens {args.max_tokens} --warmup {args.warmup}`",
              f"- demo bundle (SmolLM2-135M int4 / Q4_K_M, adapters json, upper, sentiment); {args.requests} requests "
              f"from {args.clients} concurrent openai clients over base, json, upper, sentiment, json+upper; chat and "
              f"completions, streaming and not, greedy, max_tokens {args.max_tokens}; one stream in ten closed after "

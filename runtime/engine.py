@@ -423,10 +423,14 @@ class Engine:
         stops = check_stop(stop)
         ids = self.encode_prompt(prompt, chat)
         timings: dict = {}
-        pieces = list(self._pieces(ids, adapter, max_new_tokens, params, chat, stops, ignore_eos, timings))
-        tokens = [t for p in pieces for t in p.token_ids]
-        # Without a stop string, the text of all tokens decoded at once (what generate always gave).
-        text = "".join(p.text for p in pieces) if timings.pop("stop_string", False) else self.tokenizer.decode(tokens)
+        if stops:
+            pieces = list(self._pieces(ids, adapter, max_new_tokens, params, chat, stops, ignore_eos, timings))
+            tokens = [t for p in pieces for t in p.token_ids]
+            hit = timings.pop("stop_string", False)
+            text = "".join(p.text for p in pieces) if hit else self.tokenizer.decode(tokens)
+        else:  # no text to watch while generating: decode once at the end
+            tokens = list(self._tokens(ids, adapter, max_new_tokens, params, chat, timings, ignore_eos))
+            text = self.tokenizer.decode(tokens)
         return Completion(
             text=text, tokens=tokens, adapter=adapter, backend=self.backend.name,
             prompt_tokens=len(ids), stop_reason=timings.pop("stop_reason", "length"),
