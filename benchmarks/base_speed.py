@@ -68,7 +68,7 @@ def main() -> None:
     if args.genai_python:
         model_dir = work / "genai-int4"
         if not (model_dir / "genai_config.json").is_file():
-            subprocess.run([args.genai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(base_dir),
+            subprocess.run([args.genai_python, str(HERE / "genai_builder.py"), "-i", str(base_dir),
                             "-o", str(model_dir), "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")],
                            check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         cfg = json.loads((model_dir / "genai_config.json").read_text())

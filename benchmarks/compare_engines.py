@@ -107,16 +107,21 @@ def genai(python: str, model_dir: Path, threads: int, runs: int, n: int) -> dict
         tok = og.Tokenizer(model)
         ids = tok.encode(tok.apply_chat_template(json.dumps([{{"role": "user", "content": {PROMPT!r}}}]),
                                                  add_generation_prompt=True))
+        # genai's sliding-window layers (Gemma) need a KV buffer of at least the window: a longer
+        # max_length there, and the loop stops at exactly {n} tokens.
+        cfg = json.load(open({str(model_dir / "genai_config.json")!r}))
+        window = (cfg["model"]["decoder"].get("sliding_window") or {{}}).get("window_size", 0)
         rates, ttft = [], []
         for _ in range({runs} + 1):
             params = og.GeneratorParams(model)
-            params.set_search_options(max_length=len(ids) + {n}, min_length=len(ids) + {n}, do_sample=False)
+            params.set_search_options(max_length=max(len(ids) + {n}, window), min_length=len(ids) + {n},
+                                      do_sample=False)
             gen = og.Generator(model, params)
             t0 = time.perf_counter()
             gen.append_tokens(ids)
             gen.generate_next_token()
             t1 = time.perf_counter(); count = 1
-            while not gen.is_done():
+            while not gen.is_done() and count < {n}:
                 gen.generate_next_token(); count += 1
             t2 = time.perf_counter()
             rates.append((count - 1) / (t2 - t1)); ttft.append(t1 - t0)
