@@ -31,6 +31,7 @@ from starlette.routing import Route
 from edgepeft.bundle import check_adapter_name
 from edgepeft.errors import AdapterMismatch, BundleError, EdgepeftError, EngineError, UnsupportedAdapter
 from edgepeft.layout import ADAPTER_SUFFIX
+from edgepeft.runtime.engine import Usage
 
 from .metrics import Metrics
 from .protocol import ApiError, GenRequest, bad, parse
@@ -172,8 +173,7 @@ class Server:
         m.latency.labels(req.model).observe(now - started)
         if result.tokens:  # the first token comes with the prefill: all but the decode time
             m.ttft.labels(req.model).observe(max(0.0, now - started - _decode_seconds(result)))
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(result.tokens),
-                 "total_tokens": len(ids) + len(result.tokens)}
+        usage = Usage(len(ids), len(result.tokens)).to_json()
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
                       "logprobs": None, "finish_reason": result.stop_reason}
@@ -187,17 +187,16 @@ class Server:
     def _prepare(self, req: GenRequest, adapter) -> tuple[list[int], int]:
         """Token ids of the prompt and the token budget, or a 400 naming what does not fit."""
         engine = self.engine
+        what = "messages" if req.chat else "prompt"
         ids = engine.encode_prompt(req.prompt, chat=req.chat)
         if not ids:
-            raise bad("the prompt encodes to no tokens", "messages" if req.chat else "prompt")
+            raise bad("the prompt encodes to no tokens", what)
         room = engine.context_length - engine.virtual_tokens(adapter)  # loads a lazy adapter now
         wanted = req.max_tokens if req.max_tokens is not None else 1
-        what = "messages" if req.chat else "prompt"
         if len(ids) + wanted > room:
             raise bad(f"This model's maximum context length is {room} tokens. However, you requested "
-                      f"{len(ids) + wanted} tokens ({len(ids)} in the {'messages' if req.chat else 'prompt'}, "
-                      f"{wanted} in the completion). Please reduce the length of the "
-                      f"{'messages' if req.chat else 'prompt'} or the completion.",
+                      f"{len(ids) + wanted} tokens ({len(ids)} in the {what}, {wanted} in the completion). "
+                      f"Please reduce the length of the {what} or the completion.",
                       "max_tokens" if req.max_tokens is not None and len(ids) < room else what,
                       "context_length_exceeded")
         return ids, (req.max_tokens if req.max_tokens is not None else room - len(ids))
