@@ -41,6 +41,15 @@ _SLOT_INPUTS = {"A": ("lora", ".A"), "B": ("lora", ".B"), "scale_in": ("scale", 
 LORA_ROLES = ("A", "B")
 
 
+def row_mask(module: str) -> str:
+    """Graph input of `module`'s LoRA row mask (bundles whose manifest has "row_masks"): float
+    [batch, 1, rank] ([batch, 1, 1, rank] for a packed group), multiplied into x A, so that in a
+    batch whose slots hold several adapters' ranks side by side each row keeps only its own
+    adapter's columns. Default ones [1, 1, 1] (or [1, 1, 1, 1]): every column, one adapter per
+    call, as in bundles without masks. Never in adapter files: the runtime builds it per batch."""
+    return f"lora.{module}.rows"
+
+
 def slot_inputs(module: str) -> dict[str, str]:
     """Graph input names of `module`'s slot by role: "A", "B", "scale_in", "scale_out", "bias"."""
     return {role: f"{family}.{module}{ending}" for role, (family, ending) in _SLOT_INPUTS.items()}

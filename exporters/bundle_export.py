@@ -254,6 +254,7 @@ def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, blo
         "dtype": info["dtype"], "context_length": info["context_length"],
         "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
         **({"base_path": True} if info.get("base_path") else {}),
+        **({"row_masks": True} if info.get("row_masks") else {}),
         **({"longrope_switch": info["longrope_switch"]} if info.get("longrope_switch") else {}),
         "logits_to_keep": True,
     }

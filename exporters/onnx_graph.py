@@ -326,6 +326,7 @@ class _DecoderBuilder:
             "dtype": self.dtype,
             "slots": self.proj.slots,
             "slot_set": self.slot_set,
+            "row_masks": self.slot_set != "none",
             "lora_nodes": g.lora_nodes,
             "base_matmuls": g.base_matmuls,
             "exact_head_top_k": int(self.exact_head_top_k),

@@ -9,6 +9,12 @@ member) and B [chunks, r, chunk], the group's output cut into equal chunks, so n
 stored between members (see Projections.lora and edgepeft/kinds/slots.py). The embedding has a LoRA slot
 too (x += A[ids] B).
 
+Every LoRA slot multiplies x A by a row mask (runtime_contract.row_mask; default ones), so that
+one batch can hold rows on different adapters: the runtime binds the batch's adapters' ranks side
+by side (A = [A_1 | A_2 ...], as for adapters active together) and each row's mask keeps only its
+own adapter's columns. Each adapter's weights are read once per step for the whole batch, not
+once per row; the manifest's "row_masks" says a base has them (runtime/onnx_batch.py).
+
 slot_set "full" adds, per group, an output scale (ones), an overridable bias (the base's, or
 zeros) and, on down_proj, an input scale (ones):
     y = ((x * s_in) W^T + (x * s_in) A B) * s_out + bias
@@ -31,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgepeft.errors import require
-from edgepeft.runtime_contract import INPUT_IDS, slot_inputs
+from edgepeft.runtime_contract import INPUT_IDS, row_mask, slot_inputs
 
 from .onnx_base_path import FEEDS, PASSES
 
@@ -159,7 +165,8 @@ class Projections:
             g.add_input(b_name, dt, [rank, fan_out])
             g.init(a_name, np.zeros((fan_in, 0)))
             g.init(b_name, np.zeros((0, fan_out)))
-            xa = g.node("MatMul", [x, a_name], 1, f"{name}/lora/MatMulA", slot=FEEDS)
+            xa = g.node("MatMul", [x, a_name], 1, f"{name}/lora/MatMulA", slot=FEEDS)  # [batch, seq, r]
+            xa = self.rows(xa, module, name, 3)
             return g.node("MatMul", [xa, b_name], 1, f"{name}/lora/MatMulB", slot=FEEDS)
         outs = [int(m.weight.shape[0]) for m in mods]
         chunk = math.gcd(*outs)
@@ -168,15 +175,33 @@ class Projections:
         g.add_input(b_name, dt, [len(chunks), rank, chunk])
         g.init(a_name, np.zeros((len(mods), fan_in, 0)))
         g.init(b_name, np.zeros((len(chunks), 0, chunk)))
-        xa = g.node("MatMul", [x, a_name], 1, f"{name}/lora/MatMulA", slot=FEEDS)  # [parts, seq, r] (batch 1)
+        # [batch, 1, seq, in] x [parts, in, r] -> [batch, parts, seq, r]. (Bundles from before row
+        # masks multiplied [1, seq, in] x [parts, in, r] -> [parts, seq, r]: batch 1 only.)
+        x = g.node("Unsqueeze", [x, self.axis1()], 1, f"{name}/lora/Unsqueeze", slot=FEEDS)
+        xa = g.node("MatMul", [x, a_name], 1, f"{name}/lora/MatMulA", slot=FEEDS)
+        xa = self.rows(xa, module, name, 4)
         if len(chunks) != len(mods):
             xa = g.node("Gather", [xa, g.init(f"{module}.lora_chunks", np.array(chunks, np.int64), cast=False)],
-                        1, f"{name}/lora/Gather", slot=FEEDS, axis=0)
-        xab = g.node("MatMul", [xa, b_name], 1, f"{name}/lora/MatMulB", slot=FEEDS)  # [chunks, seq, chunk]
-        xab = g.node("Transpose", [xab], 1, f"{name}/lora/Transpose", slot=FEEDS, perm=[1, 0, 2])
-        shape = g.init(f"{module}.lora_shape", np.array([1, -1, fan_out], np.int64), cast=False)
+                        1, f"{name}/lora/Gather", slot=FEEDS, axis=1)
+        xab = g.node("MatMul", [xa, b_name], 1, f"{name}/lora/MatMulB", slot=FEEDS)  # [batch, chunks, seq, chunk]
+        xab = g.node("Transpose", [xab], 1, f"{name}/lora/Transpose", slot=FEEDS, perm=[0, 2, 1, 3])
+        shape = g.init(f"{module}.lora_shape", np.array([0, 0, fan_out], np.int64), cast=False)
         slot.update(chunk=chunk, chunks=chunks)
         return g.node("Reshape", [xab, shape], 1, f"{name}/lora/Reshape", slot=FEEDS)
+
+    def rows(self, xa: str, module: str, name: str, ndim: int) -> str:
+        """x A times the slot's row mask (runtime_contract.row_mask): in a batch of rows on
+        different adapters, the slot holds their ranks side by side and each row keeps its own
+        adapter's columns only. Default ones: one adapter for the whole call."""
+        mask = row_mask(module)
+        self.g.add_input(mask, self.g.onnx_dtype, ["mask_batch"] + [1] * (ndim - 2) + [f"mask_rank.{module}"])
+        self.g.init(mask, np.ones([1] * ndim))
+        return self.g.node("Mul", [xa, mask], 1, f"{name}/lora/Rows", slot=FEEDS)
+
+    def axis1(self) -> str:
+        if not any(i.name == "const.lora_axis1" for i in self.g.inits):
+            self.g.init("const.lora_axis1", np.array([1], np.int64), cast=False)
+        return "const.lora_axis1"
 
     def embedding_slot(self, x: str, vocab: int, hidden: int) -> str:
         """Embedding LoRA (PEFT's lora_embedding_A/B): x += A[ids] B, A [vocab, r], B [r, hidden]."""
@@ -187,6 +212,7 @@ class Projections:
         g.init(a_name, np.zeros((vocab, 0)))
         g.init(b_name, np.zeros((0, hidden)))
         xa = g.node("Gather", [a_name, INPUT_IDS], 1, "/embed/lora/GatherA", slot=FEEDS)
+        xa = self.rows(xa, EMBEDDING, "/embed", 3)
         xab = g.node("MatMul", [xa, b_name], 1, "/embed/lora/MatMulB", slot=FEEDS)
         x = g.node("Add", [x, xab], 1, "/embed/lora/Add", slot=PASSES)
         self.slots.append({"module": EMBEDDING, "embedding": True, "in": int(vocab), "out": int(hidden),

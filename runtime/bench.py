@@ -156,3 +156,123 @@ def run_bench(bundle: str | Path, backend: str = "onnx", threads: int | None = N
     result["this_process_peak_rss"] = peak_rss_bytes()
     result["this_process_rss"] = rss_bytes()
     return result
+
+
+# ---- concurrency: streams that overlap in time (continuous batching, runtime/scheduler.py) -------
+STREAM_PROMPTS = [
+    PROMPT,
+    "Explain in simple words why the sky is blue.",
+    "List five fruits and say one thing about each.",
+    "Write a haiku about autumn rain, then explain it.",
+    "Describe how a bicycle works to a child.",
+    "What are three good habits for learning a language?",
+    "Summarize the plot of a detective story you invent.",
+    "Give a recipe for a simple tomato soup.",
+]
+
+
+def _streams(engine: Engine, adapters: list, new_tokens: int) -> dict:
+    """len(adapters) calls started together, stream i on adapters[i] with its own prompt; the
+    aggregate and per-stream figures of that one round."""
+    import threading
+
+    n = len(adapters)
+    start, out = threading.Barrier(n + 1), [None] * n
+
+    def go(i):
+        start.wait()
+        t = time.perf_counter()
+        c = engine.complete(STREAM_PROMPTS[i % len(STREAM_PROMPTS)], adapter=adapters[i], max_new_tokens=new_tokens,
+                            chat=True, ignore_eos=True)
+        out[i] = (t, t + c.timings["prefill_s"], time.perf_counter(), c)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    for t in threads:
+        t.join()
+    began = min(o[0] for o in out)
+    first, ended = min(o[1] for o in out), max(o[2] for o in out)
+    generated = sum(len(o[3].tokens) for o in out)
+    return {
+        "aggregate_tokens_per_s": generated / (ended - began),  # prefill included
+        # tokens after each stream's first, over the time from the first first token to the last end
+        "aggregate_decode_tokens_per_s": sum(len(o[3].tokens) - 1 for o in out) / (ended - first),
+        "per_stream_decode_tokens_per_s": _median([o[3].timings["decode_tokens_per_s"] for o in out]),
+        "ttft_ms_median": _median([(o[1] - o[0]) * 1e3 for o in out]),
+        "ttft_ms_max": max((o[1] - o[0]) * 1e3 for o in out),
+    }
+
+
+def _streams_memory(bundle: str, backend: str, threads: int | None, adapters: list, new_tokens: int,
+                    device: str) -> int:
+    """Peak RSS of a fresh process that runs len(adapters) streams together once."""
+    code = (
+        "import json\n"
+        "from edgepeft.runtime import Engine\n"
+        "from edgepeft.runtime.bench import _streams\n"
+        "from edgepeft.runtime.memory import peak_rss_bytes\n"
+        f"e = Engine.open({bundle!r}, backend={backend!r}, threads={threads!r}, device={device!r}, "
+        f"parallel={max(1, len(adapters))})\n"
+        f"_streams(e, {adapters!r}, {new_tokens})\n"
+        "print(json.dumps({'peak': peak_rss_bytes()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+def run_concurrency(bundle: str | Path, levels: list[int], backend: str = "onnx", threads: int | None = None,
+                    runs: int = 3, new_tokens: int = 128, memory: bool = True, device: str = "auto",
+                    batching: bool = True) -> dict:
+    """For each number of streams in `levels`: all streams on the base, and each stream on a
+    different adapter (the bundle's adapters in turn). Rounds are interleaved (every level and
+    mode once, `runs` times over) and the figures are medians; `vs_one` divides by one stream's
+    aggregate in the same mode. batching=False runs the same requests one after another instead
+    (what an engine that does not batch them does)."""
+    bundle = str(bundle)
+    engine = Engine.open(bundle, backend=backend, threads=threads, device=device, parallel=max(levels),
+                         batching=batching)
+    names = [n for n, a in engine.bundle.adapters.items() if backend in a.get("files", {})]
+    modes = {"base": lambda c: [None] * c}
+    if names:
+        modes["adapters"] = lambda c: [names[i % len(names)] for i in range(c)]
+    rounds: dict = {(m, c): [] for m in modes for c in levels}
+
+    def one(mode, c):
+        if batching:
+            return _streams(engine, modes[mode](c), new_tokens)
+        t, tokens, firsts = time.perf_counter(), 0, []  # the same requests, one after another
+        for i, adapter in enumerate(modes[mode](c)):
+            s = time.perf_counter()
+            r = engine.complete(STREAM_PROMPTS[i % len(STREAM_PROMPTS)], adapter=adapter, max_new_tokens=new_tokens,
+                                chat=True, ignore_eos=True)
+            tokens += len(r.tokens)
+            firsts.append((s - t + r.timings["prefill_s"]) * 1e3)
+        rate = tokens / (time.perf_counter() - t)
+        return {"aggregate_tokens_per_s": rate, "aggregate_decode_tokens_per_s": rate,
+                "per_stream_decode_tokens_per_s": rate, "ttft_ms_median": _median(firsts), "ttft_ms_max": max(firsts)}
+
+    for mode in modes:  # warm-up: every shape of batch once
+        one(mode, max(levels))
+    for _ in range(runs):
+        for c in levels:
+            for mode in modes:
+                rounds[(mode, c)].append(one(mode, c))
+    result: dict = {"bundle": bundle, "backend": backend, "quant": engine.bundle.backends[backend].get("quant"),
+                    "provider": engine.backend.providers[0], "machine": machine(), "threads": threads, "runs": runs,
+                    "new_tokens": new_tokens, "batching": batching, "adapters": names, "levels": {}}
+    for mode in modes:
+        one_stream = _median([r["aggregate_tokens_per_s"] for r in rounds[(mode, min(levels))]])
+        for c in levels:
+            rs = rounds[(mode, c)]
+            row = {k: round(_median([r[k] for r in rs]), 2) for k in rs[0]}
+            row["vs_one"] = round(row["aggregate_tokens_per_s"] / one_stream, 3)
+            row["adapters"] = modes[mode](c)
+            result["levels"].setdefault(mode, {})[str(c)] = row
+    if memory:
+        for c in levels:
+            for mode in modes:
+                result["levels"][mode][str(c)]["peak_rss"] = _streams_memory(bundle, backend, threads, modes[mode](c),
+                                                                             new_tokens, device)
+    return result

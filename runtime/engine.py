@@ -16,6 +16,7 @@ from edgepeft.errors import BundleError, EngineError, InvalidArgument, unknown_a
 
 from .devices import check_device
 from .sampling import Sampler, SamplingParams, generation_params
+from .scheduler import Request, Scheduler
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 BACKENDS = ("onnx", "gguf")
@@ -110,7 +111,7 @@ def _make_backend(bundle: Bundle, backend: str, device: str, threads: int | None
     if backend == "onnx":
         from .onnx_backend import OnnxBackend
 
-        return OnnxBackend(bundle, device=device, threads=threads, max_context=max_context)
+        return OnnxBackend(bundle, device=device, threads=threads, max_context=max_context, parallel=parallel)
     if backend == "gguf":
         from .gguf_backend import GgufBackend
 
@@ -128,7 +129,8 @@ class Engine:
     With `max_resident_adapters=K` the bundle's adapters load lazily, on first use, and the least
     recently used one is unloaded when a (K+1)-th is needed (for small-memory devices)."""
 
-    def __init__(self, bundle: Bundle, backend, load_seconds: float, max_resident_adapters: int | None = None):
+    def __init__(self, bundle: Bundle, backend, load_seconds: float, max_resident_adapters: int | None = None,
+                 batching: bool = True):
         self.bundle = bundle
         self.backend = backend
         self.tokenizer = Tokenizer(bundle.root, bundle.manifest["tokenizer"])
@@ -142,19 +144,25 @@ class Engine:
         self.max_resident = max_resident_adapters
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
+        # Continuous batching (runtime/scheduler.py): made on the first call, where the backend
+        # can batch; False where it cannot (or batching=False), and calls run one forward each.
+        self._scheduler: Scheduler | None | bool = None if batching else False
+        self._probe = None  # a batcher that answers can_batch; it holds no cache
 
     @classmethod
     def open(cls, bundle: str | Path | Bundle, backend: str = "onnx", device: str = "auto",
              threads: int | None = None, load_adapters: bool = True, max_context: int | None = None,
              max_resident_adapters: int | None = None, gpu_layers: int | None = None,
-             parallel: int | None = None) -> "Engine":
+             parallel: int | None = None, batching: bool = True) -> "Engine":
         """Open a bundle: the base loads once; with load_adapters, so does every bundled adapter
         (or, with max_resident_adapters, each on first use).
 
         device: auto, cpu, cuda, tensorrt, coreml, dml, openvino (see docs/devices.md); one the
         installed engine lacks falls back to the CPU and sets `device_note`. max_context bounds
-        each call's KV cache; gpu_layers offloads only that many layers (GGUF); parallel bounds the
-        calls that run at once on GGUF (each holds a llama.cpp context; default 4, made on demand)."""
+        each call's KV cache; gpu_layers offloads only that many layers (GGUF). Calls that overlap in
+        time decode together, each with its own adapter (continuous batching, runtime/scheduler.py);
+        parallel bounds the rows decoding at once (default 4; later calls wait their turn);
+        batching=False runs each call on its own forward passes, as before batching."""
         # Bad arguments fail before the bundle's files are hashed or a model loads.
         check_device(device)
         for what, value in (("max context", max_context), ("max resident adapters", max_resident_adapters),
@@ -164,7 +172,7 @@ class Engine:
         t0 = time.perf_counter()
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         engine = cls(b, _make_backend(b, backend, device, threads, max_context, gpu_layers, parallel),
-                     time.perf_counter() - t0, max_resident_adapters)
+                     time.perf_counter() - t0, max_resident_adapters, batching)
         if load_adapters:
             names = [n for n, entry in b.adapters.items() if backend in (entry.get("files") or {})]
             if max_resident_adapters is None:
@@ -342,6 +350,12 @@ class Engine:
                               + f" leaves no room in the context ({self.backend.context_length})")
         self._check_ids(prompt_ids)
         sampler, stop = Sampler(params), set() if ignore_eos else self.tokenizer.stop_ids(chat)
+        scheduler = self._scheduler_for(handle)
+        if scheduler is not None:
+            req = Request(list(prompt_ids), handle, budget, max_new_tokens, sampler, stop)
+            scheduler.submit(req)
+            yield from req.tokens(timings)
+            return
         # A LongRoPE base switches to its long factors past this position, and the whole cache is
         # recomputed with them there, as transformers' generate does (onnx_rotary.py).
         switch, history = getattr(self.backend, "rope_switch", None), list(prompt_ids)
@@ -369,6 +383,16 @@ class Engine:
             finally:
                 timings["decode_s"] = time.perf_counter() - t1
                 timings["decode_tokens"] = n
+
+    def _scheduler_for(self, handle) -> Scheduler | None:
+        """The scheduler a call on `handle` joins, or None: the call runs on its own."""
+        with self._lock:
+            if self._scheduler is None:
+                make = getattr(self.backend, "batcher", None)
+                self._probe = make() if make is not None else None
+                self._scheduler = Scheduler(make, self.backend.parallel) if self._probe is not None else False
+            scheduler = self._scheduler
+        return scheduler if scheduler and self._probe.can_batch(handle) else None
 
     def stream_pieces(self, prompt: str | list[dict], adapter: str | None = None, max_new_tokens: int = 128,
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,

@@ -12,6 +12,25 @@ Each loaded adapter is a `llama_adapter_lora` handle initialised once from its f
 that applies it has let go of it. A call selects its adapter on its context with
 `llama_set_adapters_lora` (with scale), clears that context's KV cache and decodes. Switching
 adapters changes which handles the context applies; no weight is copied.
+
+Batching (`batcher()`, for the engine's continuous-batching scheduler): llama.cpp applies LoRA
+adapters per context, never per token, so what one `llama_decode` can batch is the rows that share
+an adapter set (the same adapters, or none, or the same combination). Such rows live as separate
+sequence ids (one per row) in one multi-sequence context and decode together, one token each,
+in one `llama_decode`. Rows with different adapter sets are in different contexts and are
+interleaved: one `llama_decode` per adapter set per step. Mixing adapters inside one
+`llama_decode` is not possible on this backend.
+
+The batcher's contexts are its own (not the pool's), made when a row first needs one: each holds
+up to `parallel` sequences in one unified KV cache of context_length cells (the same size as a
+pool context), and a row reserves its budget (prompt + generated positions) of those cells, so
+rows on one adapter set share one cache as long as their budgets fit it; a row that does not fit
+opens another context for the same set. At most `parallel` batcher contexts exist at once (with
+the scheduler's at most `parallel` rows, a row always finds one). llama.cpp allocates a context's
+cache when it is made, so rows on k different adapter sets hold k caches, each sized for the
+context, not for the rows' lengths; --max-context bounds each. A context whose rows have all
+ended stays, idle, for the next row (of any adapter set: its adapters are switched), until the
+batcher closes (the scheduler closes its batcher when it has been idle for a while).
 """
 
 from __future__ import annotations
@@ -109,6 +128,11 @@ class GgufBackend:
         # fight over the cores. Held per step, never across a call's tokens.
         fits = not n_gpu_layers and 2 * n_threads <= (os.cpu_count() or 1)
         self._step_lock = contextlib.nullcontext() if fits else threading.Lock()
+        # Batchers (continuous batching) and the adapters freed while a batcher row still applies
+        # them (see free_adapter); both under _batch_lock.
+        self._batch_lock = threading.RLock()
+        self._batchers: list[_GgufBatcher] = []
+        self._deferred: list[GgufAdapter] = []
         # One context up front: a base that cannot get one fails at open, not at the first call.
         self._idle.append(self._new_context())
 
@@ -176,8 +200,29 @@ class GgufBackend:
             with c.lock:
                 if any(a is adapter for a in c.active):
                     self._set_adapter(c, None)
+        # Batcher contexts: idle ones drop it now; one whose rows still apply it keeps it until
+        # its last row closes (a row keeps the adapter it started with, as a call does), and only
+        # then is the handle freed (_free_deferred). Never freed while a live context applies it.
+        with self._batch_lock:
+            if any(a is adapter for a in self._deferred):
+                return  # already freed once, waiting for rows
+            in_use = False
+            for b in list(self._batchers):
+                in_use |= b._drop_adapter(adapter)
+            if in_use:
+                self._deferred.append(adapter)
+                return
         with self._model_lock:
             self.llama_cpp.llama_adapter_lora_free(adapter.handle)
+
+    def _free_deferred(self) -> None:
+        """Free the deferred adapters that no batcher context applies any more."""
+        with self._batch_lock:
+            done = [a for a in self._deferred if not any(b._applies(a) for b in self._batchers)]
+            self._deferred = [a for a in self._deferred if not any(a is d for d in done)]
+        for a in done:
+            with self._model_lock:
+                self.llama_cpp.llama_adapter_lora_free(a.handle)
 
     def _set_adapter(self, c: "_Context", adapter: "GgufAdapter | GgufCombo | None") -> None:
         """Make `adapter` (or none, or a combination) context `c`'s LoRA set. Caller holds c.lock."""
@@ -212,8 +257,19 @@ class GgufBackend:
             raise EngineError(f"{max_len} tokens exceed the GGUF context length {self.context_length}")
         return _GgufSequence(self, adapter, max_len)
 
+    def batcher(self) -> "_GgufBatcher":
+        """A multi-sequence batcher (continuous batching; see the module docstring)."""
+        if not getattr(self, "model", None):
+            raise EngineError("the GGUF backend is closed")
+        b = _GgufBatcher(self)
+        with self._batch_lock:
+            self._batchers.append(b)
+        return b
+
     def close(self) -> None:
         llama_cpp = self.llama_cpp
+        for b in list(getattr(self, "_batchers", [])):
+            b.close()
         for c in getattr(self, "_contexts", []):
             if c.ctx:
                 llama_cpp.llama_batch_free(c.batch)
@@ -299,3 +355,238 @@ class _GgufSequence:
         rows = n if all_rows else 1
         ptr = llama_cpp.llama_get_logits(c.ctx)
         return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(rows, b.n_vocab)).copy()
+
+
+def _adapter_key(handle) -> tuple:
+    """The adapters a handle applies: () for none, one, or a combination's parts."""
+    return () if handle is None else handle.parts if isinstance(handle, GgufCombo) else (handle,)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+@dataclass(eq=False)
+class _BatchContext:
+    """One multi-sequence context of a batcher: its rows share its adapter set (`c.active`)."""
+
+    c: _Context
+    cells: int  # KV cells (shared by its sequences: unified cache)
+    n_batch: int  # most tokens per llama_decode
+    free_seqs: list  # sequence ids not held by a row
+    rows: list = field(default_factory=list)
+    reserved: int = 0  # sum of its rows' budgets (<= cells)
+
+
+@dataclass(eq=False)
+class _GgufRow:
+    """One row of a batch: a sequence id in a batcher context, `length` positions cached."""
+
+    bc: _BatchContext | None
+    seq: int
+    budget: int
+    handle: object
+    length: int = 0
+
+
+class _GgufBatcher:
+    """Continuous batching on GGUF: rows sharing an adapter set decode in one llama_decode (one
+    sequence id per row); different adapter sets are interleaved, one llama_decode per set per step.
+
+    Called from one thread (the scheduler's). The backend's `_batch_lock` guards the contexts and
+    rows, since `free_adapter` (any thread) looks at them; decodes hold the backend's step lock."""
+
+    def __init__(self, backend: GgufBackend):
+        self.backend = backend
+        self.closed = False
+        self._contexts: list[_BatchContext] = []
+        b = backend
+        # KV memory choice: a unified cache per context of context_length cells, shared by up to
+        # `parallel` sequences: always room for one full-length row, and for several typical
+        # rows (budget = prompt + max new tokens) on one adapter set.
+        self._cells = b.context_length
+        self._max_contexts = b.parallel
+
+    # ---- rows ----------------------------------------------------------------------------------
+    def can_batch(self, handle) -> bool:
+        return True  # every adapter kind on GGUF is a LoRA set applied per context
+
+    def open_row(self, handle, budget: int) -> _GgufRow:
+        b = self.backend
+        budget = int(budget)
+        if self.closed:
+            raise EngineError("this batcher is closed")
+        if budget < 1:
+            raise EngineError(f"a row needs a budget of at least 1 position, not {budget}")
+        if budget > b.context_length:
+            raise EngineError(f"{budget} tokens exceed the GGUF context length {b.context_length}")
+        key = _adapter_key(handle)
+        with b._batch_lock:
+            for a in key:  # under the lock: free_adapter marks first, then looks at our contexts
+                if a.freed:
+                    raise EngineError(f"adapter {a.path.name} was unloaded before this row started")
+            bc = self._place(key, budget)
+            if not bc.rows:
+                b._set_adapter(bc.c, handle)
+                b.llama_cpp.llama_memory_clear(b.llama_cpp.llama_get_memory(bc.c.ctx), True)
+            row = _GgufRow(bc, bc.free_seqs.pop(0), budget, handle)
+            bc.rows.append(row)
+            bc.reserved += budget
+        return row
+
+    def _place(self, key: tuple, budget: int) -> _BatchContext:
+        """A context for a row of `budget` with adapter set `key`; caller holds _batch_lock."""
+        def fits(bc):
+            return bool(bc.free_seqs) and bc.reserved + budget <= bc.cells
+
+        live = [bc for bc in self._contexts if bc.rows]
+        idle = [bc for bc in self._contexts if not bc.rows]
+        for bc in live:  # same set, room left: batch with it
+            if _same(bc.c.active, key) and fits(bc):
+                return bc
+        for bc in idle:  # an idle one already applying the set: no switch
+            if _same(bc.c.active, key):
+                return bc
+        if idle:
+            return idle[0]
+        if len(self._contexts) >= self._max_contexts:
+            raise EngineError(f"the batch is full: {len(self._contexts)} GGUF batch contexts are in use")
+        bc = self._new_context()
+        self._contexts.append(bc)
+        return bc
+
+    def _new_context(self) -> _BatchContext:
+        b, llama_cpp = self.backend, self.backend.llama_cpp
+        # The backend's parameters (threads, F32 KV and no flash attention for F32 bases, ...),
+        # copied field by field (a ctypes struct), with the cache sized for several sequences.
+        p = type(b._cparams).from_buffer_copy(b._cparams)
+        p.n_seq_max = b.parallel
+        p.n_ctx = self._cells
+        p.kv_unified = True
+        p.n_batch = p.n_ubatch = max(min(BATCH, self._cells), b.parallel)
+        ctx = llama_cpp.llama_init_from_model(b.model, p)
+        if not ctx:
+            raise EngineError(f"{b._path}: llama.cpp could not create a batch context of {self._cells} tokens"
+                              f" for {b.parallel} sequences")
+        cells = min(self._cells, int(llama_cpp.llama_n_ctx(ctx)))
+        c = _Context(ctx, llama_cpp.llama_batch_init(p.n_batch, 0, 1))
+        return _BatchContext(c, cells, int(p.n_batch), list(range(b.parallel)))
+
+    def close_row(self, row: _GgufRow) -> None:
+        b = self.backend
+        with b._batch_lock:
+            bc, row.bc = row.bc, None
+            if bc is None or bc not in self._contexts:
+                return  # closed already (or the batcher closed)
+            llama_cpp = b.llama_cpp
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(bc.c.ctx), row.seq, -1, -1)
+            bc.rows.remove(row)
+            bc.reserved -= row.budget
+            bc.free_seqs.append(row.seq)
+            bc.free_seqs.sort()
+            # Its last row gone, the context is idle (reused by the next row of any set); an
+            # adapter freed while the rows ran is dropped from it now and freed.
+            drop = not bc.rows and any(a.freed for a in bc.c.active)
+            if drop:
+                b._set_adapter(bc.c, None)
+        if drop:
+            b._free_deferred()
+
+    # ---- decoding ------------------------------------------------------------------------------
+    def _check(self, row: _GgufRow, n: int) -> _BatchContext:
+        if self.closed or row.bc is None:
+            raise EngineError("this row has ended")
+        if row.length + n > row.budget:
+            raise EngineError(f"row of {row.length + n} tokens exceeds its budget of {row.budget}")
+        return row.bc
+
+    def _decode(self, bc: _BatchContext, entries: list) -> None:
+        """One llama_decode of `entries` [(token, pos, seq, want_logits)] on context `bc`."""
+        b, llama_cpp = self.backend, self.backend.llama_cpp
+        batch = bc.c.batch
+        batch.n_tokens = len(entries)
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            batch.token[i] = int(tok)
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = bool(want)
+        with b._step_lock:
+            rc = llama_cpp.llama_decode(bc.c.ctx, batch)
+        if rc != 0:
+            raise EngineError(f"llama.cpp batch decode failed (code {rc})")
+
+    def _logits(self, bc: _BatchContext, i: int) -> np.ndarray:
+        b = self.backend
+        ptr = b.llama_cpp.llama_get_logits_ith(bc.c.ctx, i)
+        if not ptr:
+            raise EngineError(f"llama.cpp returned no logits for batch token {i}")
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(b.n_vocab,)).copy()
+
+    def prefill(self, row: _GgufRow, ids) -> np.ndarray:
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise EngineError("empty input: nothing to run")
+        bc = self._check(row, len(ids))
+        out = None
+        for start in range(0, len(ids), bc.n_batch):
+            chunk = ids[start : start + bc.n_batch]
+            last = start + len(chunk) == len(ids)
+            self._decode(bc, [(t, row.length + j, row.seq, last and j == len(chunk) - 1)
+                              for j, t in enumerate(chunk)])
+            row.length += len(chunk)
+            if last:
+                out = self._logits(bc, len(chunk) - 1)
+        return out
+
+    def step(self, rows: list, tokens: list) -> np.ndarray:
+        if len(rows) != len(tokens):
+            raise EngineError(f"{len(rows)} rows but {len(tokens)} tokens")
+        if len({id(r) for r in rows}) != len(rows):
+            raise EngineError("a row appears twice in one step")
+        groups: dict[int, tuple[_BatchContext, list]] = {}  # one llama_decode per context
+        for i, row in enumerate(rows):
+            bc = self._check(row, 1)
+            groups.setdefault(id(bc), (bc, []))[1].append(i)
+        out = np.empty((len(rows), self.backend.n_vocab), dtype=np.float32)
+        for bc, idx in groups.values():
+            self._decode(bc, [(tokens[i], rows[i].length, rows[i].seq, True) for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = self._logits(bc, j)
+                rows[i].length += 1
+        return out
+
+    # ---- adapters and teardown -----------------------------------------------------------------
+    def _applies(self, adapter: GgufAdapter) -> bool:
+        return any(any(a is adapter for a in bc.c.active) for bc in self._contexts)
+
+    def _drop_adapter(self, adapter: GgufAdapter) -> bool:
+        """free_adapter's part (caller holds _batch_lock): idle contexts stop applying `adapter`;
+        True if a context with live rows still applies it (then it is freed after they end)."""
+        in_use = False
+        for bc in self._contexts:
+            if any(a is adapter for a in bc.c.active):
+                if bc.rows:
+                    in_use = True
+                else:
+                    self.backend._set_adapter(bc.c, None)
+        return in_use
+
+    def close(self) -> None:
+        b, llama_cpp = self.backend, self.backend.llama_cpp
+        with b._batch_lock:
+            if self.closed:
+                return
+            self.closed = True
+            contexts, self._contexts = self._contexts, []
+            for bc in contexts:
+                for row in bc.rows:
+                    row.bc = None
+                bc.rows = []
+                if bc.c.ctx:
+                    llama_cpp.llama_batch_free(bc.c.batch)
+                    llama_cpp.llama_free(bc.c.ctx)
+                    bc.c.ctx = None
+                bc.c.active = ()
+            b._batchers = [x for x in b._batchers if x is not self]
+        b._free_deferred()

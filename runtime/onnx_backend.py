@@ -36,6 +36,7 @@ from edgepeft.runtime_contract import (ADAPTERS_ACTIVE, ATTENTION_MASK, INPUT_ID
                                        fingerprint_version, is_prefix_param, kv_names, prefix_names, slot_family,
                                        slot_inputs, slot_params)
 
+PARALLEL = 4  # default bound on rows decoding together (llama.cpp server's --parallel)
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -59,7 +60,7 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None,
-                 max_context: int | None = None):
+                 max_context: int | None = None, parallel: int | None = None):
         ort = require("onnxruntime", "onnx")
         self.ort = ort
         info = bundle.backends.get("onnx")
@@ -108,6 +109,16 @@ class OnnxBackend:
         # across a call's tokens. Devices with their own queues run calls freely.
         oversubscribed = not threads or 2 * int(threads) > (os.cpu_count() or 1)
         self.step_lock = threading.Lock() if self.device == "cpu" and oversubscribed else contextlib.nullcontext()
+        self.parallel = int(parallel or PARALLEL)  # rows that decode together (runtime/onnx_batch.py)
+
+    def batcher(self):
+        """Rows of concurrent calls in one forward pass (runtime/onnx_batch.py), or None where
+        this base cannot batch: exported before row masks, LongRoPE, or not on the CPU."""
+        if not self.info.get("row_masks") or self.rope_switch is not None or self.device != "cpu":
+            return None
+        from .onnx_batch import OnnxBatcher
+
+        return OnnxBatcher(self)
 
     # ---- adapters ------------------------------------------------------------------------------
     def load_adapter(self, path: Path) -> OnnxAdapter:

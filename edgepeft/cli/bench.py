@@ -21,6 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median; default 3)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--concurrency", default=None, metavar="N,N,...",
+                   help="measure streams that run at once instead (e.g. 1,2,4,8): aggregate and per-stream "
+                        "decode tokens/s and time to first token, all on the base and each on a different adapter")
+    p.add_argument("--no-batching", action="store_true",
+                   help="with --concurrency: run the same requests one after another (no continuous batching)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_verify_argument(p)
 
@@ -30,8 +35,10 @@ def run(args) -> int:
     from edgepeft.byte_sizes import format_bytes
     from edgepeft.runtime.bench import run_bench
 
+    levels = _levels(args.concurrency) if args.concurrency is not None else None
     Bundle.open(args.bundle, verify_hashes=args.verify_hashes)  # bad input fails here, before timing
-
+    if levels is not None:
+        return _concurrency(args, levels)
     r = run_bench(args.bundle, backend=args.backend, threads=args.threads, runs=args.runs,
                   new_tokens=args.new_tokens, memory=not args.no_memory, device=args.device)
     if args.json:
@@ -58,4 +65,40 @@ def run(args) -> int:
               f"(+{format_bytes(m['added_by_all_adapters'])} for {format_bytes(m['adapter_files_bytes'])} "
               f"of adapter files{ratio}); "
               f"process peak {format_bytes(m['process_peak_rss'])}")
+    return 0
+
+
+def _levels(text: str) -> list[int]:
+    from edgepeft.errors import InvalidArgument
+
+    try:
+        levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise InvalidArgument(f"--concurrency {text!r} must be a comma-separated list of stream counts") from None
+    if not levels or min(levels) < 1 or max(levels) > 64:
+        raise InvalidArgument(f"--concurrency {text!r}: each stream count must be in 1..64")
+    return sorted(set(levels))
+
+
+def _concurrency(args, levels: list[int]) -> int:
+    from edgepeft.byte_sizes import format_bytes
+    from edgepeft.runtime.bench import run_concurrency
+
+    r = run_concurrency(args.bundle, levels, backend=args.backend, threads=args.threads, runs=args.runs,
+                        new_tokens=args.new_tokens, memory=not args.no_memory, device=args.device,
+                        batching=not args.no_batching)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    how = "one after another" if args.no_batching else "together (continuous batching)"
+    print(f"edgepeft bench: {r['bundle']} ({r['backend']} {r['quant']}, threads {r['threads'] or 'default'}), "
+          f"streams run {how}, {r['new_tokens']} new tokens each, median of {r['runs']} rounds")
+    print(f"{'streams':<20}{'aggregate tok/s':>16}{'vs 1':>7}{'per stream':>12}{'TTFT med':>10}{'TTFT max':>10}"
+          f"{'peak RSS':>10}")
+    for mode, rows in r["levels"].items():
+        for c, row in rows.items():
+            rss = format_bytes(row["peak_rss"]) if "peak_rss" in row else ""
+            print(f"{c + ' on ' + mode:<20}{row['aggregate_tokens_per_s']:>16.1f}{row['vs_one']:>6.2f}x"
+                  f"{row['per_stream_decode_tokens_per_s']:>12.1f}{row['ttft_ms_median']:>8.0f}ms"
+                  f"{row['ttft_ms_max']:>8.0f}ms{rss:>10}")
     return 0

@@ -106,12 +106,20 @@ def test_a_closed_stream_frees_its_sequence(llama_bundle):
         assert _in_thread(lambda: engine.generate("other", max_new_tokens=6)) == want
 
 
-def test_gguf_calls_wait_for_a_context_when_all_are_busy(llama_bundle):
+def test_gguf_calls_beyond_parallel_wait_their_turn(llama_bundle, monkeypatch):
+    """parallel=1: a second call waits until the first one's row has left the batch (the
+    scheduler runs at most `parallel` rows), then runs and gives its own output."""
+    from edgepeft.runtime.gguf_backend import _GgufBatcher
+
+    widths, real = [], _GgufBatcher.step
+    monkeypatch.setattr(_GgufBatcher, "step", lambda self, rows, tokens: widths.append(len(rows)) or real(self, rows, tokens))
+    want = Engine.open(llama_bundle.root, backend="gguf", batching=False).generate("other", max_new_tokens=6)
     engine = Engine.open(llama_bundle.root, backend="gguf", parallel=1)
-    stream = engine.stream_pieces("the weather", max_new_tokens=50)
+    stream = engine.stream_pieces("the weather", max_new_tokens=40, ignore_eos=True)
     next(stream)
-    assert _in_thread(lambda: engine.generate("other", max_new_tokens=2), timeout=2) is None
-    stream.close()  # the waiting call gets the context now
+    assert _in_thread(lambda: engine.generate("other", max_new_tokens=6)) == want
+    assert widths and max(widths) == 1
+    stream.close()
 
 
 def test_parallel_and_threads_must_be_positive(llama_bundle):
