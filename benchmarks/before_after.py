@@ -8,7 +8,9 @@ PATH is a checkout of the earlier version (e.g. `git worktree add /tmp/before <c
 round runs, in fresh processes and in alternating order, the earlier and the current runtime on
 the bundle (default: the demo's), each measuring exactly --new-tokens greedy tokens (EOS ignored)
 with no adapter and with --adapter, median of --runs. The table gives each side's median and the
-median of the per-round ratios current / earlier. Writes benchmarks/results/before_after.{md,json}.
+median of the per-round ratios current / earlier. Writes benchmarks/results/NAME.{md,json} (--name, default before_after).
+--before-bundle gives the earlier side its own bundle (exported by the earlier version), for
+changes to the exported graph.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", required=True, help="checkout of the earlier version")
     ap.add_argument("--bundle", default=None)
+    ap.add_argument("--before-bundle", default=None,
+                    help="the bundle the earlier side runs (default: --bundle), e.g. exported by the earlier version "
+                         "when the change is in the exported graph")
+    ap.add_argument("--name", default="before_after", help="results file name in benchmarks/results (no suffix)")
     ap.add_argument("--backend", default="onnx,gguf")
     ap.add_argument("--adapter", default="json")
     ap.add_argument("--rounds", type=int, default=6)
@@ -92,6 +98,7 @@ def main() -> None:
 
         bundle = demo_bundle(cache_dir() / "demo" / "smollm2-135m", shipped_adapters(), ["onnx", "gguf"], True)[0].root
     before = Path(args.before).resolve()
+    before_bundle = Path(args.before_bundle) if args.before_bundle else bundle
     commit = subprocess.run(["git", "-C", str(before), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "?"
     now = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -104,11 +111,10 @@ def main() -> None:
         for i in range(args.rounds):
             row = {}
             for backend in backends:
-                kw = dict(bundle=str(bundle), backend=backend, threads=args.threads, adapter=args.adapter,
-                          n=args.new_tokens, runs=args.runs)
-                sides = [("before", old), ("after", None)]
-                for side, path in (sides if i % 2 == 0 else sides[::-1]):
-                    row[f"{backend}/{side}"] = child(path, **kw)
+                kw = dict(backend=backend, threads=args.threads, adapter=args.adapter, n=args.new_tokens, runs=args.runs)
+                sides = [("before", old, before_bundle), ("after", None, bundle)]
+                for side, path, side_bundle in (sides if i % 2 == 0 else sides[::-1]):
+                    row[f"{backend}/{side}"] = child(path, bundle=str(side_bundle), **kw)
             rounds.append(row)
             print(f"round {i + 1}/{args.rounds}: " + ", ".join(
                 f"{k} {v['base']['decode']:.1f}/{v[args.adapter]['decode']:.1f}" for k, v in row.items()), flush=True)
@@ -121,21 +127,23 @@ def main() -> None:
             a = [r[f"{backend}/after"][call]["decode"] for r in rounds]
             summary[f"{backend} {call}"] = {"before": round(statistics.median(b), 1), "after": round(statistics.median(a), 1),
                                             "ratio": round(statistics.median(x / y for x, y in zip(a, b)), 3)}
-    result = {"when": started, "before": commit, "after": now, "bundle": str(bundle), "threads": args.threads,
+    result = {"when": started, "before": commit, "after": now, "bundle": str(bundle),
+              "before_bundle": str(before_bundle), "threads": args.threads,
               "new_tokens": args.new_tokens, "rounds": rounds, "summary": summary, "label": args.label,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "before_after.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Decode speed before/after{': ' + args.label if args.label else ''}", "",
              f"- when: {started}; machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs",
-             f"- before: {commit}, after: {now}; bundle {bundle.name}; {args.new_tokens} greedy tokens (EOS ignored), "
+             f"- before: {commit} on {before_bundle.name}, after: {now} on {bundle.name}; {args.new_tokens} greedy tokens (EOS ignored), "
              f"{args.threads} threads, median of {args.runs} runs per process; {args.rounds} rounds, sides alternated",
-             f"- command: `python benchmarks/before_after.py --before CHECKOUT_OF_{commit} --rounds {args.rounds}`", "",
+             f"- command: `python benchmarks/before_after.py --before CHECKOUT_OF_{commit} --rounds {args.rounds}"
+             + (" --before-bundle BUNDLE_EXPORTED_BY_IT" if args.before_bundle else "") + f" --adapter {args.adapter}`", "",
              "| backend, call | before tok/s (median) | after tok/s (median) | after / before (median of per-round ratios) |",
              "|---|---|---|---|"]
     for k, v in summary.items():
         lines.append(f"| {k} | {v['before']} | {v['after']} | {v['ratio']} |")
-    (RESULTS / "before_after.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -19,14 +19,27 @@ Engine holds no thread and (its batcher freed) no batch cache.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections import deque
+
+from edgepeft.errors import EngineError
 
 CHUNK = 128  # prompt tokens per prefill step of a newcomer
 IDLE_SECONDS = 2.0
 _END = object()
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, stop every scheduler thread before the backends are torn down (a
+    thread still holding llama.cpp contexts then would touch freed memory)."""
+    for scheduler in list(_LIVE):
+        scheduler.stop()
 
 
 class Request:
@@ -95,6 +108,17 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.thread: threading.Thread | None = None
         self.batcher = None  # the running thread's batcher (None while idle)
+        self.stopping = False
+        _LIVE.add(self)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread (after the step in progress) and free its batcher."""
+        with self.cv:
+            self.stopping = True
+            thread = self.thread
+            self.cv.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def submit(self, req: Request) -> None:
         with self.cv:
@@ -111,9 +135,12 @@ class Scheduler:
         try:
             while True:
                 with self.cv:
-                    while not (running or joining or self.waiting):
-                        if not self.cv.wait(IDLE_SECONDS) and not self.waiting:
+                    while not (running or joining or self.waiting) or self.stopping:
+                        if self.stopping or (not self.cv.wait(IDLE_SECONDS) and not self.waiting):
                             self.thread = None  # a later submit starts a new thread
+                            for req in running + ([joining] if joining else []) + list(self.waiting):
+                                req.out.put(EngineError("the engine is shutting down"))
+                            self.waiting.clear()
                             return
                     if joining is None and len(running) < self.parallel:
                         while self.waiting and joining is None:

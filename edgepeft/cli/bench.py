@@ -1,7 +1,9 @@
 """Measure a bundle on this machine: for the base and each adapter, load time, time to first
 token, prefill and decode tokens/s (median of several runs), adapter load and switch time
 (median, p95), peak RSS with 0, 1 and all adapters, and the cost of reloading the base per task
-(what hot-swapping replaces)."""
+(what hot-swapping replaces). With --concurrency 1,2,4,8: streams that run at once instead,
+all on the base and each on a different adapter (continuous batching): aggregate and per-stream
+decode tokens/s, time to first token, peak RSS."""
 
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ def run(args) -> int:
     from edgepeft.runtime.bench import run_bench
 
     levels = _levels(args.concurrency) if args.concurrency is not None else None
+    if args.no_batching and levels is None:
+        from edgepeft.errors import InvalidArgument
+
+        raise InvalidArgument("--no-batching needs --concurrency")
     Bundle.open(args.bundle, verify_hashes=args.verify_hashes)  # bad input fails here, before timing
     if levels is not None:
         return _concurrency(args, levels)

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-adapter-loading", default=None, metavar="DIR",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter for adapter files inside DIR")
     p.add_argument("--parallel", type=int, default=None, metavar="N",
-                   help="GGUF: at most N requests decode at once, each on its own llama.cpp context (default 4)")
+                   help="at most N requests decode together in one batch, each with its own adapter (default 4); "
+                        "more wait their turn")
     add_device_arguments(p)
     add_verify_argument(p)
 

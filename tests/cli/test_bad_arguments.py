@@ -78,6 +78,22 @@ def test_serve_refuses_a_bad_value_in_one_line_with_exit_2(bundle, args, message
     assert_one_line(p.stderr, "serve", message)
 
 
+BENCH_BAD = [
+    (["--concurrency", "1,x"], "--concurrency '1,x' must be a comma-separated list of stream counts"),
+    (["--concurrency", "0,4"], "--concurrency '0,4': each stream count must be in 1..64"),
+    (["--concurrency", "65"], "--concurrency '65': each stream count must be in 1..64"),
+    (["--no-batching"], "--no-batching needs --concurrency"),
+]
+
+
+@pytest.mark.parametrize("args, message", BENCH_BAD)
+def test_bench_refuses_a_bad_concurrency_in_one_line_with_exit_2(bundle, args, message):
+    p = subprocess.run([sys.executable, "-m", "edgepeft", "bench", str(bundle), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert_one_line(p.stderr, "bench", message)
+
+
 def test_serve_on_a_port_in_use_says_so_in_one_line(bundle):
     import socket
 

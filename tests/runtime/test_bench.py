@@ -25,3 +25,24 @@ def test_bench_reports_speed_switch_and_memory_per_adapter(llama_bundle, backend
                  "--no-memory"]) == 0
     text = capsys.readouterr().out
     assert "switch med" in text and "reload base per task" in text and "peak RSS" not in text
+
+
+@pytest.mark.parametrize("backend", ["onnx", "gguf"])
+def test_bench_concurrency_reports_each_count_on_the_base_and_on_different_adapters(llama_bundle, backend, capsys):
+    assert main(["bench", str(llama_bundle.root), "--backend", backend, "--concurrency", "1,3", "--runs", "1",
+                 "--new-tokens", "6", "--no-memory", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["batching"] is True and set(r["levels"]) == {"base", "adapters"}
+    for mode, rows in r["levels"].items():
+        assert set(rows) == {"1", "3"} and rows["1"]["vs_one"] == 1.0
+        three = rows["3"]
+        assert three["aggregate_tokens_per_s"] > 0 and three["per_stream_decode_tokens_per_s"] > 0
+        assert 0 < three["ttft_ms_median"] <= three["ttft_ms_max"]
+        assert three["vs_one"] == pytest.approx(three["aggregate_tokens_per_s"] / rows["1"]["aggregate_tokens_per_s"],
+                                                rel=0.02)
+    assert r["levels"]["adapters"]["3"]["adapters"] == ["qv", "all", "mixed"]  # a different adapter per stream
+    assert r["levels"]["base"]["3"]["adapters"] == [None, None, None]
+    assert main(["bench", str(llama_bundle.root), "--backend", backend, "--concurrency", "2", "--runs", "1",
+                 "--new-tokens", "4", "--no-batching"]) == 0
+    text = capsys.readouterr().out
+    assert "one after another" in text and "2 on adapters" in text
