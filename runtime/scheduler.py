@@ -55,6 +55,9 @@ class Request:
         self.done = 0  # prompt tokens run so far
         self.generated = 0
         self.last: int | None = None  # the token the next step runs
+        # When the scheduler made the first token and ended the request: the call's timings come
+        # from these, not from when its reader got round to the queue (tokens may wait there).
+        self.t_submit, self.t_first, self.t_end = time.perf_counter(), None, None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -63,12 +66,17 @@ class Request:
         """Sample the next token from `logits` and hand it to the caller; True when the request
         has ended (the caller has been told why)."""
         token = self.sampler(logits)
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = now
         if token in self.stop_ids:
+            self.t_end = now
             self.out.put((_END, "stop"))
             return True
         self.generated += 1
         self.out.put(token)
         if self.row.length >= self.budget or self.generated >= self.max_new:
+            self.t_end = now
             self.out.put((_END, "length"))
             return True
         self.last = token
@@ -77,8 +85,7 @@ class Request:
     def tokens(self, timings: dict):
         """The caller's side: yield token ids until the request ends; record timings like an
         unbatched call (prefill_s: until the first token, queueing included)."""
-        t0 = time.perf_counter()
-        t1, n = None, 0
+        n = 0
         try:
             while True:
                 item = self.out.get()
@@ -87,17 +94,15 @@ class Request:
                 if isinstance(item, tuple) and item[0] is _END:
                     timings["stop_reason"] = item[1]
                     return
-                if t1 is None:
-                    t1 = time.perf_counter()
-                    timings["prefill_s"] = t1 - t0
                 n += 1
                 yield item
         finally:
             self.cancel()
-            if t1 is None:
-                timings.setdefault("prefill_s", time.perf_counter() - t0)
-                t1 = time.perf_counter()
-            timings["decode_s"] = time.perf_counter() - t1
+            now = time.perf_counter()
+            first = self.t_first if self.t_first is not None else now
+            end = self.t_end if self.t_end is not None else now  # closed early: until now
+            timings["prefill_s"] = first - self.t_submit
+            timings["decode_s"] = max(0.0, end - first)
             timings["decode_tokens"] = n
 
 
