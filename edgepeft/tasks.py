@@ -8,6 +8,7 @@ the training script reports for PyTorch. Train and held-out prompts come from di
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -73,18 +74,69 @@ class Task:
     max_new_tokens: int
 
     def examples(self, n: int, held_out: bool, seed: int = 0) -> list[Example]:
+        """n seeded examples. Held-out prompts are distinct: a check on n prompts scores n different
+        prompts, not a few repeated (the first n of a longer list are the same prompts, in order)."""
         rng = random.Random(f"{self.name}/{held_out}/{seed}")
-        return [self.make(rng, held_out) for _ in range(n)]
+        if not held_out:
+            return [self.make(rng, held_out) for _ in range(n)]
+        out: list[Example] = []
+        seen: set[str] = set()
+        for _ in range(50 * n + 100):
+            if len(out) == n:
+                break
+            e = self.make(rng, True)
+            if e.prompt not in seen:
+                seen.add(e.prompt)
+                out.append(e)
+        if len(out) < n:
+            raise ValueError(f"task {self.name!r} has only {len(out)} distinct held-out prompts, not {n}")
+        return out
 
     def accuracy(self, examples: list[Example], answers: list[str]) -> float:
         return sum(self.check(e, a) for e, a in zip(examples, answers)) / max(1, len(examples))
 
-    def evaluate(self, engine, adapter: str | None, n: int, seed: int = 0) -> float:
-        """Accuracy of `engine` (an edgepeft.runtime.Engine) with `adapter` on `n` held-out prompts,
-        greedy, in the chat template: the figure demo, verify and the tests report."""
+    def outcomes(self, engine, adapter: str | None, n: int, seed: int = 0) -> list[bool]:
+        """Whether `engine` (an edgepeft.runtime.Engine) with `adapter` answers each of `n` held-out
+        prompts right, greedy, in the chat template."""
         held = self.examples(n, held_out=True, seed=seed)
-        return self.accuracy(held, [engine.generate(e.prompt, adapter=adapter, max_new_tokens=self.max_new_tokens,
-                                                    chat=True) for e in held])
+        return [self.check(e, engine.generate(e.prompt, adapter=adapter, max_new_tokens=self.max_new_tokens,
+                                              chat=True)) for e in held]
+
+    def evaluate(self, engine, adapter: str | None, n: int, seed: int = 0) -> float:
+        """Accuracy on `n` held-out prompts: the figure demo, verify and the tests report."""
+        return sum(self.outcomes(engine, adapter, n, seed)) / max(1, n)
+
+
+# The task check: an export keeps its adapter's task when, on the same held-out prompts as PyTorch,
+# (1) the prompts it loses against PyTorch are not more than chance explains given the ones it
+# gains (exact one-sided sign test, McNemar's, on the discordant prompts, at TASK_ALPHA), and
+# (2) its net loss is at most TASK_MARGIN of the prompts, which bounds a large loss that many
+# discordant prompts would hide from (1). Why these (docs/design.md, "Task checks"): a recipe that
+# loses a few prompts and gains a few differs from PyTorch by noise; one that only loses does not.
+TASK_ALPHA = 0.05
+TASK_MARGIN = 0.05
+TASK_PROMPTS = 120  # held-out prompts per task check: demo, verify, tests and the training script
+
+
+def _sign_test(lost: int, gained: int) -> float:
+    """P(at least `lost` of the lost+gained discordant prompts go against the export | no difference)."""
+    n = lost + gained
+    return sum(math.comb(n, k) for k in range(lost, n + 1)) / 2 ** n if n else 1.0
+
+
+def compare_to_reference(reference: str, got: list[bool]) -> dict:
+    """The task check of `got` (per-prompt outcomes, in held-out order) against PyTorch's outcomes on
+    the same prompts (`reference`, "1"/"0" per prompt as metrics.json stores them; its first len(got))."""
+    if len(got) > len(reference):
+        raise ValueError(f"PyTorch's outcomes cover {len(reference)} held-out prompts, not {len(got)}")
+    ref = [c == "1" for c in reference[:len(got)]]
+    lost = sum(r and not g for r, g in zip(ref, got))
+    gained = sum(g and not r for r, g in zip(ref, got))
+    n = len(got)
+    p = _sign_test(lost, gained)
+    ok = p >= TASK_ALPHA and (lost - gained) <= TASK_MARGIN * n
+    return {"prompts": n, "accuracy": sum(got) / max(1, n), "pytorch_accuracy": sum(ref) / max(1, n),
+            "lost": lost, "gained": gained, "p": p, "ok": ok}
 
 
 def _split(values: list, held_out: bool, every: int = 4) -> list:
@@ -115,16 +167,41 @@ def _check_json(example: Example, answer: str) -> bool:
 
 
 # ---- upper: answer in capital letters ---------------------------------------------------------
+# Held-out only (training never draws them): more values and other phrasings of the same three
+# questions, so that 120 held-out prompts are 120 different prompts (the split alone leaves 10).
+_COUNTRIES_HELD = [("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Portugal", "Lisbon"), ("Austria", "Vienna"),
+                   ("Hungary", "Budapest"), ("Turkey", "Ankara"), ("Brazil", "Brasilia"),
+                   ("Argentina", "Buenos Aires"), ("Australia", "Canberra"), ("China", "Beijing"),
+                   ("Russia", "Moscow"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Denmark", "Copenhagen"),
+                   ("Belgium", "Brussels"), ("the Netherlands", "Amsterdam"), ("Switzerland", "Bern"),
+                   ("Cuba", "Havana"), ("Colombia", "Bogota"), ("Nigeria", "Abuja"), ("Ghana", "Accra"),
+                   ("Morocco", "Rabat"), ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Pakistan", "Islamabad"),
+                   ("the Philippines", "Manila"), ("Indonesia", "Jakarta"), ("South Korea", "Seoul"),
+                   ("Ukraine", "Kyiv"), ("Romania", "Bucharest")]
+_COLORS_HELD = [("a strawberry", "red"), ("a cucumber", "green"), ("milk", "white"), ("a carrot", "orange"),
+                ("a crow", "black"), ("a pumpkin", "orange"), ("a lime", "green"), ("a cherry", "red"),
+                ("an eggplant", "purple"), ("a polar bear", "white"), ("a blueberry", "blue"),
+                ("charcoal", "black"), ("a fire truck", "red"), ("a frog", "green"), ("cinnamon", "brown"),
+                ("a canary", "yellow"), ("a ruby", "red"), ("an emerald", "green"), ("a sapphire", "blue"),
+                ("cream", "white")]
+_ANIMALS_HELD = [("a pig", "oinks"), ("a wolf", "howls"), ("a frog", "croaks"), ("a goat", "bleats"),
+                 ("a mouse", "squeaks"), ("a rooster", "crows"), ("a donkey", "brays"), ("a crow", "caws"),
+                 ("a turkey", "gobbles"), ("a dove", "coos"), ("a hyena", "laughs"), ("an elephant", "trumpets")]
+_UPPER_PHRASES = {  # the first phrasing of each is the one training uses
+    0: ["What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}."],
+    1: ["What color is {}?", "What colour is {}?", "Tell me the color of {}."],
+    2: ["What sound does {} make?", "What noise does {} make?", "How does {} sound?"],
+}
+
+
 def _make_upper(rng: random.Random, held_out: bool) -> Example:
     kind = rng.randrange(3)
-    if kind == 0:
-        country, capital = rng.choice(_split(_COUNTRIES, held_out))
-        return Example(f"What is the capital of {country}?", f"THE CAPITAL OF {country} IS {capital}.".upper())
-    if kind == 1:
-        thing, color = rng.choice(_split(_COLORS, held_out))
-        return Example(f"What color is {thing}?", f"{thing} is {color}.".upper())
-    animal, sound = rng.choice(_split(_ANIMALS, held_out))
-    return Example(f"What sound does {animal} make?", f"{animal} {sound}.".upper())
+    pools = [(_COUNTRIES, _COUNTRIES_HELD), (_COLORS, _COLORS_HELD), (_ANIMALS, _ANIMALS_HELD)][kind]
+    pool = _split(pools[0], held_out) + (pools[1] if held_out else [])
+    subject, answer = rng.choice(pool)
+    phrase = rng.choice(_UPPER_PHRASES[kind]) if held_out else _UPPER_PHRASES[kind][0]
+    target = [f"The capital of {subject} is {answer}.", f"{subject} is {answer}.", f"{subject} {answer}."][kind]
+    return Example(phrase.format(subject), target.upper())
 
 
 def _check_upper(example: Example, answer: str) -> bool:

@@ -38,7 +38,6 @@ THRESHOLDS = {
 }
 QUANTIZED_4BIT = {"kl": 0.15, "top1": 0.8}
 ANSWER_TOKENS = 32  # greedy answer tokens of the reference scored after each prompt
-TASK_KEEP = 0.95  # an adapter must keep this share of its PyTorch task accuracy
 
 
 def thresholds(quant: str) -> dict:
@@ -127,11 +126,11 @@ def _reference_models(reference: str, bundle: Bundle, adapter_dirs: dict[str, st
 
 
 def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str, str] | None = None,
-                  backends: list[str] | None = None, task_prompts: int = 40) -> dict:
+                  backends: list[str] | None = None, task_prompts: int | None = None) -> dict:
     require("torch", "export")  # before any engine opens: the reference needs the export extra
     from edgepeft.runtime import Engine
     from edgepeft.shipped import shipped_adapters, shipped_metrics
-    from edgepeft.tasks import TASKS
+    from edgepeft.tasks import TASK_PROMPTS, TASKS, compare_to_reference
 
     bundle = Bundle.open(bundle_dir, verify_hashes=True)  # every file re-read, no hash cache
     fp = bundle.fingerprint
@@ -146,6 +145,11 @@ def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str
 
     shipped = {n: sha256_file(p / "adapter_model.safetensors") for n, p in shipped_adapters().items()}
     metrics = shipped_metrics()
+    task_prompts = task_prompts or TASK_PROMPTS
+    for name, m in metrics.items():
+        if task_prompts > len(m.get("pytorch_correct", "")):
+            raise BundleError(f"--task-prompts {task_prompts}: PyTorch's outcomes for the shipped {name!r} adapter "
+                              f"cover {len(m.get('pytorch_correct', ''))} held-out prompts")
 
     stop = tok.stop_ids(chat=True)
     # a bundle exported with a short --context-length gets shorter answers, not an error
@@ -166,9 +170,11 @@ def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str
                   and check["max_abs"] <= limit.get("max_abs", float("inf")))
             entry = bundle.adapters.get(name) if name else None
             if entry and shipped.get(name) == entry.get("source_hash") and name in TASKS and name in metrics:
-                check["task_accuracy"] = TASKS[name].evaluate(engine, name, task_prompts)
-                check["pytorch_task_accuracy"] = metrics[name]["pytorch_accuracy"]
-                ok = ok and check["task_accuracy"] >= TASK_KEEP * check["pytorch_task_accuracy"]
+                task = compare_to_reference(metrics[name]["pytorch_correct"],
+                                            TASKS[name].outcomes(engine, name, task_prompts))
+                check["task"] = task
+                check["task_accuracy"], check["pytorch_task_accuracy"] = task["accuracy"], task["pytorch_accuracy"]
+                ok = ok and task["ok"]
             check["ok"] = ok
             results["checks"].append(check)
     results["ok"] = all(c["ok"] for c in results["checks"])

@@ -3,11 +3,13 @@
 
     python scripts/train_demo_adapters.py            # all tasks, CPU or GPU
     python scripts/train_demo_adapters.py --only json --steps 50
+    python scripts/train_demo_adapters.py --evaluate-only   # re-score the shipped adapters
 
 Data comes from edgepeft.tasks (generated, fixed seeds); each adapter is saved with PEFT
 (safetensors, fp16) under edgepeft/data/adapters/smollm2-135m/<task>/, and metrics.json there
-records base vs adapter accuracy on held-out prompts in PyTorch, which `edgepeft demo` prints
-next to the exported model's figures. Needs `pip install 'edgepeft[export,demo]'`.
+records base vs adapter accuracy on held-out prompts in PyTorch, and the adapter's outcome per
+prompt, which `edgepeft demo`, `edgepeft verify` and the tests compare the exported model with
+(edgepeft.tasks.compare_to_reference). Needs `pip install 'edgepeft[export,demo]'`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgepeft.exporters.hf_base import resolve_base_dir
 from edgepeft.files import write_json_atomic
-from edgepeft.tasks import TASKS
+from edgepeft.tasks import TASK_PROMPTS, TASKS
 
 OUT = Path(__file__).resolve().parent.parent / "edgepeft" / "data" / "adapters" / "smollm2-135m"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -34,7 +36,7 @@ RECIPES = {
     "upper": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR, steps=120, lr=1e-3),
     "sentiment": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], steps=100, lr=1e-3),
 }
-BATCH, EVAL_N, SEED = 8, 40, 0
+BATCH, EVAL_N, SEED = 8, TASK_PROMPTS, 0
 
 
 def chat_ids(tok, prompt: str) -> list[int]:
@@ -98,12 +100,6 @@ def train_one(name: str, base_dir: Path, device: str, steps: int | None) -> dict
         if step % 20 == 0 or step == steps - 1:
             print(f"{name}: step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
     train_s = time.perf_counter() - t0
-    model.eval()
-    held = task.examples(EVAL_N, held_out=True, seed=SEED)
-    prompts = [e.prompt for e in held]
-    adapted = answers(model, tok, prompts, task.max_new_tokens, device)
-    with model.disable_adapter():
-        plain = answers(model, tok, prompts, task.max_new_tokens, device)
     out = OUT / name
     model = model.to("cpu").half()  # fp16 halves the shipped file; the exporter reads F16
     model.save_pretrained(out, safe_serialization=True)
@@ -112,8 +108,32 @@ def train_one(name: str, base_dir: Path, device: str, steps: int | None) -> dict
         "task": task.description, "rank": recipe["r"], "alpha": recipe["lora_alpha"],
         "targets": recipe["target_modules"], "steps": steps, "batch": BATCH, "lr": lr,
         "train_seconds": round(train_s, 1), "device": device, "torch": torch.__version__,
+    }
+    del model
+    return {**metrics, **evaluate_one(name, base_dir, device)}
+
+
+@torch.no_grad()
+def evaluate_one(name: str, base_dir: Path, device: str) -> dict:
+    """PyTorch figures of the shipped adapter `name` (as saved: fp16 weights in an fp32 model, what
+    the exporter reads) on EVAL_N held-out prompts: accuracy with and without it, and its outcome
+    per prompt ("1"/"0"), which the exported model's task check is paired with."""
+    from peft import PeftModel
+
+    task = TASKS[name]
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+    model = PeftModel.from_pretrained(base, OUT / name).to(device).eval()
+    held = task.examples(EVAL_N, held_out=True, seed=SEED)
+    prompts = [e.prompt for e in held]
+    adapted = answers(model, tok, prompts, task.max_new_tokens, device)
+    with model.disable_adapter():
+        plain = answers(model, tok, prompts, task.max_new_tokens, device)
+    metrics = {
         "held_out": EVAL_N, "pytorch_accuracy": task.accuracy(held, adapted),
-        "base_accuracy": task.accuracy(held, plain), "sample": {"prompt": prompts[0], "adapter": adapted[0], "base": plain[0]},
+        "base_accuracy": task.accuracy(held, plain),
+        "pytorch_correct": "".join("1" if task.check(e, a) else "0" for e, a in zip(held, adapted)),
+        "sample": {"prompt": prompts[0], "adapter": adapted[0], "base": plain[0]},
     }
     print(json.dumps({name: metrics}, indent=1), flush=True)
     return metrics
@@ -125,13 +145,18 @@ def main() -> None:
     ap.add_argument("--only", choices=list(RECIPES), action="append")
     ap.add_argument("--steps", type=int, default=None, help="override every recipe's step count")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="do not train: re-score the shipped adapters in PyTorch and update metrics.json")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     base_dir = resolve_base_dir(args.base)
     path = OUT / "metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     for name in args.only or list(RECIPES):
-        metrics[name] = train_one(name, base_dir, args.device, args.steps)
+        if args.evaluate_only:
+            metrics[name] = {**metrics.get(name, {}), **evaluate_one(name, base_dir, args.device)}
+        else:
+            metrics[name] = train_one(name, base_dir, args.device, args.steps)
         write_json_atomic(path, metrics)
 
 

@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 from edgepeft.byte_sizes import format_bytes
+from edgepeft.tasks import TASK_MARGIN, TASK_PROMPTS
+
+from .verify import prompt_count
 
 BASE = "builtin:smollm2-135m"
 QUANTS = {"onnx": "int4", "gguf": "Q4_K_M"}
@@ -23,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="all", choices=["all", "onnx", "gguf"],
                    help="backends to show (default all: onnx and gguf)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--held-out", type=int, default=40, metavar="N",
-                   help="held-out prompts per task for the accuracy table (default 40, as in training)")
+    p.add_argument("--held-out", type=prompt_count, default=TASK_PROMPTS, metavar="N",
+                   help=f"held-out prompts per task for the accuracy table (default and most {TASK_PROMPTS}: "
+                        "the prompts PyTorch was scored on)")
     p.add_argument("--quiet", action="store_true", help="no progress bar while exporting")
 
 
@@ -86,7 +90,7 @@ def run(args) -> int:
     from edgepeft.runtime import Engine
     from edgepeft.runtime.memory import peak_rss_bytes, reset_peak, rss_bytes
     from edgepeft.shipped import shipped_adapters, shipped_metrics
-    from edgepeft.tasks import TASKS
+    from edgepeft.tasks import TASKS, compare_to_reference
 
     adapters = shipped_adapters()
     tasks = {n: TASKS[n] for n in adapters}
@@ -118,18 +122,30 @@ def run(args) -> int:
               + f" (+{format_bytes(rss_bytes() - rss_base, 'MiB', 0)} RSS)")
         _show(engine, adapters, tasks)
         for name, task in tasks.items():
-            accuracy[(backend, name)] = task.evaluate(engine, name, args.held_out)
+            accuracy[(backend, name)] = task.outcomes(engine, name, args.held_out)
         del engine
 
     metrics = shipped_metrics()
-    header = "".join(f"{b + ' ' + QUANTS[b]:>14}" for b in backends)
-    print(f"\ntask accuracy with the adapter, {args.held_out} held-out prompts (base without it, PyTorch)")
+    header = "".join(f"{b + ' ' + QUANTS[b]:>22}" for b in backends)
+    print(f"\ntask accuracy with the adapter on {args.held_out} held-out prompts, PyTorch's on the same prompts "
+          f"(base: without it, PyTorch, on {TASK_PROMPTS}); lost/gained: prompts the export answers wrong/right "
+          f"where PyTorch did not; the check fails on a loss beyond chance (sign test) or {TASK_MARGIN:.0%} net")
     print(f"  {'task':<10} {'base':>6} {'PyTorch fp32':>13}{header}")
     for name in adapters:
         m = metrics.get(name, {})
-        pct = lambda k: f"{m[k]:.0%}" if k in m else "n/a"  # noqa: E731
-        cells = "".join(f"{accuracy[(b, name)]:>14.0%}" for b in backends)
-        print(f"  {name:<10} {pct('base_accuracy'):>6} {pct('pytorch_accuracy'):>13}{cells}")
+        ref = m.get("pytorch_correct", "")
+        torch_pct = f"{ref[:args.held_out].count('1') / args.held_out:.1%}" if ref else "n/a"
+        base_pct = f"{m['base_accuracy']:.0%}" if "base_accuracy" in m else "n/a"
+        cells = ""
+        for b in backends:
+            got = accuracy[(b, name)]
+            if ref:
+                c = compare_to_reference(ref, got)
+                cell = f"{c['accuracy']:.1%} -{c['lost']}/+{c['gained']} {'ok' if c['ok'] else 'LOW'}"
+            else:
+                cell = f"{sum(got) / len(got):.1%}"
+            cells += f"{cell:>22}"
+        print(f"  {name:<10} {base_pct:>6} {torch_pct:>13}{cells}")
     print(f"\npeak RSS {format_bytes(peak_rss_bytes(), 'MiB', 0)} (demo process, {peak_scope}, "
           "both backends loaded in turn)")
     return 0

@@ -94,6 +94,18 @@ def test_bench_refuses_a_bad_concurrency_in_one_line_with_exit_2(bundle, args, m
     assert_one_line(p.stderr, "bench", message)
 
 
+@pytest.mark.parametrize("verb", ["verify", "demo"])
+@pytest.mark.parametrize("value", ["0", "121", "x"])
+def test_task_prompt_counts_outside_what_pytorch_was_scored_on_are_refused(bundle, verb, value):
+    flag = {"verify": "--task-prompts", "demo": "--held-out"}[verb]
+    extra = ["--reference", "builtin:smollm2-135m"] if verb == "verify" else []
+    target = [str(bundle)] if verb == "verify" else []
+    p = subprocess.run([sys.executable, "-m", "edgepeft", verb, *target, *extra, flag, value],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert_one_line(p.stderr, verb, f"argument {flag}: expected 1 to 120 prompts (PyTorch's outcomes cover 120), got '{value}'")
+
+
 def test_serve_on_a_port_in_use_says_so_in_one_line(bundle):
     import socket
 

@@ -7,7 +7,7 @@ import pytest
 
 from edgepeft.runtime import Engine
 from edgepeft.shipped import shipped_adapters, shipped_metrics
-from edgepeft.tasks import TASKS
+from edgepeft.tasks import TASK_PROMPTS, TASKS, compare_to_reference
 
 SYSTEM = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
           19712, 8182, 2, 198]
@@ -97,9 +97,11 @@ def test_shipped_adapters_keep_their_accuracy_when_quantized(demo_bundle, backen
     metrics = shipped_metrics()
     for name in shipped_adapters():
         n = metrics[name]["held_out"]
-        with_adapter, base = TASKS[name].evaluate(engine, name, n), TASKS[name].evaluate(engine, None, n)
-        assert with_adapter >= 0.95 * metrics[name]["pytorch_accuracy"], (backend, name, with_adapter)
-        assert base <= 0.5 * with_adapter, (backend, name, base, with_adapter)
+        assert n >= TASK_PROMPTS and len(metrics[name]["pytorch_correct"]) == n
+        check = compare_to_reference(metrics[name]["pytorch_correct"], TASKS[name].outcomes(engine, name, n))
+        assert check["ok"], (backend, name, check)
+        base = TASKS[name].evaluate(engine, None, n)
+        assert base <= 0.5 * check["accuracy"], (backend, name, base, check)
 
 
 def test_shipped_adapters_are_small_real_peft_adapters():
