@@ -9,12 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgepeft.bundle import Bundle, new_manifest
-from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, require
+from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, UnsupportedModel, require
 from edgepeft.files import DIR_MODE, TMP_PREFIX
 from edgepeft.layout import MANIFEST, adapter_file, check_adapter_name
 from edgepeft.recovery import recover, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
+from . import sensitivity
 from .calibration import activation_importance
 from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, load_base, read_config,
                       resolve_base_dir)
@@ -22,7 +23,8 @@ from .gguf_adapter import export_adapter_gguf
 from .gguf_base import check_gguf_layout, gguf_ftype, quantize_gguf, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
 from .onnx_graph import add_base_path, build_decoder, check_onnx_shapes, head_is_tied
-from .onnx_quant import EXACT_HEAD_TOP_K, ONNX_QUANTS, SENSITIVE, SENSITIVE_EXACT_HEAD, WEIGHT_ONLY, quantize
+from .onnx_quant import (EIGHT_BIT_GROUPS, EXACT_HEAD_TOP_K, ONNX_QUANTS, WEIGHT_ONLY, base_matmuls,
+                         importance_blocks, quantize)
 
 FORMATS = ("onnx", "gguf")
 
@@ -103,7 +105,7 @@ def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
 # The version of the ONNX export recipe, written into every bundle's ONNX backend entry. Bump it
 # when an export of the same base and options would write a different graph or different weights
 # (layout, slots, quantization), so that the demo and the benchmarks re-export older bundles.
-ONNX_RECIPE = 1
+ONNX_RECIPE = 2  # 2: int4 8-bit MatMuls by measured sensitivity, zero points per block
 
 
 def onnx_export_current(onnx: dict) -> bool:
@@ -216,26 +218,61 @@ def _base_entry(source: str, base: BaseModel, merged: dict | None) -> dict:
             **({"merged_adapter": merged} if merged else {})}
 
 
+def _group_mix(info: dict, exact_head: int) -> tuple[list[str], dict]:
+    """int4's default 8-bit MatMuls, the EIGHT_BIT_GROUPS (the head only when no exact head
+    recomputes its top logits), and what the manifest says of the choice."""
+    groups = [g for g in EIGHT_BIT_GROUPS if not (exact_head and g == "lm_head")]
+    return [n for n in info["base_matmuls"] if info["projections"].get(n) in groups], {"by": "groups", "groups": groups}
+
+
+def _measured_mix(base: BaseModel, proto, info: dict, blocks: dict, block_size: int,
+                  exact_head: int, target_kl: float) -> tuple[list[str], dict]:
+    """int4's 8-bit MatMuls chosen by measured sensitivity down to `target_kl` (sensitivity.py),
+    and what the manifest says of the choice."""
+    head = {n for n in blocks if info["projections"].get(n) == "lm_head"} if exact_head else set()
+    onnx = require("onnx", "export")
+    weights = {i.name: i for i in proto.graph.initializer}
+    float_w = {n.name: onnx.numpy_helper.to_array(weights[n.input[1]]) for n in base_matmuls(proto, info["lora_nodes"])
+               if n.name in blocks}
+    candidates = [n for n in blocks if n not in head]
+    extra = {n: float_w[n].size // 2 for n in candidates}  # 8 bits over 4: half a byte per weight more
+    with sensitivity.Simulation(base, info, blocks, float_w, block_size, frozen=head) as sim:
+        chosen, measured = sensitivity.choose(sim, candidates, extra, target_kl)
+    mix = {"by": "sensitivity", "target_kl": target_kl, "candidates": len(candidates),
+           "kl_4bit": round(measured["kl_4bit"], 5), "kl_mix": round(measured["kl_mix"], 5),
+           "gain": {n: round(measured["gains"][n], 5) for n in chosen}}
+    return chosen, mix
+
+
 def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, block_size: int,
-                 accuracy_level: int, context_length: int | None, progress: _Progress) -> dict:
+                 accuracy_level: int, context_length: int | None, progress: _Progress,
+                 int4_target_kl: float | None = None) -> dict:
     """Write onnx/ (the base graph, quantized, with `slot_set` adapter slots) into the bundle,
     list its files, and return the manifest's backends["onnx"] entry."""
     progress.step(f"building ONNX graph ({quant})")
     graph_dtype = "fp16" if quant == "fp16" else "fp32"
     # int4 with a tied head: the head at 4 bits, its top logits recomputed exactly
     exact_head = EXACT_HEAD_TOP_K if quant == "int4" and head_is_tied(base) else 0
-    eight_bit = SENSITIVE_EXACT_HEAD if exact_head else SENSITIVE
     proto, info = build_decoder(base, graph_dtype, context_length, slot_set=slot_set,
                                 fp16_embedding=quant in WEIGHT_ONLY, exact_head_top_k=exact_head)
     progress.done()
-    importance = None
+    blocks, eight_bit, mix = None, [], None
     if quant in ("int4", "int4-pure"):
         progress.step("calibrating 4-bit weights")
         importance = activation_importance(base, info["base_matmuls"])
+        if quant == "int4" and int4_target_kl is None:  # the fixed groups: no 4-bit blocks needed for them
+            eight_bit, mix = _group_mix(info, exact_head)
+            importance = {n: v for n, v in importance.items() if n not in eight_bit}
+        # zero points where a block's weighted error drops with one (int4_blocks); int4-pure stays
+        # symmetric, as onnxruntime-genai's int4 is
+        blocks = importance_blocks(proto, info["lora_nodes"], importance, block_size, zero_points=quant == "int4")
+        progress.done()
+    if quant == "int4" and int4_target_kl is not None:
+        progress.step("measuring which MatMuls need 8 bits")
+        eight_bit, mix = _measured_mix(base, proto, info, blocks, block_size, exact_head, int4_target_kl)
         progress.done()
     progress.step(f"quantizing ({quant})")
-    proto = quantize(proto, quant, info["lora_nodes"], block_size, accuracy_level, importance, eight_bit,
-                     projections=info["projections"])
+    proto = quantize(proto, quant, info["lora_nodes"], block_size, accuracy_level, blocks, set(eight_bit))
     if slot_set != "none":
         proto = add_base_path(proto, info)
     progress.done()
@@ -248,9 +285,11 @@ def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, blo
     return {
         "model": "onnx/model.onnx", "quant": quant, "recipe": ONNX_RECIPE,
         **({"block_size": block_size, "accuracy_level": accuracy_level} if quant in WEIGHT_ONLY else {}),
-        **({"eight_bit": list(eight_bit)} if quant == "int4" else {}),
+        **({"eight_bit": eight_bit, "int4_mix": mix} if quant == "int4" else {}),
         **({"exact_head_top_k": exact_head} if exact_head else {}),
-        **({"int4_rounding": "importance-weighted"} if importance else {}),
+        # zero_points: how many 4-bit MatMuls have some (the 8-bit ones are onnxruntime's, symmetric)
+        **({"int4_rounding": "importance-weighted",
+            "zero_points": sum(b[2] is not None for n, b in blocks.items() if n not in eight_bit)} if blocks else {}),
         "dtype": info["dtype"], "context_length": info["context_length"],
         "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
         **({"base_path": True} if info.get("base_path") else {}),
@@ -274,8 +313,13 @@ def _export_gguf(bundle: Bundle, base: BaseModel, quant: str, context_length: in
 def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = None,
                   formats="onnx", onnx_quant: str = "int4", gguf_quant: str = "Q4_K_M", block_size: int = 32,
                   accuracy_level: int = 4, context_length: int | None = None,
-                  merge: str | None = None, quiet: bool = False, slots: str | None = None) -> Bundle:
+                  merge: str | None = None, quiet: bool = False, slots: str | None = None,
+                  int4_target_kl: float | None = None) -> Bundle:
     """Export `base` (HF dir or builtin:NAME) and PEFT `adapters` {name: dir} into bundle `out`.
+
+    int4_target_kl: int4 chooses its 8-bit MatMuls by measured sensitivity, until the calibration KL
+    is at most this (sensitivity.py). Larger is faster and less faithful. Default: the fixed groups
+    (onnx_quant.EIGHT_BIT_GROUPS).
 
     slots: the ONNX base's adapter slots, "lora" (LoRA only), "full" (also the scale and bias
     slots IA3, DoRA and bias tuning need; slower in calls with an adapter, so not the default)
@@ -283,6 +327,10 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     "full" when one of `adapters` needs it, else "lora"."""
     out = Path(out)
     adapters = dict(adapters or {})
+    if int4_target_kl is not None and not (0 < int4_target_kl < float("inf")):
+        raise UnsupportedModel(f"--int4-target-kl {int4_target_kl}: must be a KL above 0")
+    if int4_target_kl is not None and onnx_quant != "int4":
+        raise UnsupportedModel(f"--int4-target-kl applies to --onnx-quant int4, not {onnx_quant}")
     formats, specs = _read_request(base, adapters, formats, onnx_quant, gguf_quant, merge, slots)
     progress = _Progress(2 + 3 * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
     try:
@@ -303,7 +351,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                 slot_set = slots or ("none" if merge is not None else
                                      "full" if any(needs_full_slots(sp) for sp in specs.values()) else "lora")
                 bundle.backends["onnx"] = _export_onnx(bundle, base_model, onnx_quant, slot_set, block_size,
-                                                       accuracy_level, context_length, progress)
+                                                       accuracy_level, context_length, progress, int4_target_kl)
             if "gguf" in formats:
                 bundle.backends["gguf"] = _export_gguf(bundle, base_model, gguf_quant, context_length, progress)
             for name, spec in specs.items():

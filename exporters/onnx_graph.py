@@ -332,6 +332,7 @@ class _DecoderBuilder:
             "exact_head_top_k": int(self.exact_head_top_k),
             "kv": {"num_layers": d["num_layers"], "num_kv_heads": d["num_kv_heads"], "head_dim": d["head_dim"]},
             "projections": g.projections,
+            "members": g.members,
             "slot_ops": g.slot_ops,
             "prelude": self.prelude,
             "longrope_switch": self.longrope_switch,

@@ -69,7 +69,8 @@ class Graph:
     lora_nodes: list = field(default_factory=list)  # slot MatMuls: the quantizer leaves them float
     slot_ops: dict = field(default_factory=dict)  # slot operator -> PASSES or FEEDS: the base path drops them
     base_matmuls: dict = field(default_factory=dict)  # MatMul node -> torch module that reads its input
-    projections: dict = field(default_factory=dict)  # MatMul node -> its projection group (int4's 8-bit mix)
+    projections: dict = field(default_factory=dict)  # MatMul node -> its projection group
+    members: dict = field(default_factory=dict)  # MatMul node -> the torch modules packed in it, in column order
 
     def __post_init__(self):
         self.h = require("onnx", "export").helper
@@ -129,6 +130,7 @@ class Projections:
         y = g.node("MatMul", [x, g.init(f"{module}.weight_T", w.T)], 1, f"{name}/MatMul")
         g.base_matmuls[f"{name}/MatMul"] = f"{prefix}.{members[0]}" if prefix else members[0]
         g.projections[f"{name}/MatMul"] = group
+        g.members[f"{name}/MatMul"] = [f"{prefix}.{m}" if prefix else m for m in members]
         if refine:
             y = refine(x, y)
         if self.slot_set == "none":  # a base without hot-swap (merged adapters): the plain projection
