@@ -17,6 +17,9 @@ in --work (run it first). Writes benchmarks/results/head_to_head.{md,json}.
 --baseline-python PATH runs each of our workers a second time under another Python (a venv with
 an earlier edgepeft installed, e.g. main before a change), in the same rounds: the before/after
 of a change in one sitting, as the per-round ratio of each worker to its baseline twin.
+
+--bundle LABEL=DIR (repeatable) adds a worker on any other bundle, e.g. int4 recipes
+(`--int4-target-kl`); --name NAME writes benchmarks/results/NAME.{md,json} instead of head_to_head.
 """
 
 from __future__ import annotations
@@ -95,12 +98,20 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "edgepeft" / "bench"))
     ap.add_argument("--baseline-python", default=None, metavar="PATH",
                     help="also run our workers under this Python (an earlier edgepeft), for a before/after")
+    ap.add_argument("--bundle", action="append", default=[], metavar="LABEL=DIR",
+                    help="one more of our workers, on this bundle (repeatable): e.g. other int4 recipes")
+    ap.add_argument("--name", default="head_to_head", help="results file name in benchmarks/results (default head_to_head)")
     args = ap.parse_args()
     work = Path(args.work)
     common = {"threads": args.threads, "prompt": PROMPT, "n": args.new_tokens}
     ours = {"edgepeft onnx int4": "smollm2-135m-bench-int4",
             "edgepeft onnx int4-pure": "smollm2-135m-bench-int4-pure",
             "edgepeft onnx int4-pure, --slots none": "smollm2-135m-bench-int4-pure-noslots"}
+    for spec in args.bundle:
+        label, sep, folder = spec.partition("=")
+        if not sep or not label or not Path(folder).is_dir():
+            raise SystemExit(f"head_to_head: --bundle {spec!r}: expected LABEL=DIR with a bundle directory")
+        ours[f"edgepeft onnx {label}"] = str(Path(folder).resolve())  # an absolute path: work / it is itself
     pythons = {"": sys.executable, **({BASELINE: args.baseline_python} if args.baseline_python else {})}
     workers = {name + tag: start(python, OURS.format(bundle=str(work / folder), **common))
                for name, folder in ours.items() for tag, python in pythons.items()}
@@ -140,7 +151,7 @@ def main() -> None:
                "when": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpus": os.cpu_count(),
                "threads": args.threads, "new_tokens": args.new_tokens, "rounds": rounds, "summary": summary}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "head_to_head.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
     lines = [
         "# ONNX backend against onnxruntime-genai, interleaved",
         "",
@@ -162,7 +173,7 @@ def main() -> None:
     if twins:
         lines += ["", "| worker | base decode / its baseline twin's (median of per-round ratios) |", "|---|---|"]
         lines += [f"| {name} | {ratio:.3f} |" for name, ratio in twins]
-    (RESULTS / "head_to_head.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
