@@ -9,10 +9,10 @@ So the export measures it. The float model is run teacher-forced over the built-
 text (calibration.py; never verify's or the task checks' prompts) with every base MatMul at its
 4-bit rounding. That gives KL(float || all 4-bit). Then, one candidate at a time, that MatMul is
 put back at 8 bits, and the KL it saves is its gain. The candidates are ranked by gain per extra
-byte. The shortest prefix of that ranking whose mix, measured the same way, reaches EIGHT_BIT_KL
-stays at 8 bits (gains measured alone do not add up, so the mix itself is measured). A head that
-the exact head recomputes stays float in the simulation and 4-bit in the graph: it is not a
-candidate.
+byte. The shortest prefix of that ranking whose mix, measured the same way, reaches the target
+(`--int4-target-kl`) stays at 8 bits: gains measured alone do not add up, so the mix itself is
+measured. A head that the exact head recomputes stays float in the simulation and 4-bit in the
+graph: it is not a candidate.
 
 Activations are not rounded to int8 here, although accuracy_level 4 computes that way. The
 ranking is what matters, and the design doc's simulation with int8 activations matched the real
