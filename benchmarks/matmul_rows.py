@@ -81,6 +81,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=30, help="session runs per configuration per round")
     args = ap.parse_args()
+    for name in ("threads", "rounds", "calls"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, not {getattr(args, name)}")
     logging.disable(logging.INFO)  # the quantizer logs every node
     import onnxruntime as ort
 
