@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepeft.errors import UnsupportedModel, require
+from edgepeft.errors import EngineError, UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
 from .archs import Arch, Layout, arch_of
@@ -157,6 +157,11 @@ def gguf_ftype(quant: str) -> int | None:
     """llama.cpp's file type for `quant`; None for F32/F16, which we write directly."""
     if quant.upper() in ("F32", "F16"):
         return None
+    from edgepeft.runtime.devices import llama_cpp_problem
+
+    broken = llama_cpp_problem()
+    if broken:  # its quantizer would kill the export midway; export checks this before anything slow
+        raise EngineError(broken)
     llama_cpp = require("llama_cpp", "gguf")
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}", None)
     if ftype is None:

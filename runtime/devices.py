@@ -11,7 +11,10 @@ import importlib.util
 import os
 import platform
 import shutil
+import signal
 import subprocess
+import sys
+from pathlib import Path
 from dataclasses import dataclass
 
 from edgepeft.byte_sizes import format_bytes
@@ -159,6 +162,88 @@ def onnx_telemetry() -> str:
     return "off" if os.environ.get("ORT_DISABLE_TELEMETRY", "").lower() in ("1", "true", "yes") else "on"
 
 
+# ---- does a native engine load here? ----------------------------------------------------------
+
+# What the child process runs: llama.cpp's CPU backend initialises on the first backend call, and a
+# build for instructions this CPU lacks (AVX-512 or AMX on an AVX2 machine, a wheel built on
+# another host) dies there with SIGILL, which no Python code in the process can catch.
+LLAMA_CPP_CHECK = "import llama_cpp; llama_cpp.llama_backend_init(); llama_cpp.llama_supports_gpu_offload()"
+_CHECKS_FILE = "native-checks.json"
+_checked: dict[str, str | None] = {}
+
+
+def _build_signature(module: str) -> str | None:
+    """A key for one installed build of `module` on this CPU: its files' names, sizes and times,
+    the interpreter, and the CPU's model and features. None when the module is not installed."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        return None
+    root = Path(spec.origin).parent
+    parts = []
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.suffix in (".so", ".dylib", ".dll", ".py"):
+            st = f.stat()
+            parts.append(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
+    cpu = _cpu()
+    return "|".join([module, sys.executable, str(cpu["model"]), ",".join(cpu["features"]), *parts])
+
+
+def native_load_problem(module: str, check: str, timeout: float = 120.0) -> str | None:
+    """None when `check` (Python code that loads `module`'s native library) runs in a child
+    process; else one line saying why not. A process that dies of a signal cannot report it, so
+    the engine is tried where its death costs nothing. Successes are remembered per build
+    (_build_signature) in the edgepeft cache, so the child runs once per installation."""
+    from edgepeft.cache import cache_dir
+    from edgepeft.files import write_json_atomic
+
+    key = _build_signature(module)
+    if key is None:
+        return None  # not installed: the caller's require() says so
+    if key in _checked:
+        return _checked[key]
+    store = cache_dir() / _CHECKS_FILE
+    try:
+        import json
+
+        known = json.loads(store.read_text()) if store.is_file() else {}
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if known.get(key) == "ok":
+        _checked[key] = None
+        return None
+    dist = {"llama_cpp": "llama-cpp-python"}.get(module, module)
+    try:
+        r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"{dist}: loading its native library did not finish in {timeout:.0f} s"
+    if r.returncode < 0:
+        try:
+            name = signal.Signals(-r.returncode).name
+        except ValueError:
+            name = f"signal {-r.returncode}"
+        why = ("built for CPU instructions this machine lacks" if name == "SIGILL" else "the build is broken here")
+        problem = (f"{dist} crashes on load ({name}: {why}); rebuild it on this machine: "
+                   f"pip install --force-reinstall --no-cache-dir --no-deps {dist}")
+    elif r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no message"])[-1][:200]
+        problem = f"{dist} fails to load ({last})"
+    else:
+        problem = None
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(store, {**known, key: "ok"})
+        except OSError:
+            pass  # a read-only cache only means the check runs again next time
+    _checked[key] = problem
+    return problem
+
+
+def llama_cpp_problem() -> str | None:
+    """native_load_problem for llama-cpp-python (None when it loads, or is not installed)."""
+    return native_load_problem("llama_cpp", LLAMA_CPP_CHECK)
+
+
 def probe() -> dict:
     """What this machine offers: CPU, memory, GPUs, engines and their devices, and the choices
     `device="auto"` makes."""
@@ -173,7 +258,10 @@ def probe() -> dict:
                                             "auto": choice.device, "telemetry": onnx_telemetry()}
     else:
         report["engines"]["onnxruntime"] = None
-    if importlib.util.find_spec("llama_cpp") is not None:
+    broken = llama_cpp_problem() if importlib.util.find_spec("llama_cpp") is not None else None
+    if broken:  # importing it here would kill this process too
+        report["engines"]["llama_cpp"] = {"version": _version("llama_cpp"), "broken": broken}
+    elif importlib.util.find_spec("llama_cpp") is not None:
         from edgepeft.llama_log import quiet_llama_cpp
 
         import llama_cpp
@@ -206,7 +294,9 @@ def advice(report: dict) -> list[str]:
                        + ("use this CPU's int8 dot-product instructions" if vnni
                           else "run, without int8 dot-product instructions (expect lower speed)" if feats
                           else "run"))
-    if llama:
+    if llama and llama.get("broken"):
+        out.append(f"gguf: {llama['broken']}")
+    elif llama:
         out.append("gguf: GPU offload available (all layers by default)" if llama["gpu_offload"]
                    else "gguf: CPU build; Q4_K_M is the usual speed/quality balance, Q8_0 for quality")
     mem = report["memory"].get("available") or report["memory"].get("total")

@@ -49,7 +49,7 @@ from edgepeft.errors import AdapterError, BundleError, EngineError, require
 from edgepeft.llama_log import quiet_llama_cpp
 
 from .gguf_check import check_adapter_gguf, check_base_gguf
-from edgepeft.runtime.devices import pick_gguf
+from edgepeft.runtime.devices import llama_cpp_problem, pick_gguf
 
 BATCH = 512  # tokens per llama_decode; longer inputs are decoded in chunks
 PARALLEL = 4  # default bound on contexts (concurrent calls); each costs a KV cache when created
@@ -80,6 +80,9 @@ class GgufBackend:
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None,
                  n_gpu_layers: int | None = None, context_length: int | None = None,
                  parallel: int | None = None):
+        broken = llama_cpp_problem()
+        if broken:
+            raise EngineError(broken)
         llama_cpp = require("llama_cpp", "gguf")
         self.llama_cpp = llama_cpp
         info = bundle.backends.get("gguf")

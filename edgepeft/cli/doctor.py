@@ -33,7 +33,8 @@ def run(args) -> int:
     print("onnx     " + (f"onnxruntime {ort['version']}; providers: {', '.join(ort['providers'])}; auto -> {ort['auto']}; "
                          f"telemetry {ort['telemetry']}"
                          if ort else "not installed (pip install 'edgepeft[onnx]' or 'edgepeft[onnx-gpu]')"))
-    print("gguf     " + (f"llama-cpp-python {llama['version']}; GPU offload: {'yes' if llama['gpu_offload'] else 'no'}; "
+    print("gguf     " + (f"llama-cpp-python {llama['version']}; cannot load here (see advice)" if llama and llama.get("broken") else
+                         f"llama-cpp-python {llama['version']}; GPU offload: {'yes' if llama['gpu_offload'] else 'no'}; "
                          f"mmap: {'yes' if llama['mmap'] else 'no'}; auto -> {llama['auto']}"
                          if llama else "not installed (pip install 'edgepeft[gguf]')"))
     for line in r["advice"]:
