@@ -14,8 +14,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgepeft.byte_sizes import format_bytes
 from edgepeft.errors import InvalidArgument
@@ -144,11 +144,15 @@ def _nvidia() -> list[dict]:
     return gpus
 
 
+# The pip distributions that install each engine module (the first is the one to reinstall).
+_DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"),
+                  "llama_cpp": ("llama-cpp-python",)}
+
+
 def _version(module: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"),
-                 "llama_cpp": ("llama-cpp-python",)}.get(module, (module,)):
+    for dist in _DISTRIBUTIONS.get(module, (module,)):
         try:
             return f"{version(dist)} ({dist})"
         except PackageNotFoundError:
@@ -194,7 +198,7 @@ def native_load_problem(module: str, check: str, timeout: float = 120.0) -> str 
     the engine is tried where its death costs nothing. Successes are remembered per build
     (_build_signature) in the edgepeft cache, so the child runs once per installation."""
     from edgepeft.cache import cache_dir
-    from edgepeft.files import write_json_atomic
+    from edgepeft.files import read_json_object, write_json_atomic
 
     key = _build_signature(module)
     if key is None:
@@ -202,22 +206,21 @@ def native_load_problem(module: str, check: str, timeout: float = 120.0) -> str 
     if key in _checked:
         return _checked[key]
     store = cache_dir() / _CHECKS_FILE
-    try:
-        import json
-
-        known = json.loads(store.read_text()) if store.is_file() else {}
-        known = known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
+    try:  # a missing or corrupt record only means the child runs again
+        known = read_json_object(store, ValueError, "native checks") if store.is_file() else {}
+    except ValueError:
         known = {}
     if known.get(key) == "ok":
         _checked[key] = None
         return None
-    dist = {"llama_cpp": "llama-cpp-python"}.get(module, module)
+    dist = _DISTRIBUTIONS.get(module, (module,))[0]
     try:
         r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return f"{dist}: loading its native library did not finish in {timeout:.0f} s"
-    if r.returncode < 0:
+        r = None
+    if r is None:
+        problem = f"{dist}: loading its native library did not finish in {timeout:.0f} s"
+    elif r.returncode < 0:
         try:
             name = signal.Signals(-r.returncode).name
         except ValueError:
@@ -258,7 +261,7 @@ def probe() -> dict:
                                             "auto": choice.device, "telemetry": onnx_telemetry()}
     else:
         report["engines"]["onnxruntime"] = None
-    broken = llama_cpp_problem() if importlib.util.find_spec("llama_cpp") is not None else None
+    broken = llama_cpp_problem()  # None when it loads, or is not installed
     if broken:  # importing it here would kill this process too
         report["engines"]["llama_cpp"] = {"version": _version("llama_cpp"), "broken": broken}
     elif importlib.util.find_spec("llama_cpp") is not None:

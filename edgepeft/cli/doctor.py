@@ -33,10 +33,14 @@ def run(args) -> int:
     print("onnx     " + (f"onnxruntime {ort['version']}; providers: {', '.join(ort['providers'])}; auto -> {ort['auto']}; "
                          f"telemetry {ort['telemetry']}"
                          if ort else "not installed (pip install 'edgepeft[onnx]' or 'edgepeft[onnx-gpu]')"))
-    print("gguf     " + (f"llama-cpp-python {llama['version']}; cannot load here (see advice)" if llama and llama.get("broken") else
-                         f"llama-cpp-python {llama['version']}; GPU offload: {'yes' if llama['gpu_offload'] else 'no'}; "
-                         f"mmap: {'yes' if llama['mmap'] else 'no'}; auto -> {llama['auto']}"
-                         if llama else "not installed (pip install 'edgepeft[gguf]')"))
+    if not llama:
+        gguf = "not installed (pip install 'edgepeft[gguf]')"
+    elif llama.get("broken"):
+        gguf = f"llama-cpp-python {llama['version']}; cannot load here (see advice)"
+    else:
+        gguf = (f"llama-cpp-python {llama['version']}; GPU offload: {'yes' if llama['gpu_offload'] else 'no'}; "
+                f"mmap: {'yes' if llama['mmap'] else 'no'}; auto -> {llama['auto']}")
+    print("gguf     " + gguf)
     for line in r["advice"]:
         print(f"advice   {line}")
     return 0

@@ -120,6 +120,18 @@ def test_a_native_engine_that_loads_is_checked_once_per_build(fake_llama, monkey
     assert "SIGILL" in devices.llama_cpp_problem()
 
 
+def test_a_load_that_hangs_is_a_problem_said_once(fake_llama):
+    import time
+
+    from edgepeft.runtime import devices
+
+    problem = devices.native_load_problem("llama_cpp", "import time; time.sleep(30)", timeout=1)
+    assert problem == "llama-cpp-python: loading its native library did not finish in 1 s"
+    start = time.monotonic()  # the same build in the same process: no second child, no second wait
+    assert devices.native_load_problem("llama_cpp", "import time; time.sleep(30)", timeout=1) == problem
+    assert time.monotonic() - start < 0.5
+
+
 def test_a_failing_import_is_a_one_line_problem_too(fake_llama):
     from edgepeft.runtime import devices
 
