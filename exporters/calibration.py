@@ -38,7 +38,8 @@ def _token_batches(base, vocab_size: int) -> list[list[int]]:
         return [rng.integers(0, vocab_size, 48).tolist() for _ in CALIBRATION_TEXTS]
     batches = [tok(t)["input_ids"] for t in CALIBRATION_TEXTS]
     if getattr(tok, "chat_template", None):
-        batches += [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True)
+        batches += [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True,
+                                           return_dict=False)
                     for t in CALIBRATION_TEXTS]
     return [list(map(int, ids)) for ids in batches if len(ids)]
 
