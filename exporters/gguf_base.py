@@ -18,7 +18,7 @@ from edgepeft.errors import EngineError, UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
 from .archs import Arch, Layout, arch_of
-from .gguf_vocab import add_tokenizer
+from .gguf_vocab import add_tokenizer, gguf_name
 from .hf_base import BaseModel
 
 GGUF_QUANTS = ("F32", "F16", "Q8_0", "Q4_K_M")  # common ones; any LLAMA_FTYPE_MOSTLY_* name works
@@ -86,7 +86,6 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     arch = gguf_arch(gguf, cfg.model_type)
     names = gguf.get_tensor_name_map(arch, d["num_layers"])
     writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(Path(base.source).name or base.source)
     writer.add_context_length(d["max_position_embeddings"])
     writer.add_embedding_length(d["hidden_size"])
     writer.add_block_count(d["num_layers"])
@@ -108,7 +107,9 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     elif rope_type not in (None, "default", "llama3", "longrope"):
         raise UnsupportedModel(f"{base.local_dir}: rope scaling {rope_type!r} is not exported to GGUF yet")
     _add_family_keys(writer, base, fam, lay)
-    add_tokenizer(writer, gguf, base)
+    name = gguf_name(Path(base.source).name or base.source, add_tokenizer(writer, gguf, base))
+    if name is not None:
+        writer.add_name(name)
 
     state = base.model.state_dict()
     if rope_type == "llama3":
