@@ -53,6 +53,11 @@ def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
     if fam.gguf_local_rope_base is not None and local is not None and float(local) != fam.gguf_local_rope_base:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} rotates sliding-window layers with base "
                                f"{fam.gguf_local_rope_base:g}, this config with {float(local):g} (export --format onnx)")
+    uncapped = [what for what, cap in (("attention scores", lay.attn_softcap), ("logits", lay.final_softcap)) if not cap]
+    if fam.gguf_softcaps and uncapped:
+        raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} always soft-caps attention scores and "
+                               f"logits, this config leaves its {' and '.join(uncapped)} uncapped "
+                               "(export --format onnx instead)")
     if fam.gguf_scale_is_head_dim and abs(lay.attention_scale - dims["head_dim"] ** -0.5) > 1e-7:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} scales attention by head_dim ** -0.5, this "
                                f"config by {fam.attention_scale_field} (export --format onnx instead)")
