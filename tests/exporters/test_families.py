@@ -1,8 +1,9 @@
 """Every family in edgepeft.exporters.archs beyond Llama: Qwen3, Gemma 2, Gemma 3, Phi-3 (with
 LongRoPE and partial rotary). fp32 ONNX and F32 GGUF match PyTorch+PEFT with each adapter kind,
 in any switching order, on prompts longer than the sliding window and the LongRoPE original
-context; stock llama-cpp-python agrees with our GGUF backend. Beyond the fixtures: a Phi-3 named
-like one with a byte-level BPE tokenizer (Phi-4-mini's kind)."""
+context; stock llama-cpp-python agrees with our GGUF backend. Two shapes beyond the fixtures: a
+Phi-3 named like one with a byte-level BPE tokenizer (Phi-4-mini's kind), and Gemma 2 with LoRA on
+every projection where llama.cpp's fp16 GELU table shows."""
 
 import numpy as np
 import pytest
@@ -243,3 +244,21 @@ def test_a_phi3_named_base_with_phi4_style_bpe_loads_in_llama_cpp_and_matches_pe
         got, ref = engine.score(ids, adapter=name), reference_logits(base, path, ids)
         assert rel_err(got, ref) <= GGUF_REL, (name, rel_err(got, ref))
 
+
+def test_gemma2_f32_gguf_with_lora_on_every_projection_matches_peft_with_ggmls_gelu(tmp_path):
+    """llama.cpp's CPU backend computes GELU through an fp16 table (input and output rounded to
+    fp16, relative 2^-11 each); a LoRA on every projection of this wider, deeper Gemma 2 amplifies
+    that past GGUF_REL against exact GELU. Against PyTorch+PEFT computing GELU through the same
+    table the file is within GGUF_REL, as the other families are against exact PyTorch."""
+    base = make_base(tmp_path / "base", "gemma2", seed=11, layers=4, hidden=128, tie=True)
+    adapter = make_lora(base, tmp_path / "all", seed=12, r=8, lora_alpha=16, use_rslora=True,
+                        target_modules=all_linear("gemma2"))
+    bundle = export_bundle(str(base), tmp_path / "b", {"all": str(adapter)}, formats="gguf", gguf_quant="F32",
+                           quiet=True)
+    engine = Engine.open(bundle.root, backend="gguf", max_context=256)
+    ids = engine.tokenizer.encode(PROMPT)
+    for name, path in ((None, None), ("all", adapter)):
+        got, ref = engine.score(ids, adapter=name), reference_logits(base, path, ids, ggml_gelu=True)
+        assert rel_err(got, ref) <= GGUF_REL, (name, rel_err(got, ref))
+    # the table alone moves the reference past GGUF_REL here: this config shows what it tests
+    assert rel_err(ref, reference_logits(base, adapter, ids)) > GGUF_REL
