@@ -18,7 +18,7 @@ from edgepeft.errors import EngineError, UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
 from .archs import Arch, Layout, arch_of
-from .gguf_vocab import add_tokenizer
+from .gguf_vocab import add_tokenizer, gguf_name
 from .hf_base import BaseModel
 from .hf_config import SLIDING, rope_parameters
 
@@ -54,6 +54,11 @@ def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
     if fam.gguf_local_rope_base is not None and local is not None and float(local) != fam.gguf_local_rope_base:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} rotates sliding-window layers with base "
                                f"{fam.gguf_local_rope_base:g}, this config with {float(local):g} (export --format onnx)")
+    uncapped = [what for what, cap in (("attention scores", lay.attn_softcap), ("logits", lay.final_softcap)) if not cap]
+    if fam.gguf_softcaps and uncapped:
+        raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} always soft-caps attention scores and "
+                               f"logits, this config leaves its {' and '.join(uncapped)} uncapped "
+                               "(export --format onnx instead)")
     if fam.gguf_scale_is_head_dim and abs(lay.attention_scale - dims["head_dim"] ** -0.5) > 1e-7:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} scales attention by head_dim ** -0.5, this "
                                f"config by {fam.attention_scale_field} (export --format onnx instead)")
@@ -82,7 +87,6 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     arch = gguf_arch(gguf, cfg.model_type)
     names = gguf.get_tensor_name_map(arch, d["num_layers"])
     writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(Path(base.source).name or base.source)
     writer.add_context_length(d["max_position_embeddings"])
     writer.add_embedding_length(d["hidden_size"])
     writer.add_block_count(d["num_layers"])
@@ -104,7 +108,9 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     elif rope_type not in ("default", "llama3", "longrope"):
         raise UnsupportedModel(f"{base.local_dir}: rope scaling {rope_type!r} is not exported to GGUF yet")
     _add_family_keys(writer, base, fam, lay)
-    add_tokenizer(writer, gguf, base)
+    name = gguf_name(Path(base.source).name or base.source, add_tokenizer(writer, gguf, base))
+    if name is not None:
+        writer.add_name(name)
 
     state = base.model.state_dict()
     if rope_type == "llama3":

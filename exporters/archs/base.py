@@ -90,11 +90,14 @@ class Arch:
     gguf_pre_tokenizer: str | None = None
     # What llama.cpp hard-codes for this architecture rather than reading from the file: the
     # sliding-window layer pattern (every n-th layer global, the rest windowed), the rotary base
-    # of windowed layers, and an attention scale of head_dim ** -0.5. A config that differs
+    # of windowed layers, an attention scale of head_dim ** -0.5, soft-caps. A config that differs
     # cannot be written as a GGUF llama.cpp runs correctly, and is refused.
     gguf_swa_pattern: int | None = None
     gguf_local_rope_base: float | None = None
     gguf_scale_is_head_dim: bool = False
+    # Whether llama.cpp soft-caps attention scores and logits whatever the config says (with its
+    # defaults, 50 and 30, where the file has no caps).
+    gguf_softcaps: bool = False
     # Whether llama.cpp reads attention.sliding_window for this architecture.
     gguf_sliding_window: bool = False
 
