@@ -112,12 +112,20 @@ def _search(x: np.ndarray, wt: np.ndarray, zero_points: bool, u: np.ndarray, z_o
         b = slice(b0, b0 + _SCREEN_BLOCKS)
         keep[:, b] = _screen(x[b], wt[b], blocks, b, n)
     best = np.full(len(x), np.inf, np.float32)
+    seen_u, seen_z = np.full(x.shape, -1, np.int8), np.full(len(x), -1.0)  # per block, the last evaluated
     for i in range(n):  # the definition, on the candidates screening kept
         r = np.flatnonzero(keep[i])
         if not len(r):
             continue
+        q, z = blocks.levels(x[r], i, r)
+        z = np.broadcast_to(z, (len(r), 1))
+        levels = (q + z).astype(np.int8)
+        # a rounding equal to the one last evaluated for its block has the same error and scale:
+        # kept or not, the block comes out the same
+        new = (levels != seen_u[r]).any(1) | (z[:, 0] != seen_z[r])
+        r, q, z, levels = r[new], q[new], z[new], levels[new]
+        seen_u[r], seen_z[r] = levels, z[:, 0]
         xr, wr = x[r], wt[r]
-        q, z = blocks.levels(xr, i, r)
         wq = wr * q
         d = (wq * xr).sum(1) / np.maximum((wq * q).sum(1), 1e-30)
         err = (wr * (xr - d[:, None] * q) ** 2).sum(1)
@@ -125,9 +133,8 @@ def _search(x: np.ndarray, wt: np.ndarray, zero_points: bool, u: np.ndarray, z_o
         rb = r[better]
         best[rb] = err[better]
         d_out[rb] = d[better]
-        z = np.broadcast_to(z, (len(r), 1))[better]
-        u[rb] = (q[better] + z).astype(np.uint8)
-        z_out[rb] = z[:, 0]
+        u[rb] = levels[better]
+        z_out[rb] = z[better, 0]
 
 
 def _screen(x: np.ndarray, wt: np.ndarray, blocks: _Blocks, rows: slice, n: int) -> np.ndarray:
@@ -149,7 +156,7 @@ def _screen(x: np.ndarray, wt: np.ndarray, blocks: _Blocks, rows: slice, n: int)
     lower, upper = err - bound, err + bound
     ceiling = upper.min(0)
     keep = lower <= ceiling * (1 + _F32_ULP)
-    uncovered = ((sqq < 1e-28).any(0) | ~np.isfinite(err).all(0) | ~np.isfinite(bound).all(0)
+    uncovered = ((sqq < 1e-28).any(0) | ~np.isfinite(upper).all(0)  # err and bound finite
                  | (ceiling >= 1e37) | (lower.min(0) <= 1e-35) | (wt < 0).any(1))
     keep[:, uncovered] = True
     return keep

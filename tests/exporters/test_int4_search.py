@@ -103,6 +103,9 @@ def test_screening_leaves_few_candidates_per_block_of_ordinary_weights():
 def test_blocks_longer_than_the_screening_covers_get_every_candidate(monkeypatch):
     rng = np.random.default_rng(9)
     w, importance = rng.normal(size=(96, 40)).astype(np.float32), rng.uniform(0.1, 5, 96)
+    # two-valued blocks: consecutive zero-point candidates round them to the same levels u with
+    # different zero points, so they differ, and the later one wins
+    w[:, :2] = np.tile(np.float32([-1.0, 1.5]), 48)[:, None]
     monkeypatch.setattr(int4_search, "_MAX_SCREENED", 16)  # blocks of 32 are then beyond it
     monkeypatch.setattr(int4_search, "_screen", None)  # and never screened
     got = int4_blocks(w, importance, 32, zero_points=True)
