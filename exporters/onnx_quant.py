@@ -14,6 +14,8 @@ import numpy as np
 
 from edgepeft.errors import UnsupportedModel, require
 
+from .int4_search import int4_blocks  # the 4-bit search, re-exported here for its callers
+
 ONNX_QUANTS = ("int4", "int4-pure", "int8", "fp16", "fp32")
 WEIGHT_ONLY = ("int4", "int4-pure", "int8")
 
@@ -27,79 +29,6 @@ WEIGHT_ONLY = ("int4", "int4-pure", "int8")
 EIGHT_BIT_GROUPS = ("qkv_proj", "down_proj", "lm_head")
 # Fewer exact logits decode faster but lose accuracy; more cost speed for little gain.
 EXACT_HEAD_TOP_K = 64
-
-# Scale candidates per 4-bit block (llama.cpp's make_qx_quants search): the level the block's
-# signed absmax is rounded to, -9 ... -7 in steps of 0.05 (-8 is plain absmax rounding).
-_CANDIDATES = -8 + np.arange(-20, 21) * 0.05
-# Asymmetric candidates (zero_points): the block's range over 15 levels, times these.
-_RANGE_CANDIDATES = np.linspace(0.6, 1.4, 21)
-_ROWS_PER_CHUNK = 1 << 16  # blocks searched at once: bounds the search's memory
-
-
-def int4_blocks(w: np.ndarray, importance: np.ndarray, block_size: int,
-                zero_points: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """4-bit blocks for a MatMul weight w [K, N] (K the input axis), in MatMulNBits' layout:
-    packed uint8 [N, K/block, block/2] (low nibble first), scales float32 [N, K/block], and,
-    with zero_points, the blocks' zero points packed uint8 [N, ceil(blocks/2)] (low nibble
-    first; 8 is symmetric), or None where every block kept 8.
-
-    onnxruntime's quantizers have no way to take activation statistics for a CPU 4-bit build
-    (its default rounds each block from its absmax; RTN and k-quant weigh by the weights alone;
-    GPTQ and AWQ need a calibration reader over the whole ONNX graph, and AWQ a GPU), so this is
-    ours, after llama.cpp's importance-matrix Q4_0: per block, the scale candidate that minimises
-    sum_k c_k (w_k - d (u_k - z))^2 with c_k = importance_k * sqrt(sigma2 + w_k^2) (sigma2 the
-    mean square of the weight's row), d refit by least squares for the chosen rounding. The
-    symmetric candidates (z = 8) are always searched; zero_points adds asymmetric ones (the
-    block's range over 15 levels, x 0.6 ... 1.4, z rounded), so a block takes a zero point only
-    where it lowers that block's weighted error. onnxruntime's k-quant kept the base but not every
-    adapter within verify's bound; weighing by importance alone (no sqrt term) lost an adapter's
-    task check.
-    """
-    K, N = w.shape
-    nb = -(-K // block_size)
-    pad = nb * block_size - K  # onnxruntime pads K to whole blocks with zeros
-    x_all = np.pad(np.ascontiguousarray(w.T, np.float32), ((0, 0), (0, pad))).reshape(N * nb, block_size)
-    imp = np.pad(np.asarray(importance, np.float64), (0, pad)).reshape(nb, block_size)
-    imp = (imp + 1e-12 * max(float(imp.max()), 1e-30)).astype(np.float32)  # no channel counts nothing
-    sigma2 = np.repeat((x_all.reshape(N, -1) ** 2).sum(1) / K, nb)  # per block: its row's mean square
-    u_all = np.empty(x_all.shape, np.uint8)
-    z_all = np.full(N * nb, 8, np.uint8)
-    d_all = np.empty(N * nb, np.float32)
-    step = max(nb, _ROWS_PER_CHUNK // nb * nb)  # whole rows of blocks, so the importance tiles align
-    for lo in range(0, N * nb, step):
-        x = x_all[lo:lo + step]
-        wt = np.tile(imp, (len(x) // nb, 1)) * np.sqrt(sigma2[lo:lo + step, None] + x * x)
-        best = np.full(len(x), np.inf, np.float32)
-        u_best, z_best, d_best = u_all[lo:lo + step], z_all[lo:lo + step], d_all[lo:lo + step]
-
-        def consider(q, z):  # q = u - z, the signed levels; keep each block's better rounding
-            wq = wt * q
-            d = (wq * x).sum(1) / np.maximum((wq * q).sum(1), 1e-30)
-            err = (wt * (x - d[:, None] * q) ** 2).sum(1)
-            better = err < best
-            best[better] = err[better]
-            d_best[better] = d[better]
-            u_best[better] = (q[better] + z[better, None]).astype(np.uint8)
-            z_best[better] = z[better]
-
-        m = x[np.arange(len(x)), np.abs(x).argmax(1)]  # signed absmax; c = -8 rounds it to -8
-        m = np.where(m == 0, 1.0, m)
-        eight = np.full(len(x), 8.0, np.float32)
-        for c in _CANDIDATES:
-            consider(np.clip(np.rint(x * (c / m)[:, None]), -8, 7), eight)
-        if zero_points:
-            lo_x, span = x.min(1), np.maximum(x.max(1) - x.min(1), 1e-30)
-            for f in _RANGE_CANDIDATES:
-                d0 = span * f / 15
-                z = np.clip(np.rint(-lo_x / d0), 0, 15)
-                consider(np.clip(np.rint(x / d0[:, None]) + z[:, None], 0, 15) - z[:, None], z)
-    u = u_all.reshape(N, nb, block_size)
-    packed = np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
-    zp = None
-    if zero_points and (z_all != 8).any():
-        z = np.pad(z_all.reshape(N, nb), ((0, 0), (0, nb % 2)), constant_values=8)
-        zp = np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4))
-    return packed, d_all.reshape(N, nb), zp
 
 
 def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, k: int) -> np.ndarray:
@@ -138,7 +67,7 @@ def base_matmuls(proto, lora_nodes: list[str]) -> list:
 def importance_blocks(proto, lora_nodes: list[str], importance: dict[str, np.ndarray], block_size: int,
                       zero_points: bool = False) -> dict[str, tuple]:
     """{MatMul node: int4_blocks(...)} for every base MatMul with activation statistics. The search
-    is numpy on whole arrays, which releases the GIL: one thread per core."""
+    is numpy on arrays of thousands of blocks, which releases the GIL: one thread per core."""
     onnx = require("onnx", "export")
     weights = {i.name: i for i in proto.graph.initializer}
     nodes = [n for n in base_matmuls(proto, lora_nodes) if n.name in importance]
