@@ -111,8 +111,8 @@ def matrices(args) -> None:
 
 
 class _StepTimes:
-    """Stands in for bundle_export's _Progress: records each step's wall and CPU time (the
-    process's, all threads)."""
+    """Stands in for bundle_export's Progress: records each step's wall and CPU time (the
+    process's, all threads; Progress keeps wall time only)."""
 
     times: dict[str, list[float]] = {}
 
@@ -127,7 +127,10 @@ class _StepTimes:
             _add(self.times, self.desc, self.start)
         self.desc = None
 
-    def close(self):
+    def items(self, iterable, total=None, unit=""):
+        return iterable
+
+    def close(self, summary=False):
         pass
 
 
@@ -151,7 +154,7 @@ def export(args) -> None:
     from edgepeft.exporters import bundle_export, onnx_quant
 
     inner: dict[str, list[float]] = {}
-    bundle_export._Progress = _StepTimes
+    bundle_export.Progress = _StepTimes
     bundle_export.activation_importance = _timed(bundle_export.activation_importance, "calibration pass", inner)
     bundle_export.importance_blocks = _timed(bundle_export.importance_blocks, "4-bit block search", inner)
     if args.before:

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from edgepeft.bundle import Bundle, new_manifest
 from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, UnsupportedModel, require
-from edgepeft.files import DIR_MODE, TMP_PREFIX
-from edgepeft.layout import MANIFEST, adapter_file, check_adapter_name
-from edgepeft.recovery import recover, writer_lock
+from edgepeft.files import TMP_PREFIX
+from edgepeft.layout import adapter_file, check_adapter_name
+from edgepeft.recovery import recover, replace_dir, staging_dir, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
 from . import sensitivity
 from .calibration import activation_importance
 from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, load_base, read_config,
                       resolve_base_dir)
+from .decode_bytes import gguf_decode_bytes, onnx_decode_bytes
 from .gguf_adapter import export_adapter_gguf
 from .gguf_base import check_gguf_layout, gguf_ftype, quantize_gguf, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
+from .progress import Progress
 from .onnx_graph import add_base_path, build_decoder, check_onnx_shapes, head_is_tied
 from .onnx_quant import (EIGHT_BIT_GROUPS, EXACT_HEAD_TOP_K, ONNX_QUANTS, WEIGHT_ONLY, base_matmuls,
                          importance_blocks, quantize)
@@ -37,58 +35,6 @@ def _parse_formats(formats) -> list[str]:
     if not formats:
         raise BundleError("no output format given")
     return formats
-
-
-class _Progress:
-    """A step counter drawn with tqdm; silent with quiet=True."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.bar = None
-        if not quiet:
-            tqdm = require("tqdm", "export").tqdm
-            # disable=None: drawn on a terminal only, so piped stderr carries just our messages.
-            self.bar = tqdm(total=total, unit="step", disable=None, leave=False,
-                            bar_format="{desc:<40}{bar}| {n}/{total} [{elapsed}]")
-
-    def step(self, desc: str):
-        if self.bar:
-            self.bar.set_description_str(desc)
-
-    def done(self):
-        if self.bar:
-            self.bar.update(1)
-
-    def close(self):
-        if self.bar:
-            self.bar.close()
-
-
-@contextmanager
-def _staging_dir(out: Path):
-    """A fresh directory beside `out`; removed unless the caller moved it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with writer_lock(out):  # held until the new bundle is in place (see edgepeft.recovery)
-        recover(out)  # leftovers of an earlier export or add-adapter killed half-way
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}.", dir=out.parent))
-        os.chmod(tmp, DIR_MODE)
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an existing bundle at `out` is replaced whole."""
-    if out.exists():
-        if not (out / MANIFEST).is_file() and any(out.iterdir()):
-            raise BundleError(f"{out}: exists and is not an edgepeft bundle; refusing to overwrite it")
-        old = out.parent / f"{TMP_PREFIX}{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
@@ -245,7 +191,7 @@ def _measured_mix(base: BaseModel, proto, info: dict, blocks: dict, block_size: 
 
 
 def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, block_size: int,
-                 accuracy_level: int, context_length: int | None, progress: _Progress,
+                 accuracy_level: int, context_length: int | None, progress: Progress,
                  int4_target_kl: float | None = None) -> dict:
     """Write onnx/ (the base graph, quantized, with `slot_set` adapter slots) into the bundle,
     list its files, and return the manifest's backends["onnx"] entry."""
@@ -259,13 +205,14 @@ def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, blo
     blocks, eight_bit, mix = None, [], None
     if quant in ("int4", "int4-pure"):
         progress.step("calibrating 4-bit weights")
-        importance = activation_importance(base, info["base_matmuls"])
+        importance = activation_importance(base, info["base_matmuls"], progress)
         if quant == "int4" and int4_target_kl is None:  # the fixed groups: no 4-bit blocks needed for them
             eight_bit, mix = _group_mix(info, exact_head)
             importance = {n: v for n, v in importance.items() if n not in eight_bit}
         # zero points where a block's weighted error drops with one (int4_blocks); int4-pure stays
         # symmetric, as onnxruntime-genai's int4 is
-        blocks = importance_blocks(proto, info["lora_nodes"], importance, block_size, zero_points=quant == "int4")
+        blocks = importance_blocks(proto, info["lora_nodes"], importance, block_size, zero_points=quant == "int4",
+                                   progress=progress)
         progress.done()
     if quant == "int4" and int4_target_kl is not None:
         progress.step("measuring which MatMuls need 8 bits")
@@ -277,6 +224,7 @@ def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, blo
         proto = add_base_path(proto, info)
     progress.done()
     progress.step("writing onnx/model.onnx")
+    decode_bytes = onnx_decode_bytes(proto, exact_head)
     _save_onnx(proto, bundle.root / "onnx" / "model.onnx")
     for rel in ("onnx/model.onnx", "onnx/model.onnx.data"):
         if bundle.file(rel).exists():
@@ -295,18 +243,18 @@ def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, blo
         **({"base_path": True} if info.get("base_path") else {}),
         **({"row_masks": True} if info.get("row_masks") else {}),
         **({"longrope_switch": info["longrope_switch"]} if info.get("longrope_switch") else {}),
-        "logits_to_keep": True,
+        "logits_to_keep": True, "decode_bytes": decode_bytes,
     }
 
 
 def _export_gguf(bundle: Bundle, base: BaseModel, quant: str, context_length: int | None,
-                 progress: _Progress) -> dict:
+                 progress: Progress) -> dict:
     """Write the base GGUF into the bundle, list it, and return the manifest's backends["gguf"]."""
     progress.step(f"writing GGUF ({quant})")
     rel = _write_gguf(base, bundle.root, quant)
     bundle.record_file(rel)
     progress.done()
-    return {"model": rel, "quant": quant.upper(),
+    return {"model": rel, "quant": quant.upper(), "decode_bytes": gguf_decode_bytes(bundle.root / rel),
             "context_length": int(context_length or min(base.dims["max_position_embeddings"], 8192))}
 
 
@@ -332,7 +280,10 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     if int4_target_kl is not None and onnx_quant != "int4":
         raise UnsupportedModel(f"--int4-target-kl applies to --onnx-quant int4, not {onnx_quant}")
     formats, specs = _read_request(base, adapters, formats, onnx_quant, gguf_quant, merge, slots)
-    progress = _Progress(2 + 3 * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
+    onnx_steps = 3 + (onnx_quant in ("int4", "int4-pure")) + (int4_target_kl is not None)
+    # loading, manifest, the backends' steps, one per adapter (the merged one's is its merge)
+    progress = Progress(2 + onnx_steps * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
+    finished = False
     try:
         progress.step("loading base")
         base_model = load_base(base)
@@ -341,8 +292,10 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
         if merge is not None:
             spec = specs.pop(merge)
             merged = {"name": merge, **spec.summary(), "source": str(Path(adapters[merge]))}
+            progress.step(f"merging adapter {merge}")
             _merge(base_model, spec)
-        with _staging_dir(out) as tmp:
+            progress.done()
+        with staging_dir(out) as tmp:
             tokenizer = copy_tokenizer(base_model, tmp)
             bundle = Bundle(tmp, new_manifest(base=_base_entry(base, base_model, merged), tokenizer=tokenizer))
             for name in tokenizer["files"]:
@@ -358,11 +311,13 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                 progress.step(f"adapter {name}")
                 _write_adapter(bundle, name, spec, formats, base=base_model)
                 progress.done()
+            progress.step("writing the manifest")
             bundle.save()
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
             progress.done()
+            finished = True
     finally:
-        progress.close()
+        progress.close(summary=finished)
     return Bundle.open(out)
 
 

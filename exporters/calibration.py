@@ -12,6 +12,8 @@ import numpy as np
 
 from edgepeft.errors import UnsupportedModel, require
 
+from .progress import QUIET
+
 CALIBRATION_TEXTS = (
     "The history of the Roman Empire spans more than a thousand years, from the founding of the city "
     "to the fall of Constantinople.",
@@ -47,7 +49,7 @@ def _token_batches(base, vocab_size: int) -> list[list[int]]:
     return [list(map(int, ids)) for ids in batches if len(ids)]
 
 
-def activation_importance(base, modules: dict[str, str]) -> dict[str, np.ndarray]:
+def activation_importance(base, modules: dict[str, str], progress=QUIET) -> dict[str, np.ndarray]:
     """{key: mean x^2 per input channel} for modules {key: torch module name} of `base`, from one
     teacher-forced pass of the calibration text through the float model."""
     torch = require("torch", "export")
@@ -69,7 +71,7 @@ def activation_importance(base, modules: dict[str, str]) -> dict[str, np.ndarray
             hooks.append(module.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
-            for ids in _token_batches(base, int(base.dims["vocab_size"])):
+            for ids in progress.items(_token_batches(base, int(base.dims["vocab_size"])), unit="texts"):
                 model(torch.tensor([ids]))
     finally:
         for h in hooks:

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgepeft.errors import UnsupportedModel, require
 
+from .progress import QUIET
 from .int4_search import int4_blocks  # the 4-bit search, re-exported here for its callers
 
 ONNX_QUANTS = ("int4", "int4-pure", "int8", "fp16", "fp32")
@@ -65,7 +66,7 @@ def base_matmuls(proto, lora_nodes: list[str]) -> list:
 
 
 def importance_blocks(proto, lora_nodes: list[str], importance: dict[str, np.ndarray], block_size: int,
-                      zero_points: bool = False) -> dict[str, tuple]:
+                      zero_points: bool = False, progress=QUIET) -> dict[str, tuple]:
     """{MatMul node: int4_blocks(...)} for every base MatMul with activation statistics. The search
     is numpy on arrays of thousands of blocks, which releases the GIL: one thread per core."""
     onnx = require("onnx", "export")
@@ -76,7 +77,7 @@ def importance_blocks(proto, lora_nodes: list[str], importance: dict[str, np.nda
         return int4_blocks(onnx.numpy_helper.to_array(weights[n.input[1]]), importance[n.name], block_size, zero_points)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return dict(zip((n.name for n in nodes), pool.map(one, nodes)))
+        return dict(zip((n.name for n in nodes), progress.items(pool.map(one, nodes), len(nodes), "MatMuls")))
 
 
 def quantize(proto, quant: str, lora_nodes: list[str], block_size: int = 32, accuracy_level: int = 4,
