@@ -286,7 +286,8 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     finished = False
     try:
         progress.step("loading base")
-        base_model = load_base(base)
+        # merging and the sensitivity search change weights in place: those start from float32
+        base_model = load_base(base, compact=merge is None and int4_target_kl is None)
         progress.done()
         merged = None
         if merge is not None:

@@ -19,7 +19,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass
 class BaseModel:
-    """A loaded base: the torch model (float32, eval), its config and the manifest facts."""
+    """A loaded base: the torch model (eval), its config and the manifest facts.
+
+    The model's parameters are in the checkpoint's dtype (bf16 or fp16 checkpoints stay 2 bytes
+    per weight) or in float32; every reader upcasts per tensor (`.float()`, exact), and what runs
+    the model runs it in float32 through `float32_compute`, so the export is the same either way.
+    """
 
     source: str
     local_dir: Path
@@ -138,23 +143,90 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def load_base(source: str) -> BaseModel:
-    """Load `source` (local HF dir or builtin:NAME) as float32 for export."""
+def checkpoint_dtype(local: Path):
+    """torch.bfloat16 or torch.float16 when every floating tensor of the checkpoint's safetensors
+    is stored so (the header says; no weight is read), else torch.float32."""
+    torch = require("torch", "export")
+    safetensors = require("safetensors", "export")
+    found = set()
+    for path in sorted(local.glob("*.safetensors")):
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                found |= {f.get_slice(name).get_dtype() for name in f.keys()}
+        except Exception:  # an unreadable file: from_pretrained names the problem below
+            return torch.float32
+    floats = found & {"F64", "F32", "F16", "BF16"}
+    return {frozenset({"BF16"}): torch.bfloat16, frozenset({"F16"}): torch.float16}.get(frozenset(floats), torch.float32)
+
+
+def load_base(source: str, compact: bool = True) -> BaseModel:
+    """Load `source` (local HF dir or builtin:NAME) for export: parameters in the checkpoint's
+    dtype when `compact` (half the memory of float32 for bf16/fp16 checkpoints), else float32
+    (what merging an adapter and the sensitivity search change in place need)."""
     torch = require("torch", "export")
     transformers = require("transformers", "export")
     local = resolve_base_dir(source)
     config = read_config(local)
+    dtype = checkpoint_dtype(local) if compact else torch.float32
     try:
         # use_safetensors: a base with only pickled weights (pytorch_model.bin) is refused, not unpickled.
         with quiet_loading():
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                local, dtype=torch.float32, local_files_only=True, use_safetensors=True, **reference_kwargs(config)
+                local, dtype=dtype, local_files_only=True, use_safetensors=True, **reference_kwargs(config)
             ).eval()
     except OSError as e:
         raise UnsupportedModel(f"{local}: cannot load its weights; edgepeft reads safetensors only, not "
                                f"pickled .bin files ({str(e).splitlines()[0][:160]})") from None
+    if dtype != torch.float32:
+        _float32_buffers(model, config, transformers, torch)
     return BaseModel(source=source, local_dir=local, model=model, config=config,
                      dims=_dims(config), fingerprint=fingerprint_state_dict(model.state_dict()))
+
+
+def _float32_buffers(model, config, transformers, torch) -> None:
+    """Give a model loaded in bf16/fp16 the computed buffers a float32 model has (rotary inverse
+    frequencies, Gemma's embedding scale): they are made at construction in the default dtype,
+    so a bf16 load rounds them. Taken from a float32 skeleton whose parameters stay on the meta
+    device (no memory); buffers the checkpoint stores are left as loaded."""
+    accelerate = require("accelerate", "export")
+    with accelerate.init_empty_weights(include_buffers=False):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                                 **reference_kwargs(config))
+    computed = dict(skeleton.named_buffers())
+    for name, module in model.named_modules():
+        for buf in list(module._non_persistent_buffers_set):
+            full = f"{name}.{buf}" if name else buf
+            if full in computed and module._buffers.get(buf) is not None:
+                module._buffers[buf] = computed[full].clone()
+
+
+@contextmanager
+def float32_compute(model):
+    """Run `model` in float32 whatever its parameters' dtype: each module's own parameters are
+    upcast right before its forward and put back after (exact both ways), so one module at a time
+    holds a float32 copy. Its outputs are those of the model loaded in float32."""
+    torch = require("torch", "export")
+    hooks = []
+
+    def up(module, _args):
+        module._edgepeft_dtypes = [p.dtype for p in module.parameters(recurse=False)]
+        for p in module.parameters(recurse=False):
+            p.data = p.data.float()
+
+    def down(module, _args, _out):
+        for p, dtype in zip(module.parameters(recurse=False), module._edgepeft_dtypes):
+            p.data = p.data.to(dtype)
+        del module._edgepeft_dtypes
+
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        for module in model.modules():
+            if next(module.parameters(recurse=False), None) is not None:
+                hooks += [module.register_forward_pre_hook(up), module.register_forward_hook(down)]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def copy_tokenizer(base: BaseModel, dest: Path) -> dict:
