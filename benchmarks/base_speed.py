@@ -46,7 +46,7 @@ def main() -> None:
     from edgepeft.bundle import Bundle
     from edgepeft.errors import EdgepeftError
     from edgepeft.exporters import export_bundle
-    from edgepeft.exporters.bundle_export import onnx_export_current
+    from edgepeft.exporters.onnx_export import onnx_export_current
     from edgepeft.exporters.hf_base import resolve_base_dir
 
     name = args.base.split(":", 1)[-1] if args.base.startswith("builtin:") else Path(args.base).name

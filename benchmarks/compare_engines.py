@@ -206,7 +206,7 @@ def bench_bundle(work: Path, base_dir: Path, adapters: dict[str, Path], onnx_qua
     from edgepeft.cli.demo import BASE, QUANTS
     from edgepeft.errors import EdgepeftError
     from edgepeft.exporters import export_bundle
-    from edgepeft.exporters.bundle_export import onnx_export_current
+    from edgepeft.exporters.onnx_export import onnx_export_current
 
     adapters = {} if slots == "none" else {**adapters, "r16-all7": r16_all_adapter(base_dir, work / "r16-all7")}
     out = work / f"smollm2-135m-bench-{onnx_quant}{'-noslots' if slots == 'none' else ''}"

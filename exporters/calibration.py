@@ -78,3 +78,10 @@ def activation_importance(base, modules: dict[str, str], progress=QUIET) -> dict
         for h in hooks:
             h.remove()
     return {key: (sums[name][0] / sums[name][1]).numpy() for key, name in modules.items() if name in sums}
+
+
+def linear_modules(model) -> dict[str, str]:
+    """{name: name} of every linear layer of `model`: what activation_importance records when the
+    graph's MatMuls are not known yet (their statistics are those of the first module they pack)."""
+    torch = require("torch", "export")
+    return {name: name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -53,7 +53,8 @@ def head_is_tied(base: BaseModel) -> bool:
 
 
 def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | None = None,
-                  fp16_embedding: bool = False, slot_set: str = "full", exact_head_top_k: int = 0):
+                  fp16_embedding: bool = False, slot_set: str = "full", exact_head_top_k: int = 0,
+                  quantizer=None):
     """Return (ModelProto, info) for `base`; info lists slots and KV layout for the manifest, and
     what the quantizer and add_base_path need to know about the operators.
 
@@ -64,8 +65,12 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
     slot_set: "full" (LoRA, scale and bias slots), "lora" (LoRA slots only) or "none" (no slots:
     a base that runs merged adapters only, at the speed of a graph without adapter operators).
     exact_head_top_k > 0 (a tied lm_head with fp16_embedding; see _DecoderBuilder.exact_head)
-    recomputes each position's k largest head logits from the fp16 embedding table."""
-    return _DecoderBuilder(base, dtype, context_length, fp16_embedding, slot_set, exact_head_top_k).build()
+    recomputes each position's k largest head logits from the fp16 embedding table.
+    quantizer (onnx_quant.WeightQuantizer) takes each base MatMul's weight as it is made; the
+    graph then holds no float weight for them (to_matmul_nbits writes their nodes)."""
+    builder = _DecoderBuilder(base, dtype, context_length, fp16_embedding, slot_set, exact_head_top_k)
+    builder.g.quantizer = quantizer
+    return builder.build()
 
 
 def check_onnx_shapes(where, dims: dict, rotary_dim: int) -> None:

@@ -1,8 +1,9 @@
 """Weight-only quantization of the ONNX base to onnxruntime's MatMulNBits.
 
-onnxruntime's own quantizer rewrites the graph; with activation statistics (calibration.py) our
-importance-weighted search then replaces its 4-bit blocks. Only the base MatMuls are quantized;
-the LoRA slot MatMuls (and their float inputs) are excluded, so adapters stay float.
+Each base MatMul's weight is quantized when the graph builder makes it (WeightQuantizer): 4-bit
+blocks by our importance-weighted search over activation statistics (calibration.py), 8-bit
+blocks by onnxruntime's own kernel; to_matmul_nbits then writes the MatMulNBits nodes. Only the
+base MatMuls are quantized; the LoRA slot MatMuls (and their float inputs) stay float.
 """
 
 from __future__ import annotations
@@ -80,52 +81,106 @@ def importance_blocks(proto, lora_nodes: list[str], importance: dict[str, np.nda
         return dict(zip((n.name for n in nodes), progress.items(pool.map(one, nodes), len(nodes), "MatMuls")))
 
 
-def quantize(proto, quant: str, lora_nodes: list[str], block_size: int = 32, accuracy_level: int = 4,
-             blocks: dict[str, tuple] | None = None, eight_bit: frozenset[str] | set[str] = frozenset()):
-    """Return `proto` with base MatMuls as MatMulNBits (int4/int8, symmetric blocks unless a block
-    has a zero point); fp16/fp32 pass through. int4 puts the `eight_bit` MatMul nodes at 8 bits
-    (sensitivity.py chooses them); int4-pure has none. lora_nodes is build_decoder's
-    info["lora_nodes"].
-
-    blocks ({MatMul node: (packed, scales, zero points or None)}, importance_blocks) replace
-    onnxruntime's 4-bit rounding of those nodes; without them the 4-bit blocks are rounded from
-    their absmax. accuracy_level 4 lets the CPU kernel compute in int8 (what onnxruntime-genai
-    uses on CPU); 1 keeps fp32 compute."""
+def check_quant(quant: str, block_size: int) -> None:
+    """Refuse an unknown precision or a block size MatMulNBits cannot take."""
     if quant not in ONNX_QUANTS:
         raise UnsupportedModel(f"unknown ONNX precision {quant!r} (choose from {', '.join(ONNX_QUANTS)})")
-    if quant in ("fp16", "fp32"):
-        return proto
-    if block_size < 16 or block_size & (block_size - 1):
+    if quant in WEIGHT_ONLY and (block_size < 16 or block_size & (block_size - 1)):
         raise UnsupportedModel(f"block size {block_size} must be a power of two >= 16")
+
+
+def rtn_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """w [K, N] in symmetric blocks rounded from their absmax, by onnxruntime's own kernel (what
+    its MatMulNBitsQuantizer writes): packed uint8 [N, K/block, block*bits/8], scales [N, K/block]."""
     # onnxruntime comes from the onnx or onnx-gpu extra (the two packages cannot share a venv).
-    nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnx")
+    kernels = require("onnxruntime.capi._pybind_state", "onnx")
+    K, N = w.shape
+    nb = -(-K // block_size)
+    x = np.pad(np.asarray(w, np.float32), ((0, nb * block_size - K), (0, 0)))
+    packed = np.zeros((N, nb, block_size * bits // 8), np.uint8)
+    scales = np.zeros((N, nb), np.float32)
+    zero = np.zeros((N, -(-nb * bits // 8)), np.uint8)  # unused: symmetric
+    kernel = kernels.quantize_matmul_8bits if bits == 8 else kernels.quantize_matmul_4bits
+    kernel(packed, np.ascontiguousarray(x), scales, zero, block_size, N, nb * block_size, True)
+    return packed, scales, None
+
+
+class WeightQuantizer:
+    """Turns each base MatMul weight into MatMulNBits blocks as the graph builder makes it, so that
+    the float32 weights never pile up: a weight is quantized in a pool of threads (numpy and
+    onnxruntime's kernels release the GIL) and dropped. `bits(group)` says 4 or 8 per projection
+    group; 4-bit blocks are int4_blocks' with the module's activation statistics, or rounded from
+    their absmax where there are none. Why not onnxruntime's quantizer: it rewrites a finished
+    graph, so the whole float32 graph would have to sit in memory first, and it copies it."""
+
+    def __init__(self, bits, importance: dict[str, np.ndarray], block_size: int, zero_points: bool,
+                 progress=QUIET, total: int = 0):
+        self.bits, self.importance, self.block_size, self.zero_points = bits, importance, block_size, zero_points
+        self.workers = os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(max_workers=self.workers)
+        self.pending: dict[str, object] = {}
+        self.blocks: dict[str, tuple] = {}
+        self.tick = progress.units(total, "MatMuls")
+
+    def _one(self, w: np.ndarray, bits: int, importance) -> tuple:
+        if bits == 4 and importance is not None:
+            packed, scales, zp = int4_blocks(w, importance, self.block_size, self.zero_points)
+        else:
+            packed, scales, zp = rtn_blocks(w, bits, self.block_size)
+        self.tick()
+        return bits, packed, scales, zp, w.shape[0]
+
+    def __call__(self, node: str, module: str, group: str, w: np.ndarray) -> None:
+        """Quantize weight `w` [K, N] of MatMul `node`, whose input `module` reads."""
+        self._collect(block=len(self.pending) >= 2 * self.workers)  # bounds the weights in flight
+        bits = self.bits(group)
+        self.pending[node] = self.pool.submit(self._one, w, bits, self.importance.get(module))
+
+    def _collect(self, block: bool) -> None:
+        for node, fut in list(self.pending.items()):
+            if block or fut.done():
+                self.blocks[node] = fut.result()
+                del self.pending[node]
+                block = False
+
+    def results(self) -> dict[str, tuple]:
+        """{MatMul node: (bits, packed, scales, zero points or None, K)} once every weight is done."""
+        try:
+            for node, fut in self.pending.items():
+                self.blocks[node] = fut.result()
+            self.pending.clear()
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+        return self.blocks
+
+
+def to_matmul_nbits(proto, blocks: dict[str, tuple], block_size: int, accuracy_level: int):
+    """Rewrite each MatMul of `blocks` ({node: (bits, packed, scales, zero points or None, K)}) into
+    the MatMulNBits node onnxruntime's MatMulNBitsQuantizer writes (its node and initializer
+    names, inputs and attributes; zero points as a fourth input where a block has one), removing
+    its float weight if the graph holds one. accuracy_level 4 lets the CPU kernel compute in int8
+    (what onnxruntime-genai uses on CPU); 1 keeps fp32 compute."""
     onnx = require("onnx", "export")
-    base = base_matmuls(proto, lora_nodes)
-    wide = {n.name for n in base if quant == "int8" or (quant == "int4" and n.name in eight_bit)}
-    narrow = {n.name for n in base} - wide
-    ours = {nbits_node(name, 4): blocks[name] for name in narrow if blocks and name in blocks}
-    # Two passes of onnxruntime's default quantizer (blockwise absmax rounding, in its C++ kernel):
-    # the 8-bit nodes, then the 4-bit ones; each pass leaves the other's nodes alone.
-    for bits, nodes in ((8, wide), (4, narrow)):
-        if not nodes:
+    nh, h = onnx.numpy_helper, onnx.helper
+    dropped = set()
+    for idx, node in enumerate(proto.graph.node):
+        if node.op_type != "MatMul" or node.name not in blocks:
             continue
-        quantizer = nbits.MatMulNBitsQuantizer(
-            proto, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-            nodes_to_exclude=[n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in nodes],
-        )
-        quantizer.process()
-        proto = quantizer.model.model
-    inits = {i.name: i for i in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "MatMulNBits" and node.name in ours:
-            packed, scales, zp = ours[node.name]
-            inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(packed, node.input[1]))
-            inits[node.input[2]].CopyFrom(onnx.numpy_helper.from_array(scales, node.input[2]))
-            if zp is not None:
-                if len(node.input) > 3 and node.input[3]:
-                    raise AssertionError(f"{node.name}: onnxruntime's symmetric quantizer wrote zero points")
-                name = f"{node.input[1]}_zero_points"
-                proto.graph.initializer.append(onnx.numpy_helper.from_array(zp, name))
-                del node.input[3:]
-                node.input.append(name)
+        bits, packed, scales, zp, k = blocks[node.name]
+        b = node.input[1]
+        inputs = [node.input[0], f"{b}_Q{bits}", f"{b}_scales"]
+        new = [nh.from_array(packed, inputs[1]), nh.from_array(scales, inputs[2])]
+        if zp is not None:
+            inputs.append(f"{b}_zero_points")
+            new.append(nh.from_array(zp, inputs[3]))
+        proto.graph.initializer.extend(new)
+        attrs = {"K": int(k), "N": int(packed.shape[0]), "bits": bits, "block_size": block_size}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        proto.graph.node[idx].CopyFrom(h.make_node("MatMulNBits", inputs, list(node.output),
+                                                   name=nbits_node(node.name, bits), domain="com.microsoft", **attrs))
+        dropped.add(b)
+    keep = [i for i in proto.graph.initializer if i.name not in dropped]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
     return proto

@@ -33,7 +33,7 @@ class Progress:
         self.times: dict[str, float] = {}
         self.n, self.desc, self.started, self.begun = 0, "", 0.0, time.perf_counter()
         self.unit_done, self.unit_total, self.unit = 0, 0, ""
-        self.bar = None
+        self.bar, self._subs = None, []
         self._lock, self._stop, self._beat = threading.Lock(), threading.Event(), None
         isatty = getattr(self.stream, "isatty", None)
         if not quiet and isatty and isatty():
@@ -66,6 +66,9 @@ class Progress:
 
     def done(self) -> None:
         with self._lock:
+            for sub in self._subs:
+                sub.close()
+            self._subs.clear()
             now = time.perf_counter()
             took = now - self.started
             self.times[self.desc] = self.times.get(self.desc, 0.0) + took
@@ -96,6 +99,25 @@ class Progress:
         finally:
             if sub:
                 sub.close()
+
+    def units(self, total: int, unit: str):
+        """Count `total` units of the current step done elsewhere (worker threads): returns the
+        function to call once per unit. On a terminal a bar counts them, as items() does."""
+        with self._lock:
+            self.unit_done, self.unit_total, self.unit = 0, total, unit
+        sub = None
+        if self.bar and total:
+            tqdm = require("tqdm", "export").tqdm
+            sub = tqdm(total=total, unit=unit, leave=False, position=1, file=self.stream,
+                       bar_format="  {n}/{total} " + unit + " {bar}| [{elapsed}<{remaining}]")
+            self._subs.append(sub)
+
+        def tick() -> None:
+            with self._lock:
+                self.unit_done += 1
+                if sub:
+                    sub.update(1)
+        return tick
 
     def close(self, summary: bool = False) -> None:
         """Stop the bars; with summary (a finished export), one line with the time of each step."""

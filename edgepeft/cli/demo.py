@@ -39,7 +39,7 @@ def demo_bundle(out: Path, adapters: dict[str, Path], backends: list[str], quiet
     from edgepeft.errors import EdgepeftError
     from edgepeft.files import sha256_file
 
-    from edgepeft.exporters.bundle_export import onnx_export_current
+    from edgepeft.exporters.onnx_export import onnx_export_current
 
     want = {n: sha256_file(p / "adapter_model.safetensors") for n, p in adapters.items()}
     try:

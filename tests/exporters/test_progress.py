@@ -61,7 +61,7 @@ def test_cli_export_into_a_log_shows_every_step_and_the_split(tiny_llama, tmp_pa
     lines = p.stderr.strip().splitlines()
     steps = [STEP_LINE.match(l) for l in lines if STEP_LINE.match(l)]
     names = [m.group(3) for m in steps]
-    assert names == ["loading base", "building ONNX graph (int4)", "calibrating 4-bit weights", "quantizing (int4)",
+    assert names == ["loading base", "calibrating 4-bit weights", "building ONNX graph (int4)", "quantizing (int4)",
                      "writing onnx/model.onnx", "writing the manifest"], lines
     assert [int(m.group(1)) for m in steps] == list(range(1, 7)) and {m.group(2) for m in steps} == {"6"}
     assert lines[-1].startswith("edgepeft: done in ") and "calibrating 4-bit weights" in lines[-1]
