@@ -171,7 +171,7 @@ def to_matmul_nbits(proto, blocks: dict[str, tuple], block_size: int, accuracy_l
         inputs = [node.input[0], f"{b}_Q{bits}", f"{b}_scales"]
         new = [nh.from_array(packed, inputs[1]), nh.from_array(scales, inputs[2])]
         if zp is not None:
-            inputs.append(f"{b}_zero_points")
+            inputs.append(f"{b}_Q{bits}_zero_points")  # the name earlier exports gave it
             new.append(nh.from_array(zp, inputs[3]))
         proto.graph.initializer.extend(new)
         attrs = {"K": int(k), "N": int(packed.shape[0]), "bits": bits, "block_size": block_size}
