@@ -190,7 +190,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     try:
         progress.step("loading base")
         # merging and the sensitivity search change weights in place: those start from float32
-        base_model = load_base(base, compact=merge is None and int4_target_kl is None)
+        base_model = load_base(base, lazy=merge is None and int4_target_kl is None)
         progress.done()
         merged = None
         if merge is not None:

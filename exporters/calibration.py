@@ -12,7 +12,7 @@ import numpy as np
 
 from edgepeft.errors import UnsupportedModel, require
 
-from .hf_base import float32_compute
+from .checkpoint import float32_compute
 from .progress import QUIET
 
 CALIBRATION_TEXTS = (
@@ -71,7 +71,7 @@ def activation_importance(base, modules: dict[str, str], progress=QUIET) -> dict
         if name in wanted:
             hooks.append(module.register_forward_hook(hook(name)))
     try:
-        with torch.no_grad(), float32_compute(model):
+        with torch.no_grad(), float32_compute(base):
             for ids in progress.items(_token_batches(base, int(base.dims["vocab_size"])), unit="texts"):
                 model(torch.tensor([ids]))
     finally:

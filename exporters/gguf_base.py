@@ -112,7 +112,6 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     if name is not None:
         writer.add_name(name)
 
-    state = base.model.state_dict()
     if rope_type == "llama3":
         # llama.cpp reads llama3 rope scaling as a rope_freqs tensor (inverse frequency factors).
         inv = base.model.model.rotary_emb.inv_freq.detach().float().numpy()
@@ -123,7 +122,7 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
                             ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
             writer.add_tensor(f"{gguf.TENSOR_NAMES[tensor]}.weight", np.asarray(scaling[key], np.float32))
     tied = d["tie_word_embeddings"]
-    for name in sorted(state, key=_tensor_order):
+    for name in sorted(base.tensor_names(), key=_tensor_order):
         if name == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd when output.weight is absent
         stem, _, suffix = name.rpartition(".")
@@ -132,7 +131,7 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
             if "rotary_emb" in name:
                 continue
             raise UnsupportedModel(f"{base.local_dir}: tensor {name} has no GGUF name")
-        w = state[name].detach().float().numpy()
+        w = base.tensor(name).numpy()
         if fam.norms.offset and name.endswith("norm.weight"):
             w = w + np.float32(fam.norms.offset)  # llama.cpp multiplies by the stored weight: store 1 + w
         if fam.permute_qk:

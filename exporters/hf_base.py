@@ -12,6 +12,7 @@ from pathlib import Path
 from edgepeft.errors import UnsupportedModel, require
 
 from .archs import Arch, Layout, arch_of, layout
+from .checkpoint import CheckpointTensors, check_names, checkpoint_name, skeleton
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
@@ -21,9 +22,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class BaseModel:
     """A loaded base: the torch model (eval), its config and the manifest facts.
 
-    The model's parameters are in the checkpoint's dtype (bf16 or fp16 checkpoints stay 2 bytes
-    per weight) or in float32; every reader upcasts per tensor (`.float()`, exact), and what runs
-    the model runs it in float32 through `float32_compute`, so the export is the same either way.
+    With `tensors` (the export's default), the model is a skeleton whose weights stay in the
+    checkpoint: read them with tensor(), param(), checkpoint.materialized() or, to run the model,
+    checkpoint.float32_compute(). Without, the model holds its float32 weights.
     """
 
     source: str
@@ -32,6 +33,23 @@ class BaseModel:
     config: object
     dims: dict
     fingerprint: str
+    tensors: CheckpointTensors | None = None
+
+    def tensor_names(self) -> list[str]:
+        """The model's weight names (state_dict order; a tied head listed too)."""
+        return list(self.model.state_dict().keys())
+
+    def tensor(self, name: str):
+        """Model weight `name` as a float32 torch tensor, read from the checkpoint if it is there."""
+        if self.tensors is None:
+            return self.model.state_dict()[name].detach().float()
+        return self.tensors.get(checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"])).float()
+
+    def param(self, module: str, name: str):
+        """Parameter `name` of submodule `module` as float32 numpy, or None if it has none."""
+        if getattr(self.model.get_submodule(module), name, None) is None:
+            return None
+        return self.tensor(f"{module}.{name}" if module else name).numpy()
 
     @property
     def arch(self) -> Arch:
@@ -92,13 +110,19 @@ def _dims(config) -> dict:
 def fingerprint_state_dict(state_dict) -> str:
     """sha256 over every weight (name, shape, float32 bytes) in name order: the base's identity.
     The same weights give the same fingerprint whatever file format they came from."""
+    return fingerprint_tensors(state_dict, lambda name: state_dict[name])
+
+
+def fingerprint_tensors(names, read) -> str:
+    """fingerprint_state_dict over tensors read one at a time by `read(name)`."""
     import numpy as np
 
     h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().float().cpu().contiguous().numpy()
+    for name in sorted(names):
+        t = read(name).detach().float().cpu().contiguous().numpy()
         h.update(name.encode() + b"\0" + str(list(t.shape)).encode() + b"\0")
         h.update(np.ascontiguousarray(t).tobytes())
+        del t
     return "sha256:" + h.hexdigest()
 
 
@@ -143,90 +167,35 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def checkpoint_dtype(local: Path):
-    """torch.bfloat16 or torch.float16 when every floating tensor of the checkpoint's safetensors
-    is stored so (the header says; no weight is read), else torch.float32."""
-    torch = require("torch", "export")
-    safetensors = require("safetensors", "export")
-    found = set()
-    for path in sorted(local.glob("*.safetensors")):
-        try:
-            with safetensors.safe_open(str(path), framework="pt") as f:
-                found |= {f.get_slice(name).get_dtype() for name in f.keys()}
-        except Exception:  # an unreadable file: from_pretrained names the problem below
-            return torch.float32
-    floats = found & {"F64", "F32", "F16", "BF16"}
-    return {frozenset({"BF16"}): torch.bfloat16, frozenset({"F16"}): torch.float16}.get(frozenset(floats), torch.float32)
-
-
-def load_base(source: str, compact: bool = True) -> BaseModel:
-    """Load `source` (local HF dir or builtin:NAME) for export: parameters in the checkpoint's
-    dtype when `compact` (half the memory of float32 for bf16/fp16 checkpoints), else float32
-    (what merging an adapter and the sensitivity search change in place need)."""
+def load_base(source: str, lazy: bool = True) -> BaseModel:
+    """Load `source` (local HF dir or builtin:NAME) for export: with `lazy`, a float32 skeleton
+    whose weights stay in the checkpoint until a step reads them (exporters/checkpoint.py); else
+    the whole model in float32 (what merging an adapter and the sensitivity search change in
+    place need)."""
     torch = require("torch", "export")
     transformers = require("transformers", "export")
     local = resolve_base_dir(source)
     config = read_config(local)
-    dtype = checkpoint_dtype(local) if compact else torch.float32
+    dims = _dims(config)
+    if lazy:
+        tensors = CheckpointTensors(local)
+        model = skeleton(config, transformers, torch, **reference_kwargs(config))
+        check_names(model, tensors, dims["tie_word_embeddings"])
+        base = BaseModel(source=source, local_dir=local, model=model, config=config, dims=dims, fingerprint="",
+                         tensors=tensors)
+        base.fingerprint = fingerprint_tensors(base.tensor_names(), base.tensor)
+        return base
     try:
         # use_safetensors: a base with only pickled weights (pytorch_model.bin) is refused, not unpickled.
         with quiet_loading():
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                local, dtype=dtype, local_files_only=True, use_safetensors=True, **reference_kwargs(config)
+                local, dtype=torch.float32, local_files_only=True, use_safetensors=True, **reference_kwargs(config)
             ).eval()
     except OSError as e:
         raise UnsupportedModel(f"{local}: cannot load its weights; edgepeft reads safetensors only, not "
                                f"pickled .bin files ({str(e).splitlines()[0][:160]})") from None
-    if dtype != torch.float32:
-        _float32_buffers(model, config, transformers, torch)
     return BaseModel(source=source, local_dir=local, model=model, config=config,
-                     dims=_dims(config), fingerprint=fingerprint_state_dict(model.state_dict()))
-
-
-def _float32_buffers(model, config, transformers, torch) -> None:
-    """Give a model loaded in bf16/fp16 the computed buffers a float32 model has (rotary inverse
-    frequencies, Gemma's embedding scale): they are made at construction in the default dtype,
-    so a bf16 load rounds them. Taken from a float32 skeleton whose parameters stay on the meta
-    device (no memory); buffers the checkpoint stores are left as loaded."""
-    accelerate = require("accelerate", "export")
-    with accelerate.init_empty_weights(include_buffers=False):
-        skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                                 **reference_kwargs(config))
-    computed = dict(skeleton.named_buffers())
-    for name, module in model.named_modules():
-        for buf in list(module._non_persistent_buffers_set):
-            full = f"{name}.{buf}" if name else buf
-            if full in computed and module._buffers.get(buf) is not None:
-                module._buffers[buf] = computed[full].clone()
-
-
-@contextmanager
-def float32_compute(model):
-    """Run `model` in float32 whatever its parameters' dtype: each module's own parameters are
-    upcast right before its forward and put back after (exact both ways), so one module at a time
-    holds a float32 copy. Its outputs are those of the model loaded in float32."""
-    torch = require("torch", "export")
-    hooks = []
-
-    def up(module, _args):
-        module._edgepeft_dtypes = [p.dtype for p in module.parameters(recurse=False)]
-        for p in module.parameters(recurse=False):
-            p.data = p.data.float()
-
-    def down(module, _args, _out):
-        for p, dtype in zip(module.parameters(recurse=False), module._edgepeft_dtypes):
-            p.data = p.data.to(dtype)
-        del module._edgepeft_dtypes
-
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        for module in model.modules():
-            if next(module.parameters(recurse=False), None) is not None:
-                hooks += [module.register_forward_pre_hook(up), module.register_forward_hook(down)]
-    try:
-        yield model
-    finally:
-        for h in hooks:
-            h.remove()
+                     dims=dims, fingerprint=fingerprint_state_dict(model.state_dict()))
 
 
 def copy_tokenizer(base: BaseModel, dest: Path) -> dict:

@@ -33,6 +33,7 @@ from edgepeft.errors import UnsupportedModel, require
 from edgepeft.runtime_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, kv_names
 
 from .archs import ATTENTION, MLP
+from .checkpoint import materialized
 from .hf_base import BaseModel
 from .onnx_base_path import add_base_path
 from .onnx_rotary import add_rotary_tables
@@ -48,7 +49,9 @@ GQA_HEAD_MULTIPLE = 16
 
 def head_is_tied(base: BaseModel) -> bool:
     """Whether the lm_head is the embedding table (after any --merge), as exact_head needs."""
-    head, embed = base.model.lm_head.weight, base.model.model.embed_tokens.weight
+    if base.model.lm_head.weight is base.model.model.embed_tokens.weight:
+        return True
+    head, embed = base.tensor("lm_head.weight"), base.tensor("model.embed_tokens.weight")
     return head.shape == embed.shape and bool((head == embed).all())
 
 
@@ -120,8 +123,10 @@ class _DecoderBuilder:
         inter = self.d["intermediate_size"]  # every layer's gate/up Split reads the same sizes
         self.split_sizes = self.g.init("const.gate_up_split", np.array([inter, inter], np.int64), cast=False)
         for i, layer in enumerate(self.base.model.model.layers):
-            x = self.layer(i, layer, x)
-        self.head(x)
+            with materialized(self.base, layer):  # one decoder layer's weights at a time
+                x = self.layer(i, layer, x)
+        with materialized(self.base, self.base.model.model.norm, self.base.model.lm_head):
+            self.head(x)
         return self.finish()
 
     def inputs(self) -> None:
@@ -164,7 +169,8 @@ class _DecoderBuilder:
         """The token embedding: a Gather (from an fp16 table, cast after the lookup, for int4/int8),
         plus its slot."""
         g = self.g
-        embed = to_numpy(self.base.model.model.embed_tokens.weight)
+        with materialized(self.base, self.base.model.model.embed_tokens):
+            embed = to_numpy(self.base.model.model.embed_tokens.weight)
         if self.fp16_embedding:
             table = g.init(f"{EMBEDDING}.weight", embed.astype(np.float16), cast=False)
             x = g.node("Gather", [table, INPUT_IDS], 1, "/embed/Gather")

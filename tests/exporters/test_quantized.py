@@ -145,7 +145,7 @@ def test_sensitivity_simulation_gives_the_model_its_weights_back(trained):
     from edgepeft.exporters.sensitivity import Simulation
     import onnx
 
-    base = load_base(str(trained[0]))
+    base = load_base(str(trained[0]), lazy=False)  # the simulation swaps weights in place
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     proto, info = build_decoder(base, slot_set="lora")
     blocks = importance_blocks(proto, info["lora_nodes"], activation_importance(base, info["base_matmuls"]), 32, True)
