@@ -21,28 +21,38 @@ HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
 class CheckpointTensors:
-    """The checkpoint's tensors by name, read one at a time (safetensors' safe_open, torch)."""
+    """The checkpoint's tensors by name, read one at a time (safetensors' safe_open, torch).
+
+    Each read opens its file anew: a tensor is a view of the library's memory map, whose touched
+    pages stay resident (and count in RSS) while the map is open, so a map held for the whole
+    export would bring the whole checkpoint back into memory. A read's map closes with its tensor."""
 
     def __init__(self, local: Path):
-        safetensors = require("safetensors", "export")
-        self.local, self.where = local, {}
+        self.local, self.where, self.shapes = local, {}, {}
         for path in sorted(local.glob("*.safetensors")):
-            try:
-                handle = safetensors.safe_open(str(path), framework="pt")
-            except Exception as e:  # the library's refusal of a damaged file, as one line
-                raise UnsupportedModel(f"{path}: cannot be read as safetensors ({str(e).splitlines()[0][:160]})") from None
-            for name in handle.keys():
-                self.where[name] = handle
+            with self._open(path) as handle:
+                for name in handle.keys():
+                    self.where[name] = path
+                    self.shapes[name] = tuple(handle.get_slice(name).get_shape())
         if not self.where:
             raise UnsupportedModel(f"{local}: no .safetensors weights (edgepeft reads safetensors only, "
                                    "not pickled .bin files)")
+
+    @staticmethod
+    def _open(path: Path):
+        safetensors = require("safetensors", "export")
+        try:
+            return safetensors.safe_open(str(path), framework="pt")
+        except Exception as e:  # the library's refusal of a damaged file, as one line
+            raise UnsupportedModel(f"{path}: cannot be read as safetensors ({str(e).splitlines()[0][:160]})") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
     def get(self, name: str):
         """Tensor `name` in its stored dtype."""
-        return self.where[name].get_tensor(name)
+        with self._open(self.where[name]) as handle:
+            return handle.get_tensor(name)
 
 
 def checkpoint_name(tensors: CheckpointTensors, name: str, tied: bool) -> str:
@@ -67,7 +77,7 @@ def check_names(model, tensors: CheckpointTensors, tied: bool) -> None:
     """Every parameter of `model` has a tensor of its shape in the checkpoint (one line if not)."""
     for name, p in model.named_parameters(remove_duplicate=False):
         ckpt = checkpoint_name(tensors, name, tied)
-        shape = tuple(tensors.where[ckpt].get_slice(ckpt).get_shape())
+        shape = tensors.shapes[ckpt]
         if shape != tuple(p.shape):
             raise UnsupportedModel(f"{tensors.local}: tensor {ckpt} has shape {list(shape)}, the config "
                                    f"makes {list(p.shape)}")

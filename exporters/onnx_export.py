@@ -124,7 +124,8 @@ def export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, bloc
         eight_bit = [n for n in info["base_matmuls"] if blocks[n][0] == 8] if quant == "int4" else []
         mix = {"by": "groups", "groups": _eight_bit_groups(exact_head)} if quant == "int4" else None
     progress.step(f"quantizing ({quant})")
-    proto = to_matmul_nbits(proto, blocks, block_size, accuracy_level)
+    zero_points = sum(b[3] is not None for b in blocks.values() if b[0] == 4)
+    proto = to_matmul_nbits(proto, blocks, block_size, accuracy_level)  # empties `blocks`
     if slot_set != "none":
         proto = add_base_path(proto, info)
     progress.done()
@@ -142,7 +143,7 @@ def export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, bloc
         **({"exact_head_top_k": exact_head} if exact_head else {}),
         # zero_points: how many 4-bit MatMuls have some (the 8-bit blocks are symmetric)
         **({"int4_rounding": "importance-weighted",
-            "zero_points": sum(b[3] is not None for b in blocks.values() if b[0] == 4)}
+            "zero_points": zero_points}
            if quant in ("int4", "int4-pure") else {}),
         "dtype": info["dtype"], "context_length": info["context_length"],
         "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],

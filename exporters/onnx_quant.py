@@ -158,7 +158,7 @@ def to_matmul_nbits(proto, blocks: dict[str, tuple], block_size: int, accuracy_l
     """Rewrite each MatMul of `blocks` ({node: (bits, packed, scales, zero points or None, K)}) into
     the MatMulNBits node onnxruntime's MatMulNBitsQuantizer writes (its node and initializer
     names, inputs and attributes; zero points as a fourth input where a block has one), removing
-    its float weight if the graph holds one. accuracy_level 4 lets the CPU kernel compute in int8
+    its float weight if the graph holds one; each entry leaves `blocks` as it goes. accuracy_level 4 lets the CPU kernel compute in int8
     (what onnxruntime-genai uses on CPU); 1 keeps fp32 compute."""
     onnx = require("onnx", "export")
     nh, h = onnx.numpy_helper, onnx.helper
@@ -166,7 +166,7 @@ def to_matmul_nbits(proto, blocks: dict[str, tuple], block_size: int, accuracy_l
     for idx, node in enumerate(proto.graph.node):
         if node.op_type != "MatMul" or node.name not in blocks:
             continue
-        bits, packed, scales, zp, k = blocks[node.name]
+        bits, packed, scales, zp, k = blocks.pop(node.name)  # the graph's copy is the only one left
         b = node.input[1]
         inputs = [node.input[0], f"{b}_Q{bits}", f"{b}_scales"]
         new = [nh.from_array(packed, inputs[1]), nh.from_array(scales, inputs[2])]
