@@ -112,18 +112,48 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     if name is not None:
         writer.add_name(name)
 
+    plan = _rope_tensors(gguf, base, scaling) + _weight_tensors(base, names, ftype)
+    # gguf-py writes one tensor at a time once every tensor's name, shape and type is declared
+    # (add_tensor_info, then write_tensor_data in the same order): each weight is read from the
+    # checkpoint, converted and written before the next, instead of add_tensor holding them all.
+    for target, shape, dtype, _ in plan:
+        writer.add_tensor_info(target, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for target, shape, dtype, make in plan:
+        w = make()
+        assert w.shape == tuple(shape) and w.dtype == dtype, target
+        writer.write_tensor_data(w)
+        del w
+    writer.close()
+
+
+def _rope_tensors(gguf, base: BaseModel, scaling: dict) -> list:
+    """The rotary tensors llama.cpp reads for llama3 and longrope scaling, as write plan entries."""
+    d, rope_type, out = base.dims, scaling["rope_type"], []
     if rope_type == "llama3":
         # llama.cpp reads llama3 rope scaling as a rope_freqs tensor (inverse frequency factors).
         inv = base.model.model.rotary_emb.inv_freq.detach().float().numpy()
         base_inv = 1.0 / (float(scaling["rope_theta"]) ** (np.arange(0, d["head_dim"], 2, dtype=np.float32) / d["head_dim"]))
-        writer.add_tensor("rope_freqs.weight", (base_inv / inv).astype(np.float32))
+        freqs = (base_inv / inv).astype(np.float32)
+        out.append(("rope_freqs.weight", freqs.shape, np.float32, lambda: freqs))
     elif rope_type == "longrope":  # llama.cpp picks one of these per context (n_ctx > original: long)
         for key, tensor in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
                             ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
-            writer.add_tensor(f"{gguf.TENSOR_NAMES[tensor]}.weight", np.asarray(scaling[key], np.float32))
-    tied = d["tie_word_embeddings"]
-    for name in sorted(base.tensor_names(), key=_tensor_order):
-        if name == "lm_head.weight" and tied:
+            factors = np.asarray(scaling[key], np.float32)
+            out.append((f"{gguf.TENSOR_NAMES[tensor]}.weight", factors.shape, np.float32, lambda f=factors: f))
+    return out
+
+
+def _weight_tensors(base: BaseModel, names, ftype: str) -> list:
+    """(GGUF name, shape, dtype, function making the array) for every weight, in llama.cpp's
+    order; the function reads the weight from the checkpoint when the writer gets to it."""
+    d, fam = base.dims, base.arch
+    shapes = dict(base.model.state_dict())
+    plan = []
+    for name in sorted(shapes, key=_tensor_order):
+        if name == "lm_head.weight" and d["tie_word_embeddings"]:
             continue  # llama.cpp reuses token_embd when output.weight is absent
         stem, _, suffix = name.rpartition(".")
         target = names.get_name(stem)
@@ -131,21 +161,22 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
             if "rotary_emb" in name:
                 continue
             raise UnsupportedModel(f"{base.local_dir}: tensor {name} has no GGUF name")
-        w = base.tensor(name).numpy()
-        if fam.norms.offset and name.endswith("norm.weight"):
-            w = w + np.float32(fam.norms.offset)  # llama.cpp multiplies by the stored weight: store 1 + w
-        if fam.permute_qk:
-            if stem.endswith("q_proj"):
-                w = permute_rows(w, d["num_heads"])
-            elif stem.endswith("k_proj"):
-                w = permute_rows(w, d["num_kv_heads"])
+        shape = tuple(shapes[name].shape)
         # ggml keeps norms and biases in F32 whatever the file type, like llama.cpp's converter.
-        keep_f32 = ftype == "F32" or w.ndim == 1
-        writer.add_tensor(f"{target}.{suffix}", w.astype(np.float32 if keep_f32 else np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        dtype = np.float32 if ftype == "F32" or len(shape) == 1 else np.float16
+        heads = (d["num_heads"] if stem.endswith("q_proj") else d["num_kv_heads"] if stem.endswith("k_proj")
+                 else None) if fam.permute_qk else None
+
+        def make(name=name, dtype=dtype, heads=heads):
+            w = base.tensor(name).numpy()
+            if fam.norms.offset and name.endswith("norm.weight"):
+                w = w + np.float32(fam.norms.offset)  # llama.cpp multiplies by the stored weight: store 1 + w
+            if heads:
+                w = permute_rows(w, heads)
+            return w.astype(dtype)
+
+        plan.append((f"{target}.{suffix}", shape, dtype, make))
+    return plan
 
 
 def _tensor_order(name: str):

@@ -27,7 +27,7 @@ def _peak(base, out, formats) -> int:
     return int(p.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("formats", ["onnx"])
+@pytest.mark.parametrize("formats", ["onnx", "gguf"])
 def test_ten_more_layers_add_less_than_half_their_float32_weights(tmp_path, formats):
     bases = {n: make_base(tmp_path / f"l{n}", "llama", seed=0, layers=n, hidden=HIDDEN) for n in (2, 12)}
     config = json.loads((bases[12] / "config.json").read_text())
