@@ -105,6 +105,9 @@ def rtn_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, n
     return packed, scales, None
 
 
+SPLIT_WEIGHTS = 1 << 24  # a 4-bit search over more weights than this is split across the threads
+
+
 class WeightQuantizer:
     """Turns each base MatMul weight into MatMulNBits blocks as the graph builder makes it, so that
     the float32 weights never pile up: a weight is quantized in a pool of threads (numpy and
@@ -124,31 +127,42 @@ class WeightQuantizer:
 
     def _one(self, w: np.ndarray, bits: int, importance) -> tuple:
         if bits == 4 and importance is not None:
-            packed, scales, zp = int4_blocks(w, importance, self.block_size, self.zero_points)
-        else:
-            packed, scales, zp = rtn_blocks(w, bits, self.block_size)
-        self.tick()
-        return bits, packed, scales, zp, w.shape[0]
+            return int4_blocks(w, importance, self.block_size, self.zero_points)
+        return rtn_blocks(w, bits, self.block_size)
 
     def __call__(self, node: str, module: str, group: str, w: np.ndarray) -> None:
-        """Quantize weight `w` [K, N] of MatMul `node`, whose input `module` reads."""
+        """Quantize weight `w` [K, N] of MatMul `node`, whose input `module` reads. A large 4-bit
+        search (a big vocabulary's head) runs as column slices, one per thread: each output
+        column's blocks depend on that column alone, so the slices give the same blocks."""
         self._collect(block=len(self.pending) >= 2 * self.workers)  # bounds the weights in flight
-        bits = self.bits(group)
-        self.pending[node] = self.pool.submit(self._one, w, bits, self.importance.get(module))
+        bits, importance = self.bits(group), self.importance.get(module)
+        parts = self.workers if bits == 4 and importance is not None and w.size > SPLIT_WEIGHTS else 1
+        bounds = np.linspace(0, w.shape[1], parts + 1).astype(int)
+        self.pending[node] = (bits, w.shape[0], [self.pool.submit(self._one, w[:, lo:hi], bits, importance)
+                                                 for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo])
+
+    def _finish(self, node: str) -> None:
+        bits, k, futures = self.pending.pop(node)
+        parts = [f.result() for f in futures]
+        packed, scales = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        zp = None
+        if any(p[2] is not None for p in parts):  # a slice with symmetric blocks only gets its 8s back
+            zp = np.concatenate([p[2] if p[2] is not None else np.full((len(p[1]), -(-p[1].shape[1] // 2)), 0x88, np.uint8)
+                                 for p in parts])
+        self.blocks[node] = (bits, packed, scales, zp, k)
+        self.tick()
 
     def _collect(self, block: bool) -> None:
-        for node, fut in list(self.pending.items()):
-            if block or fut.done():
-                self.blocks[node] = fut.result()
-                del self.pending[node]
+        for node, (_, _, futures) in list(self.pending.items()):
+            if block or all(f.done() for f in futures):
+                self._finish(node)
                 block = False
 
     def results(self) -> dict[str, tuple]:
         """{MatMul node: (bits, packed, scales, zero points or None, K)} once every weight is done."""
         try:
-            for node, fut in self.pending.items():
-                self.blocks[node] = fut.result()
-            self.pending.clear()
+            for node in list(self.pending):
+                self._finish(node)
         finally:
             self.pool.shutdown(cancel_futures=True)
         return self.blocks

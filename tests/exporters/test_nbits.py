@@ -59,3 +59,24 @@ def test_a_graph_built_with_the_quantizer_holds_no_float_base_weight(tiny_llama)
     count = len(blocks)
     final = to_matmul_nbits(proto, blocks, 32, 4)
     assert sum(n.op_type == "MatMulNBits" for n in final.graph.node) == count
+
+
+def test_a_large_search_split_into_column_slices_gives_the_same_blocks(monkeypatch):
+    from edgepeft.exporters import onnx_quant
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((96, 50)) * 0.02).astype(np.float32)
+    w[:, 30:] += 0.05  # asymmetric columns: the last slice takes zero points
+    w[:, :17] = rng.integers(-7, 8, (96, 17)) * 0.01  # the first slice on the symmetric grid: none
+    w[::32, :17] = -0.08
+    importance = rng.lognormal(size=96)
+    want = onnx_quant.int4_blocks(w, importance, 32, zero_points=True)
+    assert onnx_quant.int4_blocks(w[:, :17], importance, 32, zero_points=True)[2] is None
+    monkeypatch.setattr(onnx_quant, "SPLIT_WEIGHTS", 100)
+    q = WeightQuantizer(lambda group: 4, {"m": importance}, 32, zero_points=True)
+    q.workers = 3
+    q("node", "m", "g", w)
+    assert len(q.pending["node"][2]) == 3
+    bits, packed, scales, zp, k = q.results()["node"]
+    assert (bits, k) == (4, 96) and np.array_equal(packed, want[0]) and np.array_equal(scales, want[1])
+    assert want[2] is not None and np.array_equal(zp, want[2])
