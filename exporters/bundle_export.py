@@ -15,7 +15,7 @@ from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_stat
                       resolve_base_dir)
 from .decode_bytes import gguf_decode_bytes
 from .gguf_adapter import export_adapter_gguf
-from .gguf_base import check_gguf_layout, gguf_ftype, quantize_gguf, write_base_gguf
+from .gguf_base import check_gguf_layout, gguf_ftype, quantize_gguf, quantize_source_type, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
 from .onnx_export import export_onnx
 from .onnx_graph import check_onnx_shapes
@@ -233,8 +233,9 @@ def _write_gguf(base: BaseModel, root: Path, quant: str) -> str:
     if quant in ("F32", "F16"):
         write_base_gguf(base, root / rel, quant)
     else:
-        source = root / "gguf" / f"{TMP_PREFIX}base-F32.gguf"
-        write_base_gguf(base, source, "F32")
+        source_type = quantize_source_type(base)
+        source = root / "gguf" / f"{TMP_PREFIX}base-{source_type}.gguf"
+        write_base_gguf(base, source, source_type)
         try:
             quantize_gguf(source, root / rel, quant)
         finally:

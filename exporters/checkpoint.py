@@ -28,12 +28,13 @@ class CheckpointTensors:
     export would bring the whole checkpoint back into memory. A read's map closes with its tensor."""
 
     def __init__(self, local: Path):
-        self.local, self.where, self.shapes = local, {}, {}
+        self.local, self.where, self.shapes, self.dtypes = local, {}, {}, {}
         for path in sorted(local.glob("*.safetensors")):
             with self._open(path) as handle:
                 for name in handle.keys():
                     self.where[name] = path
                     self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+                    self.dtypes[name] = handle.get_slice(name).get_dtype()  # safetensors' spelling: BF16, F32, ...
         if not self.where:
             raise UnsupportedModel(f"{local}: no .safetensors weights (edgepeft reads safetensors only, "
                                    "not pickled .bin files)")

@@ -23,6 +23,8 @@ from .hf_base import BaseModel
 from .hf_config import SLIDING, rope_parameters
 
 GGUF_QUANTS = ("F32", "F16", "Q8_0", "Q4_K_M")  # common ones; any LLAMA_FTYPE_MOSTLY_* name works
+# How write_base_gguf holds each type's values in numpy (bf16: its bits, numpy has no bfloat16).
+_STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 def gguf_arch(gguf, model_type: str):
@@ -80,7 +82,8 @@ def _add_family_keys(writer, base: BaseModel, fam: Arch, lay: Layout) -> None:
 
 
 def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
-    """Write `base` as a GGUF file of type F32 or F16 at `dest` (quantize() makes the rest)."""
+    """Write `base` as a GGUF file of type F32, F16 or BF16 at `dest` (quantize_gguf makes the
+    rest); norms and biases stay F32 in every type."""
     gguf = require("gguf", "export")
     d, cfg, fam, lay = base.dims, base.config, base.arch, base.layout
     check_gguf_layout(base.local_dir, cfg, d, lay)
@@ -100,7 +103,8 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     writer.add_rope_freq_base(float(scaling["rope_theta"]))
     writer.add_layer_norm_rms_eps(d["rms_norm_eps"])
     writer.add_vocab_size(d["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if ftype == "F16" else gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type({"F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(
+        ftype, gguf.LlamaFileType.ALL_F32))
     rope_type = scaling["rope_type"]
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -116,14 +120,18 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     # gguf-py writes one tensor at a time once every tensor's name, shape and type is declared
     # (add_tensor_info, then write_tensor_data in the same order): each weight is read from the
     # checkpoint, converted and written before the next, instead of add_tensor holding them all.
-    for target, shape, dtype, _ in plan:
-        writer.add_tensor_info(target, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    # Its lazy tensors (gguf.lazy) would defer the same conversions through a graph of numpy
+    # stand-ins; these plain functions need none of that.
+    for target, shape, gtype, _ in plan:
+        nbytes = int(np.prod(shape)) * np.dtype(_STORAGE[gtype]).itemsize
+        writer.add_tensor_info(target, shape, np.dtype(_STORAGE[gtype]), nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType[gtype])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for target, shape, dtype, make in plan:
+    for target, shape, gtype, make in plan:
         w = make()
-        assert w.shape == tuple(shape) and w.dtype == dtype, target
+        assert w.shape == tuple(shape) and w.dtype == _STORAGE[gtype], target
         writer.write_tensor_data(w)
         del w
     writer.close()
@@ -137,18 +145,19 @@ def _rope_tensors(gguf, base: BaseModel, scaling: dict) -> list:
         inv = base.model.model.rotary_emb.inv_freq.detach().float().numpy()
         base_inv = 1.0 / (float(scaling["rope_theta"]) ** (np.arange(0, d["head_dim"], 2, dtype=np.float32) / d["head_dim"]))
         freqs = (base_inv / inv).astype(np.float32)
-        out.append(("rope_freqs.weight", freqs.shape, np.float32, lambda: freqs))
+        out.append(("rope_freqs.weight", freqs.shape, "F32", lambda: freqs))
     elif rope_type == "longrope":  # llama.cpp picks one of these per context (n_ctx > original: long)
         for key, tensor in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
                             ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
             factors = np.asarray(scaling[key], np.float32)
-            out.append((f"{gguf.TENSOR_NAMES[tensor]}.weight", factors.shape, np.float32, lambda f=factors: f))
+            out.append((f"{gguf.TENSOR_NAMES[tensor]}.weight", factors.shape, "F32", lambda f=factors: f))
     return out
 
 
 def _weight_tensors(base: BaseModel, names, ftype: str) -> list:
-    """(GGUF name, shape, dtype, function making the array) for every weight, in llama.cpp's
-    order; the function reads the weight from the checkpoint when the writer gets to it."""
+    """(GGUF name, shape, GGML type, function making the array) for every weight, in llama.cpp's
+    order; the function reads the weight from the checkpoint when the writer gets to it, in any
+    float dtype (upcast to float32 as torch's .float() does, exact from bf16/fp16)."""
     d, fam = base.dims, base.arch
     shapes = dict(base.model.state_dict())
     plan = []
@@ -163,20 +172,42 @@ def _weight_tensors(base: BaseModel, names, ftype: str) -> list:
             raise UnsupportedModel(f"{base.local_dir}: tensor {name} has no GGUF name")
         shape = tuple(shapes[name].shape)
         # ggml keeps norms and biases in F32 whatever the file type, like llama.cpp's converter.
-        dtype = np.float32 if ftype == "F32" or len(shape) == 1 else np.float16
+        gtype = "F32" if len(shape) == 1 else ftype
         heads = (d["num_heads"] if stem.endswith("q_proj") else d["num_kv_heads"] if stem.endswith("k_proj")
                  else None) if fam.permute_qk else None
 
-        def make(name=name, dtype=dtype, heads=heads):
-            w = base.tensor(name).numpy()
-            if fam.norms.offset and name.endswith("norm.weight"):
-                w = w + np.float32(fam.norms.offset)  # llama.cpp multiplies by the stored weight: store 1 + w
+        def make(name=name, gtype=gtype, heads=heads):
+            if gtype == "BF16":
+                w = _bf16_bits(base.stored(name))
+            else:
+                w = base.tensor(name).numpy()
+                if fam.norms.offset and name.endswith("norm.weight"):
+                    w = w + np.float32(fam.norms.offset)  # llama.cpp multiplies by the stored weight: store 1 + w
             if heads:
                 w = permute_rows(w, heads)
-            return w.astype(dtype)
+            return w.astype(_STORAGE[gtype], copy=False)  # no copy of what is already float32
 
-        plan.append((f"{target}.{suffix}", shape, dtype, make))
+        plan.append((f"{target}.{suffix}", shape, gtype, make))
     return plan
+
+
+def _bf16_bits(t) -> np.ndarray:
+    """Tensor `t` in bf16 as its uint16 bits: a bf16 checkpoint's own bits, untouched, else
+    rounded to nearest even by torch. Not gguf-py's quants.quantize(BF16): bf16 needs no
+    conversion at all, and for other dtypes torch converts in one pass where gguf-py's numpy
+    rounding keeps about another float32 copy of the tensor."""
+    torch = require("torch", "export")
+    if t.dtype != torch.bfloat16:
+        t = t.float().to(torch.bfloat16)
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def quantize_source_type(base: BaseModel) -> str:
+    """The type of the GGUF that llama.cpp quantizes: BF16 when every matrix is stored in bf16
+    (the checkpoint's bits as they are: half the bytes of F32, and llama.cpp reads BF16 exactly,
+    so its quantized file is the one it makes from F32), else F32. Norms are F32 in both."""
+    matrices = [name for name, p in base.model.named_parameters(remove_duplicate=False) if p.ndim > 1]
+    return "BF16" if all(base.stored_dtype(name) == "BF16" for name in matrices) else "F32"
 
 
 def _tensor_order(name: str):

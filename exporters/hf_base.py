@@ -23,8 +23,8 @@ class BaseModel:
     """A loaded base: the torch model (eval), its config and the manifest facts.
 
     With `tensors` (the export's default), the model is a skeleton whose weights stay in the
-    checkpoint: read them with tensor(), param(), checkpoint.materialized() or, to run the model,
-    checkpoint.float32_compute(). Without, the model holds its float32 weights.
+    checkpoint: read them with tensor(), stored(), param(), checkpoint.materialized() or, to run
+    the model, checkpoint.float32_compute(). Without, the model holds its float32 weights.
     """
 
     source: str
@@ -41,9 +41,22 @@ class BaseModel:
 
     def tensor(self, name: str):
         """Model weight `name` as a float32 torch tensor, read from the checkpoint if it is there."""
+        return self.stored(name).float()
+
+    def stored(self, name: str):
+        """Model weight `name` as a torch tensor in the dtype it is kept in: the checkpoint's (bf16,
+        fp16, ...) for a base whose weights stay there, else the model's."""
         if self.tensors is None:
-            return self.model.state_dict()[name].detach().float()
-        return self.tensors.get(checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"])).float()
+            return self.model.state_dict()[name].detach()
+        return self.tensors.get(checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"]))
+
+    def stored_dtype(self, name: str) -> str:
+        """The dtype stored() returns for `name`, in safetensors' spelling (BF16, F16, F32, ...),
+        from the checkpoint's header: no weight is read."""
+        if self.tensors is None:
+            dtype = str(self.model.state_dict()[name].dtype).removeprefix("torch.")
+            return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype, dtype)
+        return self.tensors.dtypes[checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"])]
 
     def param(self, module: str, name: str):
         """Parameter `name` of submodule `module` as float32 numpy, or None if it has none."""

@@ -2,7 +2,6 @@
 the whole model loaded in float32."""
 
 import hashlib
-import shutil
 
 import pytest
 import torch
@@ -11,21 +10,11 @@ from edgepeft.bundle import Bundle
 from edgepeft.exporters import bundle_export, hf_base
 from edgepeft.exporters.checkpoint import float32_compute, materialized
 
-from factory import make_base, make_lora, make_prompt_adapter
+from factory import bf16_copy, make_base, make_lora, make_prompt_adapter
 
 # hidden 96: sqrt(96), Gemma's embedding scale, is not a bf16 number, so a rounded buffer shows
 CASES = [("llama", {}, "onnx,gguf"), ("qwen3", {}, "onnx,gguf"), ("phi3_longrope", {}, "onnx,gguf"),
          ("gemma3_text", {"tie": True, "hidden": 96}, "onnx,gguf")]
-
-
-def _bf16_copy(src, dest):
-    from transformers import AutoModelForCausalLM
-
-    shutil.copytree(src, dest)
-    for f in dest.glob("*.safetensors"):
-        f.unlink()
-    AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(torch.bfloat16).save_pretrained(dest)
-    return dest
 
 
 def _digests(root):
@@ -35,7 +24,7 @@ def _digests(root):
 
 @pytest.mark.parametrize("family,opts,formats", CASES, ids=[c[0] for c in CASES])
 def test_lazy_and_whole_float32_loads_write_identical_bundles(family, opts, formats, tmp_path, monkeypatch):
-    base = _bf16_copy(make_base(tmp_path / "f32", family, seed=0, **opts), tmp_path / "bf16")
+    base = bf16_copy(make_base(tmp_path / "f32", family, seed=0, **opts), tmp_path / "bf16")
     lora = make_lora(base, tmp_path / "lora", seed=1, r=4, target_modules=["o_proj"])
     prompt = make_prompt_adapter(base, tmp_path / "prompt", "PROMPT_TUNING", num_virtual_tokens=3)
     load, loaded = hf_base.load_base, []
@@ -59,7 +48,7 @@ def test_lazy_and_whole_float32_loads_write_identical_bundles(family, opts, form
 
 
 def test_float32_compute_runs_a_lazy_base_as_the_float32_model_and_leaves_no_weight_behind(tmp_path):
-    base = _bf16_copy(make_base(tmp_path / "f32", "gemma3_text", seed=0, tie=True, hidden=96), tmp_path / "bf16")
+    base = bf16_copy(make_base(tmp_path / "f32", "gemma3_text", seed=0, tie=True, hidden=96), tmp_path / "bf16")
     lazy, full = hf_base.load_base(str(base)), hf_base.load_base(str(base), lazy=False)
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.no_grad(), float32_compute(lazy):
