@@ -81,7 +81,8 @@ def _export_table(results: dict) -> list[str]:
 def _decode_table(results: dict) -> list[str]:
     summary = results["summary"]
     refs = [n for n in summary if n.startswith(("llama-cpp-python", "onnxruntime-genai"))]
-    rows = ["## Decode", "", f"{len(results['rounds'])} rounds; in each, every engine in a fresh process (order "
+    n = len(results["rounds"])
+    rows = ["## Decode", "", f"{n} round{'s' if n != 1 else ''}; in each, every engine in a fresh process (order "
             f"rotated by round), {results['threads']} threads, {results['new_tokens']} greedy tokens after the "
             "chat prompt (EOS ignored) after a warm-up generation. Medians over rounds; ratios are medians of "
             "per-round ratios of decode speed; GB/s = weights read per token x median tok/s.", "",
