@@ -55,6 +55,20 @@ class CheckpointTensors:
         with self._open(self.where[name]) as handle:
             return handle.get_tensor(name)
 
+    def rows(self, name: str, start: int, stop: int):
+        """Rows start:stop of tensor `name` in its stored dtype (a slice: the rest is not read)."""
+        with self._open(self.where[name]) as handle:
+            return handle.get_slice(name)[start:stop]
+
+    def equal(self, a: str, b: str, rows: int = 4096) -> bool:
+        """Whether tensors a and b hold the same values, read a block of rows at a time."""
+        if a == b:
+            return True
+        if self.shapes[a] != self.shapes[b]:
+            return False
+        return all(self.rows(a, r, r + rows).equal(self.rows(b, r, r + rows))
+                   for r in range(0, self.shapes[a][0] if self.shapes[a] else 1, rows))
+
 
 def checkpoint_name(tensors: CheckpointTensors, name: str, tied: bool) -> str:
     """The checkpoint's name for model tensor `name`: itself, or the embedding for a tied head."""

@@ -77,3 +77,36 @@ def test_a_checkpoint_missing_a_weight_is_refused_in_one_line(tmp_path):
     save_file(tensors, f)
     with pytest.raises(UnsupportedModel, match="has no tensor model.layers.1.mlp.up_proj.weight"):
         hf_base.load_base(str(base))
+
+
+def _head_copy(base, out, change_last_row: bool):
+    """An untied copy of `base` whose lm_head holds the embedding's values (the last row changed)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out)
+    (f,) = out.glob("*.safetensors")
+    weights = load_file(f)
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    weights["lm_head.weight"][-1, 3] += float(change_last_row)
+    save_file(weights, f, metadata={"format": "pt"})
+    return hf_base.load_base(str(out))  # loading reads every tensor once (the fingerprint)
+
+
+def test_an_untied_head_equal_to_the_embedding_counts_as_tied_read_in_row_blocks(tmp_path, monkeypatch):
+    from edgepeft.exporters import checkpoint, onnx_graph
+
+    base = make_base(tmp_path / "b", "llama", seed=0)
+    same, other = _head_copy(base, tmp_path / "same", False), _head_copy(base, tmp_path / "other", True)
+    reads = []
+    rows = checkpoint.CheckpointTensors.rows
+    monkeypatch.setattr(checkpoint.CheckpointTensors, "rows",
+                        lambda self, name, a, b: reads.append((name, a, b)) or rows(self, name, a, b))
+    monkeypatch.setattr(checkpoint.CheckpointTensors, "get", lambda *a: pytest.fail("a whole table was read"))
+    assert onnx_graph.head_is_tied(same) and reads
+    assert not onnx_graph.head_is_tied(other)
+    reads.clear()
+    vocab = other.tensors.shapes["lm_head.weight"][0]
+    assert not other.tensors.equal("lm_head.weight", "model.embed_tokens.weight", rows=7)
+    assert sorted({(a, b) for _, a, b in reads}) == [(r, r + 7) for r in range(0, vocab, 7)]
