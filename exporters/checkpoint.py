@@ -71,11 +71,12 @@ class CheckpointTensors:
 
 
 def checkpoint_name(tensors: CheckpointTensors, name: str, tied: bool) -> str:
-    """The checkpoint's name for model tensor `name`: itself, or the embedding for a tied head."""
-    if name in tensors:
-        return name
+    """The checkpoint's name for model tensor `name`: itself, or the embedding for a tied head (as
+    transformers ties them, even where the checkpoint stores a head too)."""
     if name == HEAD and tied and EMBEDDING in tensors:
         return EMBEDDING
+    if name in tensors:
+        return name
     raise UnsupportedModel(f"{tensors.local}: the checkpoint has no tensor {name} (a checkpoint of another "
                            "model class, or renamed weights)")
 
@@ -112,11 +113,10 @@ def _own_params(base, module):
     torch = require("torch", "export")
     path = _module_paths(base.model)[id(module)]
     saved = dict(module._parameters)
-    tied = base.dims["tie_word_embeddings"]
     for name, p in saved.items():
         if p is not None:
             full = f"{path}.{name}" if path else name
-            value = base.tensors.get(checkpoint_name(base.tensors, full, tied)).float()
+            value = base.stored(full).float()
             module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
     try:
         yield

@@ -54,7 +54,8 @@ def head_is_tied(base: BaseModel) -> bool:
         return True
     if base.tensors is not None:  # a lazy base: compare the checkpoint's tables a block of rows at a time
         names = [checkpoint_name(base.tensors, n, base.dims["tie_word_embeddings"]) for n in (HEAD, EMBEDDING_WEIGHT)]
-        return base.tensors.equal(*names)
+        if base.merged is None or not any(n in base.merged for n in names):
+            return base.tensors.equal(*names)
     head, embed = base.tensor(HEAD), base.tensor(EMBEDDING_WEIGHT)
     return head.shape == embed.shape and bool((head == embed).all())
 

@@ -110,3 +110,32 @@ def test_an_untied_head_equal_to_the_embedding_counts_as_tied_read_in_row_blocks
     vocab = other.tensors.shapes["lm_head.weight"][0]
     assert not other.tensors.equal("lm_head.weight", "model.embed_tokens.weight", rows=7)
     assert sorted({(a, b) for _, a, b in reads}) == [(r, r + 7) for r in range(0, vocab, 7)]
+
+
+MERGES = [("lora", "llama", {}), ("dora", "qwen3", {}), ("ia3", "llama", {}),
+          ("lora_bf16", "gemma3_text", {"tie": True, "hidden": 96}), ("lora_embed", "gemma3_text", {"tie": True, "hidden": 96})]
+
+
+@pytest.mark.parametrize("kind,family,opts", MERGES, ids=[m[0] for m in MERGES])
+def test_merge_on_a_lazy_base_writes_the_bundle_a_whole_float32_merge_writes(kind, family, opts, tmp_path,
+                                                                            monkeypatch):
+    from peft import IA3Config
+
+    base = bf16_copy(make_base(tmp_path / "f32", family, seed=0, **opts), tmp_path / "bf16")
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if kind == "ia3":
+        from test_scale_kinds import make_peft  # noqa: PLC0415 (the kinds tests' PEFT factory)
+        adapter = make_peft(base, tmp_path / kind, IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "down_proj"],
+                                                              feedforward_modules=["down_proj"]), 5, ("ia3_l",))
+    elif kind == "lora_embed":  # the tied embedding adapted: the head changes with it
+        adapter = make_lora(base, tmp_path / kind, seed=2, target_modules=["embed_tokens", "o_proj"])
+    else:
+        adapter = make_lora(base, tmp_path / kind, seed=1, target_modules=projections, use_dora=kind == "dora")
+    load, got = bundle_export.load_base, {}
+    for lazy in (True, False):
+        monkeypatch.setattr(bundle_export, "load_base", lambda source, lazy_=lazy, **_: load(source, lazy=lazy_))
+        out = tmp_path / f"m-{lazy}"
+        bundle_export.export_bundle(str(base), out, {"m": str(adapter)}, formats="onnx,gguf", onnx_quant="int4",
+                                    gguf_quant="F32", merge="m", quiet=True)
+        got[lazy] = (_digests(out), Bundle.open(out).fingerprint)
+    assert len(got[True][0]) >= 3 and got[True] == got[False]
