@@ -82,12 +82,12 @@ def build_genai(python: str, base: Path, out: Path, cache: Path, threads: int) -
 OURS = """
 import json, time
 from edgepeft.runtime import Engine
-msgs = [{{"role": "user", "content": {prompt!r}}}]
+msgs = [{{"role": "user", "content": {prompt!r}}}] if {chat} else {prompt!r}
 t = time.perf_counter()
 e = Engine.open({bundle!r}, backend={backend!r}, threads={threads}, load_adapters={adapter!r} is not None)
 load = time.perf_counter() - t
-e.complete(msgs, adapter={adapter!r}, max_new_tokens={warm}, ignore_eos=True, chat=True)
-c = e.complete(msgs, adapter={adapter!r}, max_new_tokens={n}, ignore_eos=True, chat=True)
+e.complete(msgs, adapter={adapter!r}, max_new_tokens={warm}, ignore_eos=True, chat={chat})
+c = e.complete(msgs, adapter={adapter!r}, max_new_tokens={n}, ignore_eos=True, chat={chat})
 print(json.dumps({{"load_s": load, "ttft_ms": c.timings["prefill_s"] * 1e3, "tokens": len(c.tokens),
                   "decode_tokens_per_s": c.timings["decode_tokens_per_s"]}}))
 """
@@ -99,7 +99,8 @@ from edgepeft.bundle import Bundle
 from edgepeft.runtime.tokenizer import Tokenizer
 b = Bundle.open({bundle!r})
 gguf = b.backends["gguf"]
-ids = Tokenizer(b.root, b.manifest["tokenizer"]).apply_chat_template([{{"role": "user", "content": {prompt!r}}}])
+tok = Tokenizer(b.root, b.manifest["tokenizer"])
+ids = tok.apply_chat_template([{{"role": "user", "content": {prompt!r}}}]) if {chat} else tok.encode({prompt!r})
 t = time.perf_counter()
 llm = Llama(model_path=str(b.file(gguf["model"])), n_ctx=min(int(gguf["context_length"]), 4096),
             n_threads={threads}, n_threads_batch={threads}, verbose=False)
@@ -127,7 +128,7 @@ model = og.Model({model!r})
 load = time.perf_counter() - t
 tok = og.Tokenizer(model)
 ids = tok.encode(tok.apply_chat_template(json.dumps([{{"role": "user", "content": {prompt!r}}}]),
-                                         add_generation_prompt=True))
+                                         add_generation_prompt=True) if {chat} else {prompt!r})
 def run(n):
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
@@ -159,7 +160,7 @@ def run_engine(python: str, code: str, n: int) -> dict:
 
 def engines(bundle, genai_dir: Path | None, genai_python: str, threads: int, n: int) -> dict:
     """{label: (python, child code, n)} for every engine of the decode rounds."""
-    common = {"prompt": PROMPT, "threads": threads, "warm": WARMUP_TOKENS, "n": n}
+    common = {"prompt": PROMPT, "threads": threads, "warm": WARMUP_TOKENS, "n": n, "chat": True}
     onnx_q, gguf_q = bundle.backends["onnx"]["quant"], bundle.backends["gguf"]["quant"]
     out = {}
     for backend, quant in (("onnx", onnx_q), ("gguf", gguf_q)):
