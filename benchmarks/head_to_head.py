@@ -49,7 +49,7 @@ prompt = [{{"role": "user", "content": {prompt!r}}}]
 adapters = [a for a in ("r16-all7",) if a in engine.adapters]
 def rate(adapter):
     c = engine.complete(prompt, adapter=adapter, max_new_tokens={n}, ignore_eos=True, chat=True)
-    return c.timings["decode_tokens_per_s"]
+    return c.timings.decode_tokens_per_s
 for a in [None, *adapters]: rate(a)  # warm-up
 print("ready", flush=True)
 for line in sys.stdin:

@@ -70,10 +70,17 @@ def pick_onnx(available: list[str], device: str = "auto") -> Choice:
     return Choice(device, [*wanted, "CPUExecutionProvider"], None)
 
 
+def check_gpu_layers(gpu_layers: int | None) -> None:
+    """Refuse a --gpu-layers value below -1 (-1, as llama.cpp's own tools take it, is every layer)."""
+    if gpu_layers is not None and gpu_layers < -1:
+        raise InvalidArgument(f"gpu layers {gpu_layers} must be -1 (every layer) or at least 0")
+
+
 def pick_gguf(gpu_offload: bool, device: str = "auto", gpu_layers: int | None = None) -> Choice:
     """llama.cpp offload for `device`: all layers on the GPU when the build supports it (or
-    `gpu_layers` of them), none on the CPU."""
+    `gpu_layers` of them; -1: all), none on the CPU."""
     check_device(device)
+    check_gpu_layers(gpu_layers)
     if device == "cpu":
         return Choice("cpu", [], None, 0)
     if not gpu_offload:
@@ -81,7 +88,7 @@ def pick_gguf(gpu_offload: bool, device: str = "auto", gpu_layers: int | None = 
             f"device {device}: this llama-cpp-python was built without GPU support; running on the CPU "
             "(rebuild it with CMAKE_ARGS=\"-DGGML_CUDA=on\" or -DGGML_METAL=on, see docs/devices.md)")
         return Choice("cpu", [], note, 0)
-    layers = 999 if gpu_layers is None else int(gpu_layers)
+    layers = 999 if gpu_layers is None or gpu_layers == -1 else int(gpu_layers)
     return Choice("gpu" if layers else "cpu", [], None, layers)
 
 

@@ -74,7 +74,7 @@ def _show(engine, adapters, tasks) -> dict:
             # answers a token or two long
             fixed = engine.complete(example.prompt, adapter=col, max_new_tokens=DECODE_TOKENS, chat=True,
                                     ignore_eos=True)
-            speeds[col].append(fixed.timings["decode_tokens_per_s"])
+            speeds[col].append(fixed.timings.decode_tokens_per_s)
             lines = textwrap.wrap(" ".join(r.text.split()), 86) or [""]
             print(f"    {col or 'base':<10} | {lines[0]}" + "".join(f"\n    {'':<10} | {l}" for l in lines[1:3]))
     switch = {n: statistics.median(engine.switch_seconds(n)) * 1e3 for n in adapters}
