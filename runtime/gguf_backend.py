@@ -22,7 +22,8 @@ import numpy as np
 from edgepeft.bundle import Bundle
 from edgepeft.errors import AdapterError, BundleError, EngineError, require
 from edgepeft.llama_log import quiet_llama_cpp
-from edgepeft.runtime.devices import llama_cpp_problem, pick_gguf
+from edgepeft.runtime.devices import pick_gguf
+from edgepeft.native_check import llama_cpp_problem
 
 from .backend import Backend, SequenceState
 from .gguf_check import check_adapter_gguf, check_base_gguf
