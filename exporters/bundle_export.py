@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from edgepeft.bundle import Bundle, new_manifest
 from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, UnsupportedModel, require
-from edgepeft.files import DIR_MODE, TMP_PREFIX
-from edgepeft.layout import MANIFEST, adapter_file, check_adapter_name
+from edgepeft.files import TMP_PREFIX
+from edgepeft.layout import adapter_file, check_adapter_name
 from edgepeft.recovery import recover, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
@@ -25,6 +21,7 @@ from .onnx_adapter import export_adapter_onnx
 from .onnx_graph import add_base_path, build_decoder, check_onnx_shapes, head_is_tied
 from .onnx_quant import (EIGHT_BIT_GROUPS, EXACT_HEAD_TOP_K, ONNX_QUANTS, WEIGHT_ONLY, base_matmuls,
                          importance_blocks, quantize)
+from .staging import Progress, replace_dir, staging_dir
 
 FORMATS = ("onnx", "gguf")
 
@@ -37,58 +34,6 @@ def _parse_formats(formats) -> list[str]:
     if not formats:
         raise BundleError("no output format given")
     return formats
-
-
-class _Progress:
-    """A step counter drawn with tqdm; silent with quiet=True."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.bar = None
-        if not quiet:
-            tqdm = require("tqdm", "export").tqdm
-            # disable=None: drawn on a terminal only, so piped stderr carries just our messages.
-            self.bar = tqdm(total=total, unit="step", disable=None, leave=False,
-                            bar_format="{desc:<40}{bar}| {n}/{total} [{elapsed}]")
-
-    def step(self, desc: str):
-        if self.bar:
-            self.bar.set_description_str(desc)
-
-    def done(self):
-        if self.bar:
-            self.bar.update(1)
-
-    def close(self):
-        if self.bar:
-            self.bar.close()
-
-
-@contextmanager
-def _staging_dir(out: Path):
-    """A fresh directory beside `out`; removed unless the caller moved it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with writer_lock(out):  # held until the new bundle is in place (see edgepeft.recovery)
-        recover(out)  # leftovers of an earlier export or add-adapter killed half-way
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}.", dir=out.parent))
-        os.chmod(tmp, DIR_MODE)
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an existing bundle at `out` is replaced whole."""
-    if out.exists():
-        if not (out / MANIFEST).is_file() and any(out.iterdir()):
-            raise BundleError(f"{out}: exists and is not an edgepeft bundle; refusing to overwrite it")
-        old = out.parent / f"{TMP_PREFIX}{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
@@ -105,7 +50,7 @@ def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
 # The version of the ONNX export recipe, written into every bundle's ONNX backend entry. Bump it
 # when an export of the same base and options would write a different graph or different weights
 # (layout, slots, quantization), so that the demo and the benchmarks re-export older bundles.
-ONNX_RECIPE = 2  # 2: int4 zero points per 4-bit block; eight_bit as full node names
+ONNX_RECIPE = 2
 
 
 def onnx_export_current(onnx: dict) -> bool:
@@ -245,7 +190,7 @@ def _measured_mix(base: BaseModel, proto, info: dict, blocks: dict, block_size: 
 
 
 def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, block_size: int,
-                 accuracy_level: int, context_length: int | None, progress: _Progress,
+                 accuracy_level: int, context_length: int | None, progress: Progress,
                  int4_target_kl: float | None = None) -> dict:
     """Write onnx/ (the base graph, quantized, with `slot_set` adapter slots) into the bundle,
     list its files, and return the manifest's backends["onnx"] entry."""
@@ -300,7 +245,7 @@ def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, blo
 
 
 def _export_gguf(bundle: Bundle, base: BaseModel, quant: str, context_length: int | None,
-                 progress: _Progress) -> dict:
+                 progress: Progress) -> dict:
     """Write the base GGUF into the bundle, list it, and return the manifest's backends["gguf"]."""
     progress.step(f"writing GGUF ({quant})")
     rel = _write_gguf(base, bundle.root, quant)
@@ -332,7 +277,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     if int4_target_kl is not None and onnx_quant != "int4":
         raise UnsupportedModel(f"--int4-target-kl applies to --onnx-quant int4, not {onnx_quant}")
     formats, specs = _read_request(base, adapters, formats, onnx_quant, gguf_quant, merge, slots)
-    progress = _Progress(2 + 3 * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
+    progress = Progress(2 + 3 * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
     try:
         progress.step("loading base")
         base_model = load_base(base)
@@ -342,7 +287,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
             spec = specs.pop(merge)
             merged = {"name": merge, **spec.summary(), "source": str(Path(adapters[merge]))}
             _merge(base_model, spec)
-        with _staging_dir(out) as tmp:
+        with staging_dir(out) as tmp:
             tokenizer = copy_tokenizer(base_model, tmp)
             bundle = Bundle(tmp, new_manifest(base=_base_entry(base, base_model, merged), tokenizer=tokenizer))
             for name in tokenizer["files"]:
@@ -359,7 +304,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                 _write_adapter(bundle, name, spec, formats, base=base_model)
                 progress.done()
             bundle.save()
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
             progress.done()
     finally:
         progress.close()
