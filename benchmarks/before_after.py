@@ -93,10 +93,9 @@ def main() -> None:
         bundle = Path(args.bundle)
     else:
         from edgepeft.cache import cache_dir
-        from edgepeft.cli.demo import demo_bundle
-        from edgepeft.shipped import shipped_adapters
+        from edgepeft.demo import demo_bundle
 
-        bundle = demo_bundle(cache_dir() / "demo" / "smollm2-135m", shipped_adapters(), ["onnx", "gguf"], True)[0].root
+        bundle = demo_bundle(cache_dir() / "demo" / "smollm2-135m")[0].root
     before = Path(args.before).resolve()
     before_bundle = Path(args.before_bundle) if args.before_bundle else bundle
     commit = subprocess.run(["git", "-C", str(before), "rev-parse", "--short", "HEAD"], capture_output=True,
