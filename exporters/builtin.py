@@ -33,7 +33,7 @@ class Builtin:
     package: str        # import name of the PyPI package holding the GGUF
     extra: str          # the edgepeft extra that installs it
     locate: Callable[["Builtin"], Path]  # finds (or builds) the GGUF file; the package is installed
-    cache_name: str     # materialised as cache_dir()/f"{cache_name}-{gguf size}-v{CACHE_VERSION}"
+    cache_name: str     # materialised as cache_dir()/f"{cache_name}-{gguf size}-v{CACHE_VERSION}-tf{major}"
     bos: int
     eos: tuple[int, ...]  # eos[0] goes into config.json; all of them end generation
     pad: int
@@ -104,13 +104,58 @@ def gguf_path(name: str) -> Path:
     return builtin.locate(builtin)
 
 
+def transformers_major() -> int:
+    """The installed transformers' major version."""
+    from importlib.metadata import version
+
+    return int(version("transformers").split(".")[0])
+
+
+def _dense_model(transformers, torch, gguf: Path):
+    """The GGUF's model with float32 weights, as a plain (savable) transformers model.
+    transformers 5 loads a GGUF through a quantizer that refuses to save; its dequantized
+    weights go into a model built from the same config."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dense = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    dense.load_state_dict(model.state_dict(), strict=True)
+    dense.generation_config = model.generation_config
+    return dense.eval()
+
+
+def write_legacy_rope(path: Path, config) -> None:
+    """Add `rope_theta` (and `rope_scaling`) to a config.json saved by transformers 5, which
+    writes only `rope_parameters`: transformers 4.x would otherwise read the default base."""
+    import json
+
+    from .hf_config import FULL, SLIDING, rope_parameters
+
+    data = json.loads(path.read_text())
+    if "rope_theta" in data or "rope_parameters" not in data:
+        return
+    params = rope_parameters(config)
+    data["rope_theta"] = params["rope_theta"]
+    if set(data["rope_parameters"]) >= {FULL, SLIDING}:  # Gemma 3: one dict per layer type
+        data["rope_local_base_freq"] = rope_parameters(config, SLIDING)["rope_theta"]
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling.get("rope_type") != "default":
+        data["rope_scaling"] = scaling
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def materialize(source: str) -> Path:
     """Return a Hugging Face directory for `builtin:NAME`, building the cache entry if needed."""
     name = source.split(":", 1)[1]
     gguf = gguf_path(name)
     builtin = BUILTINS[name]
     stat = gguf.stat()
-    out = cache_dir() / f"{builtin.cache_name}-{stat.st_size}-v{CACHE_VERSION}"
+    # One entry per transformers major version: 4.x cannot read the tokenizer_config.json 5.x writes.
+    major = transformers_major()
+    out = cache_dir() / f"{builtin.cache_name}-{stat.st_size}-v{CACHE_VERSION}-tf{major}"
     if (out / "config.json").is_file():
         return out
     torch = require("torch", "export")
@@ -120,15 +165,19 @@ def materialize(source: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out.parent))
     os.chmod(tmp, DIR_MODE)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        from .hf_base import quiet_loading
+
+        with quiet_loading():
+            model = _dense_model(transformers, torch, gguf)
         fast = builtin.tokenizer(gguf)
         model.generation_config.bos_token_id = builtin.bos
         model.generation_config.eos_token_id = builtin.eos[0] if len(builtin.eos) == 1 else list(builtin.eos)
         model.generation_config.pad_token_id = builtin.pad
         model.config.bos_token_id, model.config.eos_token_id = builtin.bos, builtin.eos[0]
         model.config.pad_token_id = builtin.pad
-        model.save_pretrained(tmp, safe_serialization=True)
+        with quiet_loading():
+            model.save_pretrained(tmp, safe_serialization=True)
+        write_legacy_rope(tmp / "config.json", model.config)
         fast.save_pretrained(tmp)
         try:
             os.replace(tmp, out)

@@ -74,6 +74,11 @@ def smollm2(gguf: Path):
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     backend = fast.backend_tokenizer
+    # The original's byte-level BPE model: every byte is in the vocabulary, no unknown token
+    # (transformers 4.x's converter sets sentencepiece-style fields, 5.x empty affixes).
+    model = backend.model
+    model.unk_token, model.byte_fallback, model.fuse_unk = None, False, False
+    model.continuing_subword_prefix, model.end_of_word_suffix = None, None
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgepeft.errors import require
+from edgepeft.errors import UnsupportedModel, require
 
 CALIBRATION_TEXTS = (
     "The history of the Roman Empire spans more than a thousand years, from the founding of the city "
@@ -30,15 +30,19 @@ CALIBRATION_TEXTS = (
 def _token_batches(base, vocab_size: int) -> list[list[int]]:
     """The calibration text as token ids, each text raw and (where the base has a chat template)
     as a user turn; a base without a usable tokenizer gets fixed pseudo-random ids instead."""
-    try:
-        transformers = require("transformers", "export")
-        tok = transformers.AutoTokenizer.from_pretrained(str(base.local_dir))
-    except Exception:  # a bare checkpoint (no tokenizer files): any fixed ids still give statistics
+    if not (base.local_dir / "tokenizer.json").is_file():  # a bare checkpoint: fixed ids still give statistics
         rng = np.random.default_rng(0)
         return [rng.integers(0, vocab_size, 48).tolist() for _ in CALIBRATION_TEXTS]
+    transformers = require("transformers", "export")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(base.local_dir))
+    except (OSError, ValueError) as e:
+        raise UnsupportedModel(f"{base.local_dir}: cannot load its tokenizer for calibration "
+                               f"({str(e).splitlines()[0][:160]})") from None
     batches = [tok(t)["input_ids"] for t in CALIBRATION_TEXTS]
     if getattr(tok, "chat_template", None):
-        batches += [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True)
+        batches += [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True,
+                                           return_dict=False)
                     for t in CALIBRATION_TEXTS]
     return [list(map(int, ids)) for ids in batches if len(ids)]
 

@@ -18,8 +18,9 @@ from edgepeft.errors import EngineError, UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
 from .archs import Arch, Layout, arch_of
-from .gguf_vocab import add_tokenizer
+from .gguf_vocab import add_tokenizer, gguf_name
 from .hf_base import BaseModel
+from .hf_config import SLIDING, rope_parameters
 
 GGUF_QUANTS = ("F32", "F16", "Q8_0", "Q4_K_M")  # common ones; any LLAMA_FTYPE_MOSTLY_* name works
 
@@ -49,10 +50,15 @@ def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
             raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} runs every {fam.gguf_swa_pattern}th "
                                    "layer global and the rest sliding-window; this config's layer_types differ "
                                    "(export --format onnx instead)")
-    local = getattr(config, fam.local_rope_field, None) if fam.local_rope_field else None
+    local = rope_parameters(config, SLIDING)["rope_theta"] if fam.local_rope else None
     if fam.gguf_local_rope_base is not None and local is not None and float(local) != fam.gguf_local_rope_base:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} rotates sliding-window layers with base "
                                f"{fam.gguf_local_rope_base:g}, this config with {float(local):g} (export --format onnx)")
+    uncapped = [what for what, cap in (("attention scores", lay.attn_softcap), ("logits", lay.final_softcap)) if not cap]
+    if fam.gguf_softcaps and uncapped:
+        raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} always soft-caps attention scores and "
+                               f"logits, this config leaves its {' and '.join(uncapped)} uncapped "
+                               "(export --format onnx instead)")
     if fam.gguf_scale_is_head_dim and abs(lay.attention_scale - dims["head_dim"] ** -0.5) > 1e-7:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} scales attention by head_dim ** -0.5, this "
                                f"config by {fam.attention_scale_field} (export --format onnx instead)")
@@ -67,15 +73,10 @@ def _add_family_keys(writer, base: BaseModel, fam: Arch, lay: Layout) -> None:
         writer.add_attn_logit_softcapping(float(lay.attn_softcap))
     if lay.final_softcap:
         writer.add_final_logit_softcapping(float(lay.final_softcap))
-    if _rope_type(base.config) == "longrope":
+    if rope_parameters(base.config)["rope_type"] == "longrope":
         rotary = base.model.model.rotary_emb
         writer.add_rope_scaling_orig_ctx_len(int(rotary.config.original_max_position_embeddings))
         writer.add_rope_scaling_attn_factors(float(rotary.attention_scaling))
-
-
-def _rope_type(cfg) -> str | None:
-    scaling = getattr(cfg, "rope_scaling", None) or {}
-    return scaling.get("rope_type", scaling.get("type"))
 
 
 def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
@@ -86,7 +87,6 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     arch = gguf_arch(gguf, cfg.model_type)
     names = gguf.get_tensor_name_map(arch, d["num_layers"])
     writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(Path(base.source).name or base.source)
     writer.add_context_length(d["max_position_embeddings"])
     writer.add_embedding_length(d["hidden_size"])
     writer.add_block_count(d["num_layers"])
@@ -96,25 +96,27 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     writer.add_key_length(d["head_dim"])
     writer.add_value_length(d["head_dim"])
     writer.add_rope_dimension_count(lay.rotary_dim)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
+    scaling = rope_parameters(cfg)
+    writer.add_rope_freq_base(float(scaling["rope_theta"]))
     writer.add_layer_norm_rms_eps(d["rms_norm_eps"])
     writer.add_vocab_size(d["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if ftype == "F16" else gguf.LlamaFileType.ALL_F32)
-    scaling = getattr(cfg, "rope_scaling", None) or {}
-    rope_type = _rope_type(cfg)
+    rope_type = scaling["rope_type"]
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    elif rope_type not in (None, "default", "llama3", "longrope"):
+    elif rope_type not in ("default", "llama3", "longrope"):
         raise UnsupportedModel(f"{base.local_dir}: rope scaling {rope_type!r} is not exported to GGUF yet")
     _add_family_keys(writer, base, fam, lay)
-    add_tokenizer(writer, gguf, base)
+    name = gguf_name(Path(base.source).name or base.source, add_tokenizer(writer, gguf, base))
+    if name is not None:
+        writer.add_name(name)
 
     state = base.model.state_dict()
     if rope_type == "llama3":
         # llama.cpp reads llama3 rope scaling as a rope_freqs tensor (inverse frequency factors).
         inv = base.model.model.rotary_emb.inv_freq.detach().float().numpy()
-        base_inv = 1.0 / (float(cfg.rope_theta) ** (np.arange(0, d["head_dim"], 2, dtype=np.float32) / d["head_dim"]))
+        base_inv = 1.0 / (float(scaling["rope_theta"]) ** (np.arange(0, d["head_dim"], 2, dtype=np.float32) / d["head_dim"]))
         writer.add_tensor("rope_freqs.weight", (base_inv / inv).astype(np.float32))
     elif rope_type == "longrope":  # llama.cpp picks one of these per context (n_ctx > original: long)
         for key, tensor in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),

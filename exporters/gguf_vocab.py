@@ -15,6 +15,31 @@ from edgepeft.errors import UnsupportedModel
 from .archs import arch_of
 from .hf_base import BaseModel
 
+# llama.cpp gives Phi-3's special tokens their whitespace handling when general.name contains one
+# of these (lower-cased), looking each of these tokens up by text: one missing (a byte-level BPE
+# vocabulary, as Phi-4-mini's) and it refuses the file ("unordered_map::at").
+_PHI3_NAMES = ("phi-3", "phi3")
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def gguf_name(name: str, tokens: set[str] | None) -> str | None:
+    """general.name for a base called `name` whose vocabulary is `tokens` (None: no vocabulary,
+    which llama.cpp loads before the rule above), or None where llama.cpp would refuse the file
+    with that name."""
+    if tokens is not None and any(k in name.lower() for k in _PHI3_NAMES) and not set(_PHI3_TOKENS) <= tokens:
+        return None
+    return name
+
+
+# The split regex of tiktoken's o200k encoding, as tokenizer.json spells it (Phi-4-mini):
+# llama.cpp's "gpt-4o" pre-tokenizer. It splits camel case and keeps contractions on their word,
+# where Llama 3's regex ("llama-bpe") does neither.
+O200K_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 
 def _pre_tokenizer(base: BaseModel, tok_json: dict) -> str:
     """llama.cpp's name for the pre-tokenizer regex (tokenizer.ggml.pre).
@@ -31,16 +56,18 @@ def _pre_tokenizer(base: BaseModel, tok_json: dict) -> str:
     if kinds == ["ByteLevel"] and pre.get("use_regex", True):
         return "gpt-2"
     if "Split" in kinds and "ByteLevel" in kinds:
-        return "llama-bpe"  # Llama 3 style: split regex + byte level
+        regexes = [(p.get("pattern") or {}).get("Regex") for p in pre.get("pretokenizers", [])]
+        return "gpt-4o" if O200K_REGEX in regexes else "llama-bpe"  # else Llama 3 style
     raise UnsupportedModel(f"{base.local_dir}/tokenizer.json: pre-tokenizer {kinds} has no known llama.cpp equivalent")
 
 
-def add_tokenizer(writer, gguf, base: BaseModel) -> None:
-    """The tokenizer keys of `base` (its tokenizer.json) as llama.cpp reads them."""
+def add_tokenizer(writer, gguf, base: BaseModel) -> set[str] | None:
+    """The tokenizer keys of `base` (its tokenizer.json) as llama.cpp reads them; returns the
+    vocabulary's token texts (None for a base without a tokenizer)."""
     path = base.local_dir / "tokenizer.json"
     if not path.is_file():
         writer.add_tokenizer_model("none")  # llama.cpp's "no vocab": ids in, logits out
-        return
+        return None
     tok_json = json.loads(path.read_text())
     model = tok_json.get("model", {})
     if model.get("type") != "BPE":
@@ -77,6 +104,7 @@ def add_tokenizer(writer, gguf, base: BaseModel) -> None:
     special.add_special_token["bos"] = bool(bos is not None and probe and probe[0] == bos)
     special.add_special_token["eos"] = False
     special.add_to_gguf(writer, quiet=True)
+    return set(vocab)
 
 
 def _is_byte_level(tok_json: dict) -> bool:
@@ -108,7 +136,7 @@ def _check_vocab(base: BaseModel, n_tokens: int) -> None:
                                f"has {base.dims['vocab_size']} rows")
 
 
-def _add_sentencepiece_style(writer, gguf, base: BaseModel) -> None:
+def _add_sentencepiece_style(writer, gguf, base: BaseModel) -> set[str]:
     """Llama-2 / Mistral / Gemma style tokenizers (BPE with byte fallback, spaces as "▁") as
     llama.cpp's "llama" (sentencepiece) vocabulary: tokens by id, scores, types.
 
@@ -156,3 +184,4 @@ def _add_sentencepiece_style(writer, gguf, base: BaseModel) -> None:
     if special.chat_template is None and (base.local_dir / "chat_template.jinja").is_file():
         special.chat_template = (base.local_dir / "chat_template.jinja").read_text()
     special.add_to_gguf(writer, quiet=True)
+    return set(vocab)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,20 @@ def reference_kwargs(config) -> dict:
     return {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
 
 
+@contextmanager
+def quiet_loading():
+    """transformers' own progress bars off while we load (5.x draws one per checkpoint): the
+    export's progress says where it stands."""
+    hf_logging = require("transformers", "export").utils.logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_base(source: str) -> BaseModel:
     """Load `source` (local HF dir or builtin:NAME) as float32 for export."""
     torch = require("torch", "export")
@@ -131,9 +146,10 @@ def load_base(source: str) -> BaseModel:
     config = read_config(local)
     try:
         # use_safetensors: a base with only pickled weights (pytorch_model.bin) is refused, not unpickled.
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            local, dtype=torch.float32, local_files_only=True, use_safetensors=True, **reference_kwargs(config)
-        ).eval()
+        with quiet_loading():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                local, dtype=torch.float32, local_files_only=True, use_safetensors=True, **reference_kwargs(config)
+            ).eval()
     except OSError as e:
         raise UnsupportedModel(f"{local}: cannot load its weights; edgepeft reads safetensors only, not "
                                f"pickled .bin files ({str(e).splitlines()[0][:160]})") from None

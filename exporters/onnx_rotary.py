@@ -22,9 +22,8 @@ import numpy as np
 
 from edgepeft.errors import UnsupportedModel
 
+from .hf_config import FULL, SLIDING, rotary_call
 from .onnx_slots import Graph, to_numpy
-
-LOCAL_MODULE = "rotary_emb_local"  # Gemma 3's module for sliding-window layers
 
 
 def _table(torch, module, positions: int, half: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,14 +41,15 @@ def add_rotary_tables(g: Graph, torch, model, needed: set[str], ctx: int, rotary
     the LongRoPE switch point (the original context) or None."""
     half, out, ops, switch = rotary_dim // 2, {}, [], None
     for key in sorted(needed):
-        module = model.model.rotary_emb if key == "global" else getattr(model.model, LOCAL_MODULE, None)
+        module = rotary_call(model, FULL if key == "global" else SLIDING)
         if module is None:
-            raise UnsupportedModel(f"{type(model).__name__} has no {LOCAL_MODULE} for its sliding-window layers")
+            raise UnsupportedModel(f"{type(model).__name__} has no rotary table for its sliding-window layers")
         prefix = "rotary" if key == "global" else f"rotary.{key}"
-        config = getattr(module, "config", None)
+        rotary = model.model.rotary_emb
+        config = getattr(rotary, "config", None)
         original = getattr(config, "original_max_position_embeddings", None) or getattr(
             config, "max_position_embeddings", None)  # transformers' own fallback
-        if getattr(module, "rope_type", None) != "longrope" or original is None or ctx <= original:
+        if key != "global" or getattr(rotary, "rope_type", None) != "longrope" or original is None or ctx <= original:
             cos, sin = _table(torch, module, ctx, half)
             out[key] = (g.init(f"{prefix}.cos_cache", cos), g.init(f"{prefix}.sin_cache", sin))
             continue

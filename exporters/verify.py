@@ -105,13 +105,14 @@ def _reference_models(reference: str, bundle: Bundle, adapter_dirs: dict[str, st
     torch = require("torch", "export")
     peft = require("peft", "export")
     transformers = require("transformers", "export")
-    from .hf_base import read_config, reference_kwargs, resolve_base_dir
+    from .hf_base import quiet_loading, read_config, reference_kwargs, resolve_base_dir
 
     base_dir = resolve_base_dir(reference)
     extra = reference_kwargs(read_config(base_dir))
 
     def base():
-        return transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **extra).eval()
+        with quiet_loading():
+            return transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **extra).eval()
 
     merged = bundle.base.get("merged_adapter")
     if merged:

@@ -1,5 +1,5 @@
 """Device side: load a bundle once, generate with any adapter. Never imports torch,
-transformers, optimum or peft. Needs an engine extra: `pip install 'edgepeft[onnx]'`."""
+transformers or peft. Needs an engine extra: `pip install 'edgepeft[onnx]'`."""
 
 from .engine import Engine
 from .generate import Completion, StreamPiece, Timings, Usage

@@ -144,13 +144,42 @@ def load_reference(base_dir: Path):
     return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **extra).eval()
 
 
-def reference_logits(base_dir: Path, adapter_dir: Path | None, ids) -> "np.ndarray":
-    """Logits of PyTorch (+PEFT) for `ids` (a list of token ids)."""
+def _ggml_gelu_table() -> np.ndarray:
+    """tanh GELU of every fp16 value, rounded to fp16: the table ggml's CPU backend looks GELU up in."""
+    x = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):  # inf / nan entries are never looked up (|x| >= 10 is computed)
+        y = 0.5 * x * (1 + np.tanh(np.float32(0.7978845608) * x * (1 + np.float32(0.044715) * x * x)))
+    return y.astype(np.float16).astype(np.float32)
+
+
+def use_ggml_gelu(model) -> None:
+    """Make a Gemma reference compute its GeGLU's GELU as llama.cpp does on CPU (ggml's
+    GGML_GELU_FP16): input rounded to fp16, output read from an fp16 table, exact for |x| >= 10.
+    Own code: no library exposes ggml's table to PyTorch."""
+    import torch
+
+    assert model.config.hidden_activation == "gelu_pytorch_tanh", model.config.hidden_activation
+    table = torch.from_numpy(_ggml_gelu_table())
+
+    class TableGelu(torch.nn.Module):
+        def forward(self, x):
+            looked_up = table[x.half().view(torch.int16).long() & 0xFFFF]
+            return torch.where(x <= -10, 0.0, torch.where(x >= 10, x, looked_up))
+
+    for layer in model.model.layers:
+        layer.mlp.act_fn = TableGelu()
+
+
+def reference_logits(base_dir: Path, adapter_dir: Path | None, ids, ggml_gelu: bool = False) -> "np.ndarray":
+    """Logits of PyTorch (+PEFT) for `ids` (a list of token ids); `ggml_gelu`: with GELU computed
+    as llama.cpp's CPU backend does (use_ggml_gelu)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = load_reference(base_dir)
+    if ggml_gelu:
+        use_ggml_gelu(model)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     with torch.no_grad():

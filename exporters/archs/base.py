@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..hf_config import partial_rotary_factor
+
 ATTENTION, MLP = "self_attn", "mlp"
 
 
@@ -73,9 +75,9 @@ class Arch:
     embed_scale: str | None = None
     # Config field whose value v gives the attention scale v ** -0.5 (default head_dim).
     attention_scale_field: str | None = None
-    # Config field with the rotary base of sliding-window layers, for families whose local
-    # layers rotate with their own base (Gemma 3); None: every layer shares one rotary table.
-    local_rope_field: str | None = None
+    # Whether sliding-window layers rotate with their own rotary settings (Gemma 3); False:
+    # every layer shares one rotary table.
+    local_rope: bool = False
     # The config flag that switches `sliding_window` on, for families whose configs carry a
     # window that is only used when the flag is set (Qwen2's use_sliding_window); None: the
     # window, when set, always applies.
@@ -88,11 +90,14 @@ class Arch:
     gguf_pre_tokenizer: str | None = None
     # What llama.cpp hard-codes for this architecture rather than reading from the file: the
     # sliding-window layer pattern (every n-th layer global, the rest windowed), the rotary base
-    # of windowed layers, and an attention scale of head_dim ** -0.5. A config that differs
+    # of windowed layers, an attention scale of head_dim ** -0.5, soft-caps. A config that differs
     # cannot be written as a GGUF llama.cpp runs correctly, and is refused.
     gguf_swa_pattern: int | None = None
     gguf_local_rope_base: float | None = None
     gguf_scale_is_head_dim: bool = False
+    # Whether llama.cpp soft-caps attention scores and logits whatever the config says (with its
+    # defaults, 50 and 30, where the file has no caps).
+    gguf_softcaps: bool = False
     # Whether llama.cpp reads attention.sliding_window for this architecture.
     gguf_sliding_window: bool = False
 
@@ -122,10 +127,10 @@ def layout(arch: Arch, config, dims: dict) -> Layout:
         windows = tuple(window if t == "sliding_attention" else None for t in types[:n])
     else:
         windows = (window,) * n
-    local = arch.local_rope_field is not None
+    local = arch.local_rope
     rope = tuple("local" if local and w else "global" for w in windows)
     scale_from = getattr(config, arch.attention_scale_field) if arch.attention_scale_field else dims["head_dim"]
-    partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+    partial = partial_rotary_factor(config)
     return Layout(
         windows=windows, rope=rope, attention_scale=float(scale_from) ** -0.5,
         attn_softcap=getattr(config, "attn_logit_softcapping", None) or None,

@@ -121,3 +121,24 @@ def test_a_config_llama_cpp_would_run_differently_is_refused_at_gguf_export(tmp_
     base = make_base(tmp_path / "base", "gemma3_scaled", tie=True)  # query_pre_attn_scalar != head_dim
     p = cli_export(base, tmp_path / "out", "--format", "gguf", "--gguf-quant", "F32")
     assert_refused(p, "llama.cpp's gemma3", "--format onnx")
+
+
+@pytest.mark.parametrize("uncapped", ["attn_logit_softcapping", "final_logit_softcapping"])
+def test_a_gemma2_config_without_both_soft_caps_is_refused_at_gguf_export(uncapped, tmp_path):
+    """llama.cpp's gemma2 caps both, with its own defaults where the file has no cap."""
+    base = make_base(tmp_path / "base", "gemma2", tie=True, **{uncapped: None})
+    p = cli_export(base, tmp_path / "out", "--format", "gguf", "--gguf-quant", "F32")
+    assert_refused(p, "always soft-caps", "uncapped", "--format onnx")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_uncapped_gemma2_config_exports_and_matches_on_onnx(tmp_path):
+    import numpy as np
+
+    from edgepeft.runtime import Engine
+    from factory import reference_logits
+
+    base = make_base(tmp_path / "base", "gemma2", tie=True, attn_logit_softcapping=None, final_logit_softcapping=None)
+    bundle = export_bundle(str(base), tmp_path / "b", onnx_quant="fp32", quiet=True)
+    ids = [5, 6, 7, 40, 41, 42, 3, 9, 11, 12]
+    assert np.abs(Engine.open(bundle.root).score(ids) - reference_logits(base, None, ids)).max() <= 1e-3

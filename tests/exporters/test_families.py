@@ -1,7 +1,9 @@
 """Every family in edgepeft.exporters.archs beyond Llama: Qwen3, Gemma 2, Gemma 3, Phi-3 (with
 LongRoPE and partial rotary). fp32 ONNX and F32 GGUF match PyTorch+PEFT with each adapter kind,
 in any switching order, on prompts longer than the sliding window and the LongRoPE original
-context; stock llama-cpp-python agrees with our GGUF backend."""
+context; stock llama-cpp-python agrees with our GGUF backend. Two shapes beyond the fixtures: a
+Phi-3 named like one with a byte-level BPE tokenizer (Phi-4-mini's kind), and Gemma 2 with LoRA on
+every projection where llama.cpp's fp16 GELU table shows."""
 
 import numpy as np
 import pytest
@@ -182,3 +184,81 @@ def test_stock_llama_cpp_python_gives_our_greedy_tokens(gguf_family):
             want.append(tok)
         stock.close()
         assert ours.complete(text, adapter=adapter, max_new_tokens=12, ignore_eos=True).tokens == want, (arch, adapter)
+
+
+# Phi-4-mini's split regex (tiktoken's o200k) as its tokenizer.json spells it.
+O200K_JSON = (r'"[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+'
+              r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+"
+              r"[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*"
+              r'|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"')
+CAMEL = "HelloWorld, don't the 2024 lazy dogs"
+
+
+def phi4_style_tokenizer(out):
+    """Byte-level BPE as Phi-4-mini ships it: the o200k split regex, then ByteLevel without its own
+    regex; <|endoftext|> and Phi's chat specials but no </s>, <unk>, <s>. Two merges cross the
+    points where Llama 3's regex would split ("o W" in camel case, "n '" in a contraction)."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    merges = [("o", "W"), ("n", "'")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(json.loads(O200K_JSON)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (out / name).unlink(missing_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            additional_special_tokens=specials[1:]).save_pretrained(out)
+
+
+def test_a_phi3_named_base_with_phi4_style_bpe_loads_in_llama_cpp_and_matches_peft(tmp_path):
+    """llama.cpp sets Phi-3's special-token whitespace handling when general.name contains "phi3"
+    or "phi-3", looking up </s>, <unk>, <s> and <|endoftext|> by text: a file named after this
+    directory would not load. Its split regex must reach llama.cpp as "gpt-4o" for stock
+    llama.cpp to tokenize as the tokenizer does."""
+    from llama_cpp import Llama
+
+    base = make_base(tmp_path / "Phi3-mini-bpe", "phi3", seed=11)
+    phi4_style_tokenizer(base)
+    adapter = make_lora(base, tmp_path / "all", seed=12, r=8, lora_alpha=16, target_modules=all_linear("phi3"))
+    bundle = export_bundle(str(base), tmp_path / "b", {"all": str(adapter)}, formats="gguf", gguf_quant="F32",
+                           quiet=True)
+    engine = Engine.open(bundle.root, backend="gguf", max_context=256)
+    stock = Llama(model_path=str(bundle.file(bundle.backends["gguf"]["model"])), n_ctx=256, verbose=False,
+                  lora_path=str(bundle.adapter_path("all", "gguf")))
+    for text in (CAMEL, PROMPT):
+        assert stock.tokenize(text.encode(), add_bos=False) == engine.tokenizer.encode(text), text
+    stock.close()
+    ids = engine.tokenizer.encode(PROMPT)
+    for name, path in ((None, None), ("all", adapter)):
+        got, ref = engine.score(ids, adapter=name), reference_logits(base, path, ids)
+        assert rel_err(got, ref) <= GGUF_REL, (name, rel_err(got, ref))
+
+
+def test_gemma2_f32_gguf_with_lora_on_every_projection_matches_peft_with_ggmls_gelu(tmp_path):
+    """llama.cpp's CPU backend computes GELU through an fp16 table (input and output rounded to
+    fp16, relative 2^-11 each); a LoRA on every projection of this wider, deeper Gemma 2 amplifies
+    that past GGUF_REL against exact GELU. Against PyTorch+PEFT computing GELU through the same
+    table the file is within GGUF_REL, as the other families are against exact PyTorch."""
+    base = make_base(tmp_path / "base", "gemma2", seed=11, layers=4, hidden=128, tie=True)
+    adapter = make_lora(base, tmp_path / "all", seed=12, r=8, lora_alpha=16, use_rslora=True,
+                        target_modules=all_linear("gemma2"))
+    bundle = export_bundle(str(base), tmp_path / "b", {"all": str(adapter)}, formats="gguf", gguf_quant="F32",
+                           quiet=True)
+    engine = Engine.open(bundle.root, backend="gguf", max_context=256)
+    ids = engine.tokenizer.encode(PROMPT)
+    for name, path in ((None, None), ("all", adapter)):
+        got, ref = engine.score(ids, adapter=name), reference_logits(base, path, ids, ggml_gelu=True)
+        assert rel_err(got, ref) <= GGUF_REL, (name, rel_err(got, ref))
+    # the table alone moves the reference past GGUF_REL here: this config shows what it tests
+    assert rel_err(ref, reference_logits(base, adapter, ids)) > GGUF_REL

@@ -176,3 +176,14 @@ def test_sentencepiece_style_tokenizer_exports_to_gguf(tmp_path):
     stock = Llama(model_path=str(bundle.file(bundle.backends["gguf"]["model"])), n_ctx=64, verbose=False)
     assert stock.tokenize(b"ab ab a b", add_bos=False) == [i for i in ids if i != 1]
     stock.close()
+
+
+def test_general_name_is_dropped_only_where_llama_cpp_phi3_rule_would_refuse_the_file():
+    """llama.cpp looks up </s>, <unk>, <s> and <|endoftext|> when general.name says phi-3/phi3."""
+    from edgepeft.exporters.gguf_vocab import gguf_name
+
+    phi3_spm = {"<unk>", "<s>", "</s>", "<|endoftext|>", "<|end|>", "▁a"}
+    assert gguf_name("Phi-3-mini-4k-instruct", phi3_spm) == "Phi-3-mini-4k-instruct"
+    assert gguf_name("my-PHI3-bpe", {"<|endoftext|>", "<|end|>", "Ġa"}) is None
+    assert gguf_name("Phi-4-mini-instruct", {"<|endoftext|>", "<|end|>", "Ġa"}) == "Phi-4-mini-instruct"
+    assert gguf_name("phi3-bare", None) == "phi3-bare"  # no vocabulary: llama.cpp stops before the rule

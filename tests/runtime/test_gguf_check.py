@@ -5,6 +5,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -43,3 +44,15 @@ def test_mutated_gguf_files_give_one_line_errors(llama_bundle, data):
                 check_adapter_gguf(path, arch, llama_bundle.fingerprint, shapes)
         except Exception as e:
             assert_one_line(e)
+
+
+def test_without_gguf_py_the_gguf_backend_names_the_extra(llama_bundle, monkeypatch):
+    from edgepeft.errors import MissingExtra
+    from edgepeft.runtime import Engine
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
+    for module in ("edgepeft.runtime.gguf_check", "edgepeft.runtime.gguf_backend"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(MissingExtra, match=r"pip install 'edgepeft\[gguf\]'") as e:
+        Engine.open(llama_bundle.root, backend="gguf")
+    assert "\n" not in str(e.value)

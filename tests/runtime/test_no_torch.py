@@ -1,4 +1,4 @@
-"""The runtime never imports torch, transformers, optimum or peft."""
+"""The runtime never imports torch, transformers or peft."""
 
 import json
 import subprocess
