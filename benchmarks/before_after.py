@@ -43,6 +43,7 @@ for adapter in (None, {adapter!r}):
     engine.complete({prompt!r}, adapter=adapter, max_new_tokens=8, ignore_eos=True, chat=True)  # warm-up
     runs = [engine.complete({prompt!r}, adapter=adapter, max_new_tokens={n}, ignore_eos=True, chat=True).timings
             for _ in range({runs})]
+    runs = [r if isinstance(r, dict) else r.to_json() for r in runs]  # an earlier runtime's timings: a dict
     out[adapter or "base"] = {{"decode": statistics.median(r["decode_tokens_per_s"] for r in runs),
                               "prefill_s": statistics.median(r["prefill_s"] for r in runs)}}
 import edgepeft.runtime.engine as e

@@ -48,8 +48,8 @@ engine = Engine.open({bundle!r}, backend="onnx", threads={threads})
 prompt = [{{"role": "user", "content": {prompt!r}}}]
 adapters = [a for a in ("r16-all7",) if a in engine.adapters]
 def rate(adapter):
-    c = engine.complete(prompt, adapter=adapter, max_new_tokens={n}, ignore_eos=True, chat=True)
-    return c.timings.decode_tokens_per_s
+    t = engine.complete(prompt, adapter=adapter, max_new_tokens={n}, ignore_eos=True, chat=True).timings
+    return t["decode_tokens_per_s"] if isinstance(t, dict) else t.decode_tokens_per_s  # a baseline's timings: a dict
 for a in [None, *adapters]: rate(a)  # warm-up
 print("ready", flush=True)
 for line in sys.stdin:
