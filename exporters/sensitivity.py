@@ -12,7 +12,8 @@ itself is measured. A head that the exact head recomputes stays float in the sim
 4-bit in the graph: it is not a candidate.
 
 Activations are not rounded to int8 here, although accuracy_level 4 computes that way: what
-matters is the ranking, which rounding activations does not change (docs/design.md).
+matters is the ranking, and a simulation that did round them matched the real bundles closely
+(docs/experiments.md).
 
 Torch is what the exporter already has; onnxruntime has no per-tensor sensitivity tool, and its
 mixed-precision quantizers pick by rule, not by measurement.
