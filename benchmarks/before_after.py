@@ -53,7 +53,11 @@ print(json.dumps(out))
 
 
 def shim(before: Path, into: Path) -> Path:
-    """The earlier checkout laid out as the installed package (pyproject's package-dir)."""
+    """The earlier checkout on sys.path as it imports: itself when it maps its own layout
+    (edgepeft/__init__.py's _map_checkout_layout), else copied into the installed layout
+    (pyproject's package-dir), for checkouts from before that."""
+    if "_map_checkout_layout" in (before / "edgepeft" / "__init__.py").read_text():
+        return before
     pkg = into / "edgepeft"
     shutil.copytree(before / "edgepeft", pkg)
     for sub in ("runtime", "exporters"):
