@@ -68,13 +68,14 @@ def _speed(engine: Engine, adapter: str | None, runs: int, new_tokens: int) -> d
 def _speed_against_base(engine: Engine, adapter: str, runs: int, new_tokens: int) -> dict:
     """The adapter's speed, with each run paired with a base run right before it: on a shared
     machine speed drifts over seconds, and the ratio of runs next to each other (their median is
-    decode_vs_base) cancels that drift where a ratio of two separate medians does not."""
+    decode_vs_base) cancels that drift where a ratio of two separate medians does not. Each
+    pair's ratio is of median decode steps, so that one preempted step does not make the pair."""
     _timings(engine, adapter, new_tokens)  # warm-up
     rows, ratios = [], []
     for _ in range(runs):
         base = _timings(engine, None, new_tokens)
         rows.append(_timings(engine, adapter, new_tokens))
-        ratios.append(rows[-1].decode_tokens_per_s / base.decode_tokens_per_s)
+        ratios.append(base.decode_step_s / rows[-1].decode_step_s)
     return {**_summary(rows), "decode_vs_base": round(_median(ratios), 3)}
 
 

@@ -11,6 +11,7 @@ reason, the usage and the timings.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Timings:
     prefill_s: float  # from the call's start to its first token (waiting for a batch row included)
     decode_tokens: int
     decode_s: float  # from the first token to the last
+    decode_step_s: float | None = None  # the median time between two tokens: what one preempted step cannot move
 
     @property
     def prefill_tokens_per_s(self) -> float | None:
@@ -49,7 +51,8 @@ class Timings:
 
         return {"load_s": round(self.load_s, 4), "prefill_s": round(self.prefill_s, 4),
                 "prefill_tokens_per_s": rate(self.prefill_tokens_per_s), "decode_tokens": self.decode_tokens,
-                "decode_s": round(self.decode_s, 4), "decode_tokens_per_s": rate(self.decode_tokens_per_s)}
+                "decode_s": round(self.decode_s, 4), "decode_tokens_per_s": rate(self.decode_tokens_per_s),
+                "decode_step_s": round(self.decode_step_s, 6) if self.decode_step_s is not None else None}
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ class Generation:
         self.generated = 0
         self.finish_reason: str | None = None
         self.t_start, self.t_first, self.t_end = time.perf_counter(), None, None
+        self.t_tokens: list[float] = []  # when each token was taken
 
     def take(self, logits, length: int) -> int | None:
         """The next token from `logits`, `length` positions run so far; None when an end token
@@ -161,6 +165,7 @@ class Generation:
         now = time.perf_counter()
         if self.t_first is None:
             self.t_first = now
+        self.t_tokens.append(now)
         if token in self.stop_ids:
             self._finish("stop", now)
             return None
@@ -180,7 +185,9 @@ class Generation:
     def timings(self, load_s: float, decoded: int) -> Timings:
         end = self.t_end if self.t_end is not None else time.perf_counter()
         first = self.t_first if self.t_first is not None else end
-        return Timings(load_s, len(self.ids), first - self.t_start, decoded, max(0.0, end - first))
+        t = self.t_tokens[:decoded]
+        step = statistics.median(b - a for a, b in zip(t, t[1:])) if len(t) > 1 else None
+        return Timings(load_s, len(self.ids), first - self.t_start, decoded, max(0.0, end - first), step)
 
 
 def run_alone(backend: Backend, gen: Generation) -> Iterator[int]:
