@@ -113,7 +113,7 @@ def report(envs: dict, times: dict, hashes: dict, checks: dict, rates: dict) -> 
     lines += [f"Bundle files identical: {len(same)} of {len(hashes[a])}" + (f"; differing: {', '.join(diff)}" if diff else ""), ""]
     lines += ["| backend | adapter | " + " | ".join(f"{k} KL / top-1 / task" for k in envs) + " |", "|---|---|---|---|"]
     for ca, cb in zip(checks[a], checks[b]):
-        cell = [f"{c['kl']:.4f} / {c['top1']:.3f} / {c['task_accuracy'] if c['task_accuracy'] is not None else '-'}"
+        cell = [f"{c['kl']:.4f} / {c['top1']:.3f} / {'-' if c['task_accuracy'] is None else format(c['task_accuracy'], '.3f')}"
                 for c in (ca, cb)]
         lines.append(f"| {ca['backend']} | {ca['adapter'] or 'base'} | " + " | ".join(cell) + " |")
     lines += ["", "Decode tok/s, medians over rounds (ratio: median of per-round b/a):", "",

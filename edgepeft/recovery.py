@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import EdgepeftError
-from .files import TMP_PREFIX, read_json_object
+from .errors import BundleError, EdgepeftError
+from .files import DIR_MODE, TMP_PREFIX, read_json_object
 from .layout import ADAPTER_NAME, ADAPTER_SUFFIX, FOLDERS, MANIFEST
 
 try:
@@ -124,3 +125,31 @@ def recover_unlocked(bundle_dir: str | Path) -> str | None:
             return recover(bundle_dir)
         except OSError as e:
             return f"{bundle_dir}: could not clean up after an interrupted command ({e.strerror})"
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path):
+    """A fresh directory beside `out`; removed unless the caller moved it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out):  # held until the new bundle is in place (see edgepeft.recovery)
+        recover(out)  # leftovers of an earlier export or add-adapter killed half-way
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}.", dir=out.parent))
+        os.chmod(tmp, DIR_MODE)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an existing bundle at `out` is replaced whole."""
+    if out.exists():
+        if not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise BundleError(f"{out}: exists and is not an edgepeft bundle; refusing to overwrite it")
+        old = out.parent / f"{TMP_PREFIX}{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -8,20 +8,19 @@ from edgepeft.bundle import Bundle, new_manifest
 from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, UnsupportedModel, require
 from edgepeft.files import TMP_PREFIX
 from edgepeft.layout import adapter_file, check_adapter_name
-from edgepeft.recovery import recover, writer_lock
+from edgepeft.recovery import recover, replace_dir, staging_dir, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
-from . import sensitivity
-from .calibration import activation_importance
 from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, load_base, read_config,
                       resolve_base_dir)
+from .decode_bytes import gguf_decode_bytes
 from .gguf_adapter import export_adapter_gguf
-from .gguf_base import check_gguf_layout, gguf_ftype, quantize_gguf, write_base_gguf
+from .gguf_base import check_gguf_layout, gguf_ftype, quantize_gguf, quantize_source_type, write_base_gguf
 from .onnx_adapter import export_adapter_onnx
-from .onnx_graph import add_base_path, build_decoder, check_onnx_shapes, head_is_tied
-from .onnx_quant import (EIGHT_BIT_GROUPS, EXACT_HEAD_TOP_K, ONNX_QUANTS, WEIGHT_ONLY, base_matmuls,
-                         importance_blocks, quantize)
-from .staging import Progress, replace_dir, staging_dir
+from .onnx_export import export_onnx
+from .onnx_graph import check_onnx_shapes
+from .onnx_quant import ONNX_QUANTS, check_quant
+from .progress import Progress
 
 FORMATS = ("onnx", "gguf")
 
@@ -45,20 +44,6 @@ def _check_kind(spec: AdapterSpec, backend: str, name: str) -> None:
             hint = (f"; use --merge {name}" + (f", or the {others[0]} backend" if others else "") if how == "merge"
                     else f"; it runs on the {others[0]} backend (--format {others[0]})" if others else "")
             raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({feature}) cannot be hot-swapped on {backend}{hint}")
-
-
-# The version of the ONNX export recipe, written into every bundle's ONNX backend entry. Bump it
-# when an export of the same base and options would write a different graph or different weights
-# (layout, slots, quantization), so that the demo and the benchmarks re-export older bundles.
-ONNX_RECIPE = 2
-
-
-def onnx_export_current(onnx: dict) -> bool:
-    """Whether a bundle's ONNX backend entry comes from the current export recipe (ONNX_RECIPE);
-    bundles from before the recipe was recorded have none. Older bundles still run; the demo and
-    the benchmarks re-export them so that they measure this one."""
-    recipe = onnx.get("recipe")
-    return type(recipe) is int and recipe == ONNX_RECIPE
 
 
 def _check_mergeable(spec: AdapterSpec, name: str) -> None:
@@ -163,87 +148,6 @@ def _base_entry(source: str, base: BaseModel, merged: dict | None) -> dict:
             **({"merged_adapter": merged} if merged else {})}
 
 
-def _group_mix(info: dict, exact_head: int) -> tuple[list[str], dict]:
-    """int4's default 8-bit MatMuls, the EIGHT_BIT_GROUPS (the head only when no exact head
-    recomputes its top logits), and what the manifest says of the choice."""
-    groups = [g for g in EIGHT_BIT_GROUPS if not (exact_head and g == "lm_head")]
-    return [n for n in info["base_matmuls"] if info["projections"].get(n) in groups], {"by": "groups", "groups": groups}
-
-
-def _measured_mix(base: BaseModel, proto, info: dict, blocks: dict, block_size: int,
-                  exact_head: int, target_kl: float) -> tuple[list[str], dict]:
-    """int4's 8-bit MatMuls chosen by measured sensitivity down to `target_kl` (sensitivity.py),
-    and what the manifest says of the choice."""
-    head = {n for n in blocks if info["projections"].get(n) == "lm_head"} if exact_head else set()
-    onnx = require("onnx", "export")
-    weights = {i.name: i for i in proto.graph.initializer}
-    float_w = {n.name: onnx.numpy_helper.to_array(weights[n.input[1]]) for n in base_matmuls(proto, info["lora_nodes"])
-               if n.name in blocks}
-    candidates = [n for n in blocks if n not in head]
-    extra = {n: float_w[n].size // 2 for n in candidates}  # 8 bits over 4: half a byte per weight more
-    with sensitivity.Simulation(base, info, blocks, float_w, block_size, frozen=head) as sim:
-        chosen, measured = sensitivity.choose(sim, candidates, extra, target_kl)
-    mix = {"by": "sensitivity", "target_kl": target_kl, "candidates": len(candidates),
-           "kl_4bit": round(measured["kl_4bit"], 5), "kl_mix": round(measured["kl_mix"], 5),
-           "gain": {n: round(measured["gains"][n], 5) for n in chosen}}
-    return chosen, mix
-
-
-def _export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, block_size: int,
-                 accuracy_level: int, context_length: int | None, progress: Progress,
-                 int4_target_kl: float | None = None) -> dict:
-    """Write onnx/ (the base graph, quantized, with `slot_set` adapter slots) into the bundle,
-    list its files, and return the manifest's backends["onnx"] entry."""
-    progress.step(f"building ONNX graph ({quant})")
-    graph_dtype = "fp16" if quant == "fp16" else "fp32"
-    # int4 with a tied head: the head at 4 bits, its top logits recomputed exactly
-    exact_head = EXACT_HEAD_TOP_K if quant == "int4" and head_is_tied(base) else 0
-    proto, info = build_decoder(base, graph_dtype, context_length, slot_set=slot_set,
-                                fp16_embedding=quant in WEIGHT_ONLY, exact_head_top_k=exact_head)
-    progress.done()
-    blocks, eight_bit, mix = None, [], None
-    if quant in ("int4", "int4-pure"):
-        progress.step("calibrating 4-bit weights")
-        importance = activation_importance(base, info["base_matmuls"])
-        if quant == "int4" and int4_target_kl is None:  # the fixed groups: no 4-bit blocks needed for them
-            eight_bit, mix = _group_mix(info, exact_head)
-            importance = {n: v for n, v in importance.items() if n not in eight_bit}
-        # zero points where a block's weighted error drops with one (int4_blocks); int4-pure stays
-        # symmetric, as onnxruntime-genai's int4 is
-        blocks = importance_blocks(proto, info["lora_nodes"], importance, block_size, zero_points=quant == "int4")
-        progress.done()
-    if quant == "int4" and int4_target_kl is not None:
-        progress.step("measuring which MatMuls need 8 bits")
-        eight_bit, mix = _measured_mix(base, proto, info, blocks, block_size, exact_head, int4_target_kl)
-        progress.done()
-    progress.step(f"quantizing ({quant})")
-    proto = quantize(proto, quant, info["lora_nodes"], block_size, accuracy_level, blocks, set(eight_bit))
-    if slot_set != "none":
-        proto = add_base_path(proto, info)
-    progress.done()
-    progress.step("writing onnx/model.onnx")
-    _save_onnx(proto, bundle.root / "onnx" / "model.onnx")
-    for rel in ("onnx/model.onnx", "onnx/model.onnx.data"):
-        if bundle.file(rel).exists():
-            bundle.record_file(rel)
-    progress.done()
-    return {
-        "model": "onnx/model.onnx", "quant": quant, "recipe": ONNX_RECIPE,
-        **({"block_size": block_size, "accuracy_level": accuracy_level} if quant in WEIGHT_ONLY else {}),
-        **({"eight_bit": eight_bit, "int4_mix": mix} if quant == "int4" else {}),
-        **({"exact_head_top_k": exact_head} if exact_head else {}),
-        # zero_points: how many 4-bit MatMuls have some (the 8-bit ones are onnxruntime's, symmetric)
-        **({"int4_rounding": "importance-weighted",
-            "zero_points": sum(b[2] is not None for n, b in blocks.items() if n not in eight_bit)} if blocks else {}),
-        "dtype": info["dtype"], "context_length": info["context_length"],
-        "kv": info["kv"], "slot_set": slot_set, "slots": info["slots"],
-        **({"base_path": True} if info.get("base_path") else {}),
-        **({"row_masks": True} if info.get("row_masks") else {}),
-        **({"longrope_switch": info["longrope_switch"]} if info.get("longrope_switch") else {}),
-        "logits_to_keep": True,
-    }
-
-
 def _export_gguf(bundle: Bundle, base: BaseModel, quant: str, context_length: int | None,
                  progress: Progress) -> dict:
     """Write the base GGUF into the bundle, list it, and return the manifest's backends["gguf"]."""
@@ -251,7 +155,7 @@ def _export_gguf(bundle: Bundle, base: BaseModel, quant: str, context_length: in
     rel = _write_gguf(base, bundle.root, quant)
     bundle.record_file(rel)
     progress.done()
-    return {"model": rel, "quant": quant.upper(),
+    return {"model": rel, "quant": quant.upper(), "decode_bytes": gguf_decode_bytes(bundle.root / rel),
             "context_length": int(context_length or min(base.dims["max_position_embeddings"], 8192))}
 
 
@@ -277,16 +181,24 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     if int4_target_kl is not None and onnx_quant != "int4":
         raise UnsupportedModel(f"--int4-target-kl applies to --onnx-quant int4, not {onnx_quant}")
     formats, specs = _read_request(base, adapters, formats, onnx_quant, gguf_quant, merge, slots)
-    progress = Progress(2 + 3 * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
+    if "onnx" in formats:
+        check_quant(onnx_quant, block_size)
+    onnx_steps = 3 + (onnx_quant in ("int4", "int4-pure")) + (int4_target_kl is not None)
+    # loading, manifest, the backends' steps, one per adapter (the merged one's is its merge)
+    progress = Progress(2 + onnx_steps * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
+    finished = False
     try:
         progress.step("loading base")
-        base_model = load_base(base)
+        # merging and the sensitivity search change weights in place: those start from float32
+        base_model = load_base(base, lazy=merge is None and int4_target_kl is None)
         progress.done()
         merged = None
         if merge is not None:
             spec = specs.pop(merge)
             merged = {"name": merge, **spec.summary(), "source": str(Path(adapters[merge]))}
+            progress.step(f"merging adapter {merge}")
             _merge(base_model, spec)
+            progress.done()
         with staging_dir(out) as tmp:
             tokenizer = copy_tokenizer(base_model, tmp)
             bundle = Bundle(tmp, new_manifest(base=_base_entry(base, base_model, merged), tokenizer=tokenizer))
@@ -295,7 +207,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
             if "onnx" in formats:
                 slot_set = slots or ("none" if merge is not None else
                                      "full" if any(needs_full_slots(sp) for sp in specs.values()) else "lora")
-                bundle.backends["onnx"] = _export_onnx(bundle, base_model, onnx_quant, slot_set, block_size,
+                bundle.backends["onnx"] = export_onnx(bundle, base_model, onnx_quant, slot_set, block_size,
                                                        accuracy_level, context_length, progress, int4_target_kl)
             if "gguf" in formats:
                 bundle.backends["gguf"] = _export_gguf(bundle, base_model, gguf_quant, context_length, progress)
@@ -303,11 +215,13 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
                 progress.step(f"adapter {name}")
                 _write_adapter(bundle, name, spec, formats, base=base_model)
                 progress.done()
+            progress.step("writing the manifest")
             bundle.save()
             replace_dir(tmp, out)
             progress.done()
+            finished = True
     finally:
-        progress.close()
+        progress.close(summary=finished)
     return Bundle.open(out)
 
 
@@ -319,20 +233,14 @@ def _write_gguf(base: BaseModel, root: Path, quant: str) -> str:
     if quant in ("F32", "F16"):
         write_base_gguf(base, root / rel, quant)
     else:
-        source = root / "gguf" / f"{TMP_PREFIX}base-F32.gguf"
-        write_base_gguf(base, source, "F32")
+        source_type = quantize_source_type(base)
+        source = root / "gguf" / f"{TMP_PREFIX}base-{source_type}.gguf"
+        write_base_gguf(base, source, source_type)
         try:
             quantize_gguf(source, root / rel, quant)
         finally:
             source.unlink(missing_ok=True)
     return rel
-
-
-def _save_onnx(proto, path: Path) -> None:
-    onnx = require("onnx", "export")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
 
 
 def add_adapter(bundle_dir: str | Path, name: str, peft_dir: str | Path, formats=None) -> Bundle:

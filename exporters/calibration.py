@@ -12,6 +12,9 @@ import numpy as np
 
 from edgepeft.errors import UnsupportedModel, require
 
+from .checkpoint import float32_compute
+from .progress import QUIET
+
 CALIBRATION_TEXTS = (
     "The history of the Roman Empire spans more than a thousand years, from the founding of the city "
     "to the fall of Constantinople.",
@@ -47,7 +50,7 @@ def _token_batches(base, vocab_size: int) -> list[list[int]]:
     return [list(map(int, ids)) for ids in batches if len(ids)]
 
 
-def activation_importance(base, modules: dict[str, str]) -> dict[str, np.ndarray]:
+def activation_importance(base, modules: dict[str, str], progress=QUIET) -> dict[str, np.ndarray]:
     """{key: mean x^2 per input channel} for modules {key: torch module name} of `base`, from one
     teacher-forced pass of the calibration text through the float model."""
     torch = require("torch", "export")
@@ -68,10 +71,17 @@ def activation_importance(base, modules: dict[str, str]) -> dict[str, np.ndarray
         if name in wanted:
             hooks.append(module.register_forward_hook(hook(name)))
     try:
-        with torch.no_grad():
-            for ids in _token_batches(base, int(base.dims["vocab_size"])):
+        with torch.no_grad(), float32_compute(base):
+            for ids in progress.items(_token_batches(base, int(base.dims["vocab_size"])), unit="texts"):
                 model(torch.tensor([ids]))
     finally:
         for h in hooks:
             h.remove()
     return {key: (sums[name][0] / sums[name][1]).numpy() for key, name in modules.items() if name in sums}
+
+
+def linear_modules(model) -> dict[str, str]:
+    """{name: name} of every linear layer of `model`: what activation_importance records when the
+    graph's MatMuls are not known yet (their statistics are those of the first module they pack)."""
+    torch = require("torch", "export")
+    return {name: name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

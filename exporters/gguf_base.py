@@ -23,6 +23,8 @@ from .hf_base import BaseModel
 from .hf_config import SLIDING, rope_parameters
 
 GGUF_QUANTS = ("F32", "F16", "Q8_0", "Q4_K_M")  # common ones; any LLAMA_FTYPE_MOSTLY_* name works
+# How write_base_gguf holds each type's values in numpy (bf16: its bits, numpy has no bfloat16).
+_STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 def gguf_arch(gguf, model_type: str):
@@ -80,7 +82,8 @@ def _add_family_keys(writer, base: BaseModel, fam: Arch, lay: Layout) -> None:
 
 
 def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
-    """Write `base` as a GGUF file of type F32 or F16 at `dest` (quantize() makes the rest)."""
+    """Write `base` as a GGUF file of type F32, F16 or BF16 at `dest` (quantize_gguf makes the
+    rest); norms and biases stay F32 in every type."""
     gguf = require("gguf", "export")
     d, cfg, fam, lay = base.dims, base.config, base.arch, base.layout
     check_gguf_layout(base.local_dir, cfg, d, lay)
@@ -100,7 +103,8 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     writer.add_rope_freq_base(float(scaling["rope_theta"]))
     writer.add_layer_norm_rms_eps(d["rms_norm_eps"])
     writer.add_vocab_size(d["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if ftype == "F16" else gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type({"F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(
+        ftype, gguf.LlamaFileType.ALL_F32))
     rope_type = scaling["rope_type"]
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -112,19 +116,53 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     if name is not None:
         writer.add_name(name)
 
-    state = base.model.state_dict()
+    plan = _rope_tensors(gguf, base, scaling) + _weight_tensors(base, names, ftype)
+    # gguf-py writes one tensor at a time once every tensor's name, shape and type is declared
+    # (add_tensor_info, then write_tensor_data in the same order): each weight is read from the
+    # checkpoint, converted and written before the next, instead of add_tensor holding them all.
+    # Its lazy tensors (gguf.lazy) would defer the same conversions through a graph of numpy
+    # stand-ins; these plain functions need none of that.
+    for target, shape, gtype, _ in plan:
+        nbytes = int(np.prod(shape)) * np.dtype(_STORAGE[gtype]).itemsize
+        writer.add_tensor_info(target, shape, np.dtype(_STORAGE[gtype]), nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType[gtype])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for target, shape, gtype, make in plan:
+        w = make()
+        assert w.shape == tuple(shape) and w.dtype == _STORAGE[gtype], target
+        writer.write_tensor_data(w)
+        del w
+    writer.close()
+
+
+def _rope_tensors(gguf, base: BaseModel, scaling: dict) -> list:
+    """The rotary tensors llama.cpp reads for llama3 and longrope scaling, as write plan entries."""
+    d, rope_type, out = base.dims, scaling["rope_type"], []
     if rope_type == "llama3":
         # llama.cpp reads llama3 rope scaling as a rope_freqs tensor (inverse frequency factors).
         inv = base.model.model.rotary_emb.inv_freq.detach().float().numpy()
         base_inv = 1.0 / (float(scaling["rope_theta"]) ** (np.arange(0, d["head_dim"], 2, dtype=np.float32) / d["head_dim"]))
-        writer.add_tensor("rope_freqs.weight", (base_inv / inv).astype(np.float32))
+        freqs = (base_inv / inv).astype(np.float32)
+        out.append(("rope_freqs.weight", freqs.shape, "F32", lambda: freqs))
     elif rope_type == "longrope":  # llama.cpp picks one of these per context (n_ctx > original: long)
         for key, tensor in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
                             ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
-            writer.add_tensor(f"{gguf.TENSOR_NAMES[tensor]}.weight", np.asarray(scaling[key], np.float32))
-    tied = d["tie_word_embeddings"]
-    for name in sorted(state, key=_tensor_order):
-        if name == "lm_head.weight" and tied:
+            factors = np.asarray(scaling[key], np.float32)
+            out.append((f"{gguf.TENSOR_NAMES[tensor]}.weight", factors.shape, "F32", lambda f=factors: f))
+    return out
+
+
+def _weight_tensors(base: BaseModel, names, ftype: str) -> list:
+    """(GGUF name, shape, GGML type, function making the array) for every weight, in llama.cpp's
+    order; the function reads the weight from the checkpoint when the writer gets to it, in any
+    float dtype (upcast to float32 as torch's .float() does, exact from bf16/fp16)."""
+    d, fam = base.dims, base.arch
+    shapes = dict(base.model.state_dict())
+    plan = []
+    for name in sorted(shapes, key=_tensor_order):
+        if name == "lm_head.weight" and d["tie_word_embeddings"]:
             continue  # llama.cpp reuses token_embd when output.weight is absent
         stem, _, suffix = name.rpartition(".")
         target = names.get_name(stem)
@@ -132,21 +170,44 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
             if "rotary_emb" in name:
                 continue
             raise UnsupportedModel(f"{base.local_dir}: tensor {name} has no GGUF name")
-        w = state[name].detach().float().numpy()
-        if fam.norms.offset and name.endswith("norm.weight"):
-            w = w + np.float32(fam.norms.offset)  # llama.cpp multiplies by the stored weight: store 1 + w
-        if fam.permute_qk:
-            if stem.endswith("q_proj"):
-                w = permute_rows(w, d["num_heads"])
-            elif stem.endswith("k_proj"):
-                w = permute_rows(w, d["num_kv_heads"])
+        shape = tuple(shapes[name].shape)
         # ggml keeps norms and biases in F32 whatever the file type, like llama.cpp's converter.
-        keep_f32 = ftype == "F32" or w.ndim == 1
-        writer.add_tensor(f"{target}.{suffix}", w.astype(np.float32 if keep_f32 else np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        gtype = "F32" if len(shape) == 1 else ftype
+        heads = (d["num_heads"] if stem.endswith("q_proj") else d["num_kv_heads"] if stem.endswith("k_proj")
+                 else None) if fam.permute_qk else None
+
+        def make(name=name, gtype=gtype, heads=heads):
+            if gtype == "BF16":
+                w = _bf16_bits(base.stored(name))
+            else:
+                w = base.tensor(name).numpy()
+                if fam.norms.offset and name.endswith("norm.weight"):
+                    w = w + np.float32(fam.norms.offset)  # llama.cpp multiplies by the stored weight: store 1 + w
+            if heads:
+                w = permute_rows(w, heads)
+            return w.astype(_STORAGE[gtype], copy=False)  # no copy of what is already float32
+
+        plan.append((f"{target}.{suffix}", shape, gtype, make))
+    return plan
+
+
+def _bf16_bits(t) -> np.ndarray:
+    """Tensor `t` in bf16 as its uint16 bits: a bf16 checkpoint's own bits, untouched, else
+    rounded to nearest even by torch. Not gguf-py's quants.quantize(BF16): bf16 needs no
+    conversion at all, and for other dtypes torch converts in one pass where gguf-py's numpy
+    rounding keeps about another float32 copy of the tensor."""
+    torch = require("torch", "export")
+    if t.dtype != torch.bfloat16:
+        t = t.float().to(torch.bfloat16)
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def quantize_source_type(base: BaseModel) -> str:
+    """The type of the GGUF that llama.cpp quantizes: BF16 when every matrix is stored in bf16
+    (the checkpoint's bits as they are: half the bytes of F32, and llama.cpp reads BF16 exactly,
+    so its quantized file is the one it makes from F32), else F32. Norms are F32 in both."""
+    matrices = [name for name, p in base.model.named_parameters(remove_duplicate=False) if p.ndim > 1]
+    return "BF16" if all(base.stored_dtype(name) == "BF16" for name in matrices) else "F32"
 
 
 def _tensor_order(name: str):

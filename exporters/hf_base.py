@@ -12,6 +12,7 @@ from pathlib import Path
 from edgepeft.errors import UnsupportedModel, require
 
 from .archs import Arch, Layout, arch_of, layout
+from .checkpoint import CheckpointTensors, check_names, checkpoint_name, skeleton
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
@@ -19,7 +20,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass
 class BaseModel:
-    """A loaded base: the torch model (float32, eval), its config and the manifest facts."""
+    """A loaded base: the torch model (eval), its config and the manifest facts.
+
+    With `tensors` (the export's default), the model is a skeleton whose weights stay in the
+    checkpoint: read them with tensor(), stored(), param(), checkpoint.materialized() or, to run
+    the model, checkpoint.float32_compute(). Without, the model holds its float32 weights.
+    """
 
     source: str
     local_dir: Path
@@ -27,6 +33,36 @@ class BaseModel:
     config: object
     dims: dict
     fingerprint: str
+    tensors: CheckpointTensors | None = None
+
+    def tensor_names(self) -> list[str]:
+        """The model's weight names (state_dict order; a tied head listed too)."""
+        return list(self.model.state_dict().keys())
+
+    def tensor(self, name: str):
+        """Model weight `name` as a float32 torch tensor, read from the checkpoint if it is there."""
+        return self.stored(name).float()
+
+    def stored(self, name: str):
+        """Model weight `name` as a torch tensor in the dtype it is kept in: the checkpoint's (bf16,
+        fp16, ...) for a base whose weights stay there, else the model's."""
+        if self.tensors is None:
+            return self.model.state_dict()[name].detach()
+        return self.tensors.get(checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"]))
+
+    def stored_dtype(self, name: str) -> str:
+        """The dtype stored() returns for `name`, in safetensors' spelling (BF16, F16, F32, ...),
+        from the checkpoint's header: no weight is read."""
+        if self.tensors is None:
+            dtype = str(self.model.state_dict()[name].dtype).removeprefix("torch.")
+            return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype, dtype)
+        return self.tensors.dtypes[checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"])]
+
+    def param(self, module: str, name: str):
+        """Parameter `name` of submodule `module` as float32 numpy, or None if it has none."""
+        if getattr(self.model.get_submodule(module), name, None) is None:
+            return None
+        return self.tensor(f"{module}.{name}" if module else name).numpy()
 
     @property
     def arch(self) -> Arch:
@@ -87,13 +123,19 @@ def _dims(config) -> dict:
 def fingerprint_state_dict(state_dict) -> str:
     """sha256 over every weight (name, shape, float32 bytes) in name order: the base's identity.
     The same weights give the same fingerprint whatever file format they came from."""
+    return fingerprint_tensors(state_dict, lambda name: state_dict[name])
+
+
+def fingerprint_tensors(names, read) -> str:
+    """fingerprint_state_dict over tensors read one at a time by `read(name)`."""
     import numpy as np
 
     h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().float().cpu().contiguous().numpy()
+    for name in sorted(names):
+        t = read(name).detach().float().cpu().contiguous().numpy()
         h.update(name.encode() + b"\0" + str(list(t.shape)).encode() + b"\0")
         h.update(np.ascontiguousarray(t).tobytes())
+        del t
     return "sha256:" + h.hexdigest()
 
 
@@ -138,12 +180,24 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def load_base(source: str) -> BaseModel:
-    """Load `source` (local HF dir or builtin:NAME) as float32 for export."""
+def load_base(source: str, lazy: bool = True) -> BaseModel:
+    """Load `source` (local HF dir or builtin:NAME) for export: with `lazy`, a float32 skeleton
+    whose weights stay in the checkpoint until a step reads them (exporters/checkpoint.py); else
+    the whole model in float32 (what merging an adapter and the sensitivity search change in
+    place need)."""
     torch = require("torch", "export")
     transformers = require("transformers", "export")
     local = resolve_base_dir(source)
     config = read_config(local)
+    dims = _dims(config)
+    if lazy:
+        tensors = CheckpointTensors(local)
+        model = skeleton(config, transformers, torch, **reference_kwargs(config))
+        check_names(model, tensors, dims["tie_word_embeddings"])
+        base = BaseModel(source=source, local_dir=local, model=model, config=config, dims=dims, fingerprint="",
+                         tensors=tensors)
+        base.fingerprint = fingerprint_tensors(base.tensor_names(), base.tensor)
+        return base
     try:
         # use_safetensors: a base with only pickled weights (pytorch_model.bin) is refused, not unpickled.
         with quiet_loading():
@@ -154,7 +208,7 @@ def load_base(source: str) -> BaseModel:
         raise UnsupportedModel(f"{local}: cannot load its weights; edgepeft reads safetensors only, not "
                                f"pickled .bin files ({str(e).splitlines()[0][:160]})") from None
     return BaseModel(source=source, local_dir=local, model=model, config=config,
-                     dims=_dims(config), fingerprint=fingerprint_state_dict(model.state_dict()))
+                     dims=dims, fingerprint=fingerprint_state_dict(model.state_dict()))
 
 
 def copy_tokenizer(base: BaseModel, dest: Path) -> dict:

@@ -38,8 +38,7 @@ class TorchBase:
         return self.model.dims
 
     def param(self, module: str, name: str) -> np.ndarray | None:
-        t = getattr(self.model.model.get_submodule(module), name, None)
-        return None if t is None else t.detach().float().cpu().numpy()
+        return self.model.param(module, name)
 
     def virtual_kv(self, embeddings: np.ndarray, layers: int) -> list[tuple[np.ndarray, np.ndarray]]:
         return virtual_token_cache(self.model, embeddings, layers)

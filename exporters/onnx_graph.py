@@ -33,6 +33,7 @@ from edgepeft.errors import UnsupportedModel, require
 from edgepeft.runtime_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, kv_names
 
 from .archs import ATTENTION, MLP
+from .checkpoint import materialized
 from .hf_base import BaseModel
 from .onnx_base_path import add_base_path
 from .onnx_rotary import add_rotary_tables
@@ -48,12 +49,15 @@ GQA_HEAD_MULTIPLE = 16
 
 def head_is_tied(base: BaseModel) -> bool:
     """Whether the lm_head is the embedding table (after any --merge), as exact_head needs."""
-    head, embed = base.model.lm_head.weight, base.model.model.embed_tokens.weight
+    if base.model.lm_head.weight is base.model.model.embed_tokens.weight:
+        return True
+    head, embed = base.tensor("lm_head.weight"), base.tensor("model.embed_tokens.weight")
     return head.shape == embed.shape and bool((head == embed).all())
 
 
 def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | None = None,
-                  fp16_embedding: bool = False, slot_set: str = "full", exact_head_top_k: int = 0):
+                  fp16_embedding: bool = False, slot_set: str = "full", exact_head_top_k: int = 0,
+                  quantizer=None):
     """Return (ModelProto, info) for `base`; info lists slots and KV layout for the manifest, and
     what the quantizer and add_base_path need to know about the operators.
 
@@ -64,8 +68,12 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
     slot_set: "full" (LoRA, scale and bias slots), "lora" (LoRA slots only) or "none" (no slots:
     a base that runs merged adapters only, at the speed of a graph without adapter operators).
     exact_head_top_k > 0 (a tied lm_head with fp16_embedding; see _DecoderBuilder.exact_head)
-    recomputes each position's k largest head logits from the fp16 embedding table."""
-    return _DecoderBuilder(base, dtype, context_length, fp16_embedding, slot_set, exact_head_top_k).build()
+    recomputes each position's k largest head logits from the fp16 embedding table.
+    quantizer (onnx_quant.WeightQuantizer) takes each base MatMul's weight as it is made; the
+    graph then holds no float weight for them (to_matmul_nbits writes their nodes)."""
+    builder = _DecoderBuilder(base, dtype, context_length, fp16_embedding, slot_set, exact_head_top_k)
+    builder.g.quantizer = quantizer
+    return builder.build()
 
 
 def check_onnx_shapes(where, dims: dict, rotary_dim: int) -> None:
@@ -115,8 +123,10 @@ class _DecoderBuilder:
         inter = self.d["intermediate_size"]  # every layer's gate/up Split reads the same sizes
         self.split_sizes = self.g.init("const.gate_up_split", np.array([inter, inter], np.int64), cast=False)
         for i, layer in enumerate(self.base.model.model.layers):
-            x = self.layer(i, layer, x)
-        self.head(x)
+            with materialized(self.base, layer):  # one decoder layer's weights at a time
+                x = self.layer(i, layer, x)
+        with materialized(self.base, self.base.model.model.norm, self.base.model.lm_head):
+            self.head(x)
         return self.finish()
 
     def inputs(self) -> None:
@@ -159,7 +169,8 @@ class _DecoderBuilder:
         """The token embedding: a Gather (from an fp16 table, cast after the lookup, for int4/int8),
         plus its slot."""
         g = self.g
-        embed = to_numpy(self.base.model.model.embed_tokens.weight)
+        with materialized(self.base, self.base.model.model.embed_tokens):
+            embed = to_numpy(self.base.model.model.embed_tokens.weight)
         if self.fp16_embedding:
             table = g.init(f"{EMBEDDING}.weight", embed.astype(np.float16), cast=False)
             x = g.node("Gather", [table, INPUT_IDS], 1, "/embed/Gather")

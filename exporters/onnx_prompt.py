@@ -26,6 +26,7 @@ import numpy as np
 
 from edgepeft.errors import require
 
+from .checkpoint import float32_compute
 from .hf_base import BaseModel
 
 
@@ -37,7 +38,7 @@ def virtual_token_cache(base: BaseModel, embeddings: np.ndarray, layers: int) ->
     # A config-less DynamicCache keeps every position (one made from a sliding-window config
     # would drop the oldest), while the model still applies its own attention mask.
     cache = transformers.DynamicCache()
-    with torch.no_grad():
+    with torch.no_grad(), float32_compute(base):
         base.model.model(inputs_embeds=torch.from_numpy(embeddings)[None], past_key_values=cache, use_cache=True)
     out = []
     for i in range(layers):

@@ -1,8 +1,9 @@
 """Weight-only quantization of the ONNX base to onnxruntime's MatMulNBits.
 
-onnxruntime's own quantizer rewrites the graph; with activation statistics (calibration.py) our
-importance-weighted search then replaces its 4-bit blocks. Only the base MatMuls are quantized;
-the LoRA slot MatMuls (and their float inputs) are excluded, so adapters stay float.
+Each base MatMul's weight is quantized when the graph builder makes it (WeightQuantizer): 4-bit
+blocks by our importance-weighted search over activation statistics (calibration.py), 8-bit
+blocks by onnxruntime's own kernel; to_matmul_nbits then writes the MatMulNBits nodes. Only the
+base MatMuls are quantized; the LoRA slot MatMuls (and their float inputs) stay float.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from edgepeft.errors import UnsupportedModel, require
+
+from .progress import QUIET
+from .int4_search import int4_blocks  # the 4-bit search, re-exported here for its callers
 
 ONNX_QUANTS = ("int4", "int4-pure", "int8", "fp16", "fp32")
 WEIGHT_ONLY = ("int4", "int4-pure", "int8")
@@ -27,79 +31,6 @@ WEIGHT_ONLY = ("int4", "int4-pure", "int8")
 EIGHT_BIT_GROUPS = ("qkv_proj", "down_proj", "lm_head")
 # Fewer exact logits decode faster but lose accuracy; more cost speed for little gain.
 EXACT_HEAD_TOP_K = 64
-
-# Scale candidates per 4-bit block (llama.cpp's make_qx_quants search): the level the block's
-# signed absmax is rounded to, -9 ... -7 in steps of 0.05 (-8 is plain absmax rounding).
-_CANDIDATES = -8 + np.arange(-20, 21) * 0.05
-# Asymmetric candidates (zero_points): the block's range over 15 levels, times these.
-_RANGE_CANDIDATES = np.linspace(0.6, 1.4, 21)
-_ROWS_PER_CHUNK = 1 << 16  # blocks searched at once: bounds the search's memory
-
-
-def int4_blocks(w: np.ndarray, importance: np.ndarray, block_size: int,
-                zero_points: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """4-bit blocks for a MatMul weight w [K, N] (K the input axis), in MatMulNBits' layout:
-    packed uint8 [N, K/block, block/2] (low nibble first), scales float32 [N, K/block], and,
-    with zero_points, the blocks' zero points packed uint8 [N, ceil(blocks/2)] (low nibble
-    first; 8 is symmetric), or None where every block kept 8.
-
-    onnxruntime's quantizers have no way to take activation statistics for a CPU 4-bit build
-    (its default rounds each block from its absmax; RTN and k-quant weigh by the weights alone;
-    GPTQ and AWQ need a calibration reader over the whole ONNX graph, and AWQ a GPU), so this is
-    ours, after llama.cpp's importance-matrix Q4_0: per block, the scale candidate that minimises
-    sum_k c_k (w_k - d (u_k - z))^2 with c_k = importance_k * sqrt(sigma2 + w_k^2) (sigma2 the
-    mean square of the weight's row), d refit by least squares for the chosen rounding. The
-    symmetric candidates (z = 8) are always searched; zero_points adds asymmetric ones (the
-    block's range over 15 levels, x 0.6 ... 1.4, z rounded), so a block takes a zero point only
-    where it lowers that block's weighted error. onnxruntime's k-quant kept the base but not every
-    adapter within verify's bound; weighing by importance alone (no sqrt term) lost an adapter's
-    task check.
-    """
-    K, N = w.shape
-    nb = -(-K // block_size)
-    pad = nb * block_size - K  # onnxruntime pads K to whole blocks with zeros
-    x_all = np.pad(np.ascontiguousarray(w.T, np.float32), ((0, 0), (0, pad))).reshape(N * nb, block_size)
-    imp = np.pad(np.asarray(importance, np.float64), (0, pad)).reshape(nb, block_size)
-    imp = (imp + 1e-12 * max(float(imp.max()), 1e-30)).astype(np.float32)  # no channel counts nothing
-    sigma2 = np.repeat((x_all.reshape(N, -1) ** 2).sum(1) / K, nb)  # per block: its row's mean square
-    u_all = np.empty(x_all.shape, np.uint8)
-    z_all = np.full(N * nb, 8, np.uint8)
-    d_all = np.empty(N * nb, np.float32)
-    step = max(nb, _ROWS_PER_CHUNK // nb * nb)  # whole rows of blocks, so the importance tiles align
-    for lo in range(0, N * nb, step):
-        x = x_all[lo:lo + step]
-        wt = np.tile(imp, (len(x) // nb, 1)) * np.sqrt(sigma2[lo:lo + step, None] + x * x)
-        best = np.full(len(x), np.inf, np.float32)
-        u_best, z_best, d_best = u_all[lo:lo + step], z_all[lo:lo + step], d_all[lo:lo + step]
-
-        def consider(q, z):  # q = u - z, the signed levels; keep each block's better rounding
-            wq = wt * q
-            d = (wq * x).sum(1) / np.maximum((wq * q).sum(1), 1e-30)
-            err = (wt * (x - d[:, None] * q) ** 2).sum(1)
-            better = err < best
-            best[better] = err[better]
-            d_best[better] = d[better]
-            u_best[better] = (q[better] + z[better, None]).astype(np.uint8)
-            z_best[better] = z[better]
-
-        m = x[np.arange(len(x)), np.abs(x).argmax(1)]  # signed absmax; c = -8 rounds it to -8
-        m = np.where(m == 0, 1.0, m)
-        eight = np.full(len(x), 8.0, np.float32)
-        for c in _CANDIDATES:
-            consider(np.clip(np.rint(x * (c / m)[:, None]), -8, 7), eight)
-        if zero_points:
-            lo_x, span = x.min(1), np.maximum(x.max(1) - x.min(1), 1e-30)
-            for f in _RANGE_CANDIDATES:
-                d0 = span * f / 15
-                z = np.clip(np.rint(-lo_x / d0), 0, 15)
-                consider(np.clip(np.rint(x / d0[:, None]) + z[:, None], 0, 15) - z[:, None], z)
-    u = u_all.reshape(N, nb, block_size)
-    packed = np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
-    zp = None
-    if zero_points and (z_all != 8).any():
-        z = np.pad(z_all.reshape(N, nb), ((0, 0), (0, nb % 2)), constant_values=8)
-        zp = np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4))
-    return packed, d_all.reshape(N, nb), zp
 
 
 def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, k: int) -> np.ndarray:
@@ -136,9 +67,9 @@ def base_matmuls(proto, lora_nodes: list[str]) -> list:
 
 
 def importance_blocks(proto, lora_nodes: list[str], importance: dict[str, np.ndarray], block_size: int,
-                      zero_points: bool = False) -> dict[str, tuple]:
+                      zero_points: bool = False, progress=QUIET) -> dict[str, tuple]:
     """{MatMul node: int4_blocks(...)} for every base MatMul with activation statistics. The search
-    is numpy on whole arrays, which releases the GIL: one thread per core."""
+    is numpy on arrays of thousands of blocks, which releases the GIL: one thread per core."""
     onnx = require("onnx", "export")
     weights = {i.name: i for i in proto.graph.initializer}
     nodes = [n for n in base_matmuls(proto, lora_nodes) if n.name in importance]
@@ -147,55 +78,123 @@ def importance_blocks(proto, lora_nodes: list[str], importance: dict[str, np.nda
         return int4_blocks(onnx.numpy_helper.to_array(weights[n.input[1]]), importance[n.name], block_size, zero_points)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return dict(zip((n.name for n in nodes), pool.map(one, nodes)))
+        return dict(zip((n.name for n in nodes), progress.items(pool.map(one, nodes), len(nodes), "MatMuls")))
 
 
-def quantize(proto, quant: str, lora_nodes: list[str], block_size: int = 32, accuracy_level: int = 4,
-             blocks: dict[str, tuple] | None = None, eight_bit: frozenset[str] | set[str] = frozenset()):
-    """Return `proto` with base MatMuls as MatMulNBits (int4/int8, symmetric blocks unless a block
-    has a zero point); fp16/fp32 pass through. int4 puts the `eight_bit` MatMul nodes at 8 bits
-    (sensitivity.py chooses them); int4-pure has none. lora_nodes is build_decoder's
-    info["lora_nodes"].
-
-    blocks ({MatMul node: (packed, scales, zero points or None)}, importance_blocks) replace
-    onnxruntime's 4-bit rounding of those nodes; without them the 4-bit blocks are rounded from
-    their absmax. accuracy_level 4 lets the CPU kernel compute in int8 (what onnxruntime-genai
-    uses on CPU); 1 keeps fp32 compute."""
+def check_quant(quant: str, block_size: int) -> None:
+    """Refuse an unknown precision or a block size MatMulNBits cannot take."""
     if quant not in ONNX_QUANTS:
         raise UnsupportedModel(f"unknown ONNX precision {quant!r} (choose from {', '.join(ONNX_QUANTS)})")
-    if quant in ("fp16", "fp32"):
-        return proto
-    if block_size < 16 or block_size & (block_size - 1):
+    if quant in WEIGHT_ONLY and (block_size < 16 or block_size & (block_size - 1)):
         raise UnsupportedModel(f"block size {block_size} must be a power of two >= 16")
+
+
+def rtn_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """w [K, N] in symmetric blocks rounded from their absmax, by onnxruntime's own kernel (what
+    its MatMulNBitsQuantizer writes): packed uint8 [N, K/block, block*bits/8], scales [N, K/block]."""
     # onnxruntime comes from the onnx or onnx-gpu extra (the two packages cannot share a venv).
-    nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "onnx")
+    kernels = require("onnxruntime.capi._pybind_state", "onnx")
+    K, N = w.shape
+    nb = -(-K // block_size)
+    x = np.pad(np.asarray(w, np.float32), ((0, nb * block_size - K), (0, 0)))
+    packed = np.zeros((N, nb, block_size * bits // 8), np.uint8)
+    scales = np.zeros((N, nb), np.float32)
+    zero = np.zeros((N, -(-nb * bits // 8)), np.uint8)  # unused: symmetric
+    kernel = kernels.quantize_matmul_8bits if bits == 8 else kernels.quantize_matmul_4bits
+    kernel(packed, np.ascontiguousarray(x), scales, zero, block_size, N, nb * block_size, True)
+    return packed, scales, None
+
+
+SPLIT_WEIGHTS = 1 << 24  # a 4-bit search over more weights than this is split across the threads
+
+
+class WeightQuantizer:
+    """Turns each base MatMul weight into MatMulNBits blocks as the graph builder makes it, so that
+    the float32 weights never pile up: a weight is quantized in a pool of threads (numpy and
+    onnxruntime's kernels release the GIL) and dropped. `bits(group)` says 4 or 8 per projection
+    group; 4-bit blocks are int4_blocks' with the module's activation statistics, or rounded from
+    their absmax where there are none. Why not onnxruntime's quantizer: it rewrites a finished
+    graph, so the whole float32 graph would have to sit in memory first, and it copies it."""
+
+    def __init__(self, bits, importance: dict[str, np.ndarray], block_size: int, zero_points: bool,
+                 progress=QUIET, total: int = 0):
+        self.bits, self.importance, self.block_size, self.zero_points = bits, importance, block_size, zero_points
+        self.workers = os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(max_workers=self.workers)
+        self.pending: dict[str, object] = {}
+        self.blocks: dict[str, tuple] = {}
+        self.tick = progress.units(total, "MatMuls")
+
+    def _one(self, w: np.ndarray, bits: int, importance) -> tuple:
+        if bits == 4 and importance is not None:
+            return int4_blocks(w, importance, self.block_size, self.zero_points)
+        return rtn_blocks(w, bits, self.block_size)
+
+    def __call__(self, node: str, module: str, group: str, w: np.ndarray) -> None:
+        """Quantize weight `w` [K, N] of MatMul `node`, whose input `module` reads. A large 4-bit
+        search (a big vocabulary's head) runs as column slices, one per thread: each output
+        column's blocks depend on that column alone, so the slices give the same blocks."""
+        self._collect(block=len(self.pending) >= 2 * self.workers)  # bounds the weights in flight
+        bits, importance = self.bits(group), self.importance.get(module)
+        parts = self.workers if bits == 4 and importance is not None and w.size > SPLIT_WEIGHTS else 1
+        bounds = np.linspace(0, w.shape[1], parts + 1).astype(int)
+        self.pending[node] = (bits, w.shape[0], [self.pool.submit(self._one, w[:, lo:hi], bits, importance)
+                                                 for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo])
+
+    def _finish(self, node: str) -> None:
+        bits, k, futures = self.pending.pop(node)
+        parts = [f.result() for f in futures]
+        packed, scales = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        zp = None
+        if any(p[2] is not None for p in parts):  # a slice with symmetric blocks only gets its 8s back
+            zp = np.concatenate([p[2] if p[2] is not None else np.full((len(p[1]), -(-p[1].shape[1] // 2)), 0x88, np.uint8)
+                                 for p in parts])
+        self.blocks[node] = (bits, packed, scales, zp, k)
+        self.tick()
+
+    def _collect(self, block: bool) -> None:
+        for node, (_, _, futures) in list(self.pending.items()):
+            if block or all(f.done() for f in futures):
+                self._finish(node)
+                block = False
+
+    def results(self) -> dict[str, tuple]:
+        """{MatMul node: (bits, packed, scales, zero points or None, K)} once every weight is done."""
+        try:
+            for node in list(self.pending):
+                self._finish(node)
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+        return self.blocks
+
+
+def to_matmul_nbits(proto, blocks: dict[str, tuple], block_size: int, accuracy_level: int):
+    """Rewrite each MatMul of `blocks` ({node: (bits, packed, scales, zero points or None, K)}) into
+    the MatMulNBits node onnxruntime's MatMulNBitsQuantizer writes (its node and initializer
+    names, inputs and attributes; zero points as a fourth input where a block has one), removing
+    its float weight if the graph holds one; each entry leaves `blocks` as it goes. accuracy_level 4 lets the CPU kernel compute in int8
+    (what onnxruntime-genai uses on CPU); 1 keeps fp32 compute."""
     onnx = require("onnx", "export")
-    base = base_matmuls(proto, lora_nodes)
-    wide = {n.name for n in base if quant == "int8" or (quant == "int4" and n.name in eight_bit)}
-    narrow = {n.name for n in base} - wide
-    ours = {nbits_node(name, 4): blocks[name] for name in narrow if blocks and name in blocks}
-    # Two passes of onnxruntime's default quantizer (blockwise absmax rounding, in its C++ kernel):
-    # the 8-bit nodes, then the 4-bit ones; each pass leaves the other's nodes alone.
-    for bits, nodes in ((8, wide), (4, narrow)):
-        if not nodes:
+    nh, h = onnx.numpy_helper, onnx.helper
+    dropped = set()
+    for idx, node in enumerate(proto.graph.node):
+        if node.op_type != "MatMul" or node.name not in blocks:
             continue
-        quantizer = nbits.MatMulNBitsQuantizer(
-            proto, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-            nodes_to_exclude=[n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in nodes],
-        )
-        quantizer.process()
-        proto = quantizer.model.model
-    inits = {i.name: i for i in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "MatMulNBits" and node.name in ours:
-            packed, scales, zp = ours[node.name]
-            inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(packed, node.input[1]))
-            inits[node.input[2]].CopyFrom(onnx.numpy_helper.from_array(scales, node.input[2]))
-            if zp is not None:
-                if len(node.input) > 3 and node.input[3]:
-                    raise AssertionError(f"{node.name}: onnxruntime's symmetric quantizer wrote zero points")
-                name = f"{node.input[1]}_zero_points"
-                proto.graph.initializer.append(onnx.numpy_helper.from_array(zp, name))
-                del node.input[3:]
-                node.input.append(name)
+        bits, packed, scales, zp, k = blocks.pop(node.name)  # the graph's copy is the only one left
+        b = node.input[1]
+        inputs = [node.input[0], f"{b}_Q{bits}", f"{b}_scales"]
+        new = [nh.from_array(packed, inputs[1]), nh.from_array(scales, inputs[2])]
+        if zp is not None:
+            inputs.append(f"{b}_Q{bits}_zero_points")  # the name earlier exports gave it
+            new.append(nh.from_array(zp, inputs[3]))
+        proto.graph.initializer.extend(new)
+        attrs = {"K": int(k), "N": int(packed.shape[0]), "bits": bits, "block_size": block_size}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        proto.graph.node[idx].CopyFrom(h.make_node("MatMulNBits", inputs, list(node.output),
+                                                   name=nbits_node(node.name, bits), domain="com.microsoft", **attrs))
+        dropped.add(b)
+    keep = [i for i in proto.graph.initializer if i.name not in dropped]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
     return proto

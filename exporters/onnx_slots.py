@@ -71,6 +71,9 @@ class Graph:
     base_matmuls: dict = field(default_factory=dict)  # MatMul node -> torch module that reads its input
     projections: dict = field(default_factory=dict)  # MatMul node -> its projection group
     members: dict = field(default_factory=dict)  # MatMul node -> the torch modules packed in it, in column order
+    # called with (node, module, group, weight [K, N]) for each base MatMul: it keeps the weight
+    # (quantized) and the graph stores none; None: the weight is a float initializer
+    quantizer: Callable | None = None
 
     def __post_init__(self):
         self.h = require("onnx", "export").helper
@@ -127,8 +130,13 @@ class Projections:
         if self.full and in_scale:
             slot["scale_in"] = self.vector(names["scale_in"], fan_in, np.ones(fan_in))
             x = g.node("Mul", [x, slot["scale_in"]], 1, f"{name}/ScaleIn", slot=PASSES)
-        y = g.node("MatMul", [x, g.init(f"{module}.weight_T", w.T)], 1, f"{name}/MatMul")
-        g.base_matmuls[f"{name}/MatMul"] = f"{prefix}.{members[0]}" if prefix else members[0]
+        reads = f"{prefix}.{members[0]}" if prefix else members[0]
+        if g.quantizer:
+            g.quantizer(f"{name}/MatMul", reads, group, w.T)
+        y = g.node("MatMul", [x, f"{module}.weight_T" if g.quantizer else g.init(f"{module}.weight_T", w.T)], 1,
+                   f"{name}/MatMul")
+        del w
+        g.base_matmuls[f"{name}/MatMul"] = reads
         g.projections[f"{name}/MatMul"] = group
         g.members[f"{name}/MatMul"] = [f"{prefix}.{m}" if prefix else m for m in members]
         if refine:

@@ -10,7 +10,8 @@ from edgepeft.bundle import Bundle
 from edgepeft.errors import EdgepeftError
 from edgepeft.files import sha256_file
 
-from .bundle_export import export_bundle, onnx_export_current
+from .bundle_export import export_bundle
+from .onnx_export import onnx_export_current
 
 
 def export_or_reuse(base: str, out: str | Path, adapters: dict[str, Path], formats: str, onnx_quant: str = "int4",

@@ -118,6 +118,12 @@ def run_bench(bundle: str | Path, backend: str = "onnx", threads: int | None = N
         "base": {"load_s": round(load_s, 3), **_speed(engine, None, runs, new_tokens)},
         "adapters": {},
     }
+    # The weight bytes a decode step reads (written at export; None for older bundles), and the
+    # bandwidth the base's decode speed implies: at 1B-4B on a CPU, the figure that bounds speed.
+    decode_bytes = engine.bundle.backends[backend].get("decode_bytes")
+    result["base"]["decode_bytes"] = decode_bytes
+    result["base"]["decode_gb_per_s"] = (round(decode_bytes * result["base"]["decode_tokens_per_s"] / 1e9, 2)
+                                         if isinstance(decode_bytes, int) else None)
     # Reload per task (what hot-swap replaces): open the base again, plus the adapter load.
     reloads = []
     for _ in range(3):

@@ -107,6 +107,20 @@ def make_base(out: Path, arch: str = "llama", seed: int = 0, layers: int = 2, hi
     return out
 
 
+def bf16_copy(src: Path, dest: Path) -> Path:
+    """`src` (a make_base directory) copied to `dest` with its weights saved in bf16."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dest)
+    for f in dest.glob("*.safetensors"):
+        f.unlink()
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(torch.bfloat16).save_pretrained(dest)
+    return dest
+
+
 def all_linear(arch: str) -> list[str]:
     """The linear layers of `arch`'s checkpoint, for "LoRA on every linear layer"."""
     if ARCHS[arch][1] == "Phi3ForCausalLM":  # stored fused

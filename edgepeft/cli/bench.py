@@ -63,6 +63,9 @@ def run(args) -> int:
               f"{a['prefill_tokens_per_s']:>10.0f}{a['decode_tokens_per_s']:>10.1f}"
               f"{a['decode_vs_base']:>8.2f}x")
     print(f"reload base per task instead: {b['reload_s'] * 1e3:.0f} ms each")
+    if b.get("decode_bytes"):
+        print(f"weights read per decoded token: {format_bytes(b['decode_bytes'])} "
+              f"({b['decode_gb_per_s']:.1f} GB/s at the base's decode speed)")
     m = r.get("memory")
     if m:
         ratio = f", {m['added_per_file_byte']:.2f}x their file size" if m["added_per_file_byte"] is not None else ""

@@ -52,7 +52,8 @@ def run(args) -> int:
     for name, be in info["backends"].items():
         extra = f", block {be['block_size']}" if "block_size" in be else ""
         slots = f"  {be['slots']} adapter slots ({be.get('slot_set', 'lora')})" if "slots" in be else ""
-        print(f"{name:<8} {be['model']}  {be['quant']}{extra}  {format_bytes(be['bytes'])}  "
+        reads = f", reads {format_bytes(be['decode_bytes'])} per token" if isinstance(be.get("decode_bytes"), int) else ""
+        print(f"{name:<8} {be['model']}  {be['quant']}{extra}  {format_bytes(be['bytes'])}{reads}  "
               f"context {be['context_length']}{slots}")
     print(f"adapters {len(info['adapters'])}")
     for name, a in info["adapters"].items():

@@ -145,7 +145,7 @@ def test_sensitivity_simulation_gives_the_model_its_weights_back(trained):
     from edgepeft.exporters.sensitivity import Simulation
     import onnx
 
-    base = load_base(str(trained[0]))
+    base = load_base(str(trained[0]), lazy=False)  # the simulation swaps weights in place
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     proto, info = build_decoder(base, slot_set="lora")
     blocks = importance_blocks(proto, info["lora_nodes"], activation_importance(base, info["base_matmuls"]), 32, True)
@@ -282,7 +282,7 @@ def test_int4_with_a_tied_head_recomputes_its_top_logits_exactly(tmp_path, monke
     import numpy as np
     import onnx
 
-    import edgepeft.exporters.bundle_export as bundle_export
+    import edgepeft.exporters.onnx_export as onnx_export
     from factory import make_base
 
     base = make_base(tmp_path / "tied", seed=3, tie=True)
@@ -290,7 +290,7 @@ def test_int4_with_a_tied_head_recomputes_its_top_logits_exactly(tmp_path, monke
     # every MatMul that measures better at 8 bits goes there, so that the head carries a visible share
     # of what is left of the 4-bit error
     exact = export_bundle(str(base), tmp_path / "exact", onnx_quant="int4", int4_target_kl=1e-9, quiet=True)
-    assert exact.backends["onnx"]["exact_head_top_k"] == bundle_export.EXACT_HEAD_TOP_K
+    assert exact.backends["onnx"]["exact_head_top_k"] == onnx_export.EXACT_HEAD_TOP_K
     # the head is not a candidate for 8 bits: the exact head keeps it at 4
     assert not [n for n in exact.backends["onnx"]["eight_bit"] if "lm_head" in n]
     assert exact.backends["onnx"]["int4_mix"]["candidates"] == 2 * 4
@@ -299,9 +299,9 @@ def test_int4_with_a_tied_head_recomputes_its_top_logits_exactly(tmp_path, monke
         assert next(a.i for a in head.attribute if a.name == "bits") == 4
         assert {"TopK", "ScatterElements"} <= {n.op_type for n in nodes if "/lm_head/exact/" in n.name}
     # the same head at 4 bits without the recomputation
-    monkeypatch.setattr(bundle_export, "EXACT_HEAD_TOP_K", 0)
+    monkeypatch.setattr(onnx_export, "EXACT_HEAD_TOP_K", 0)
     chosen = exact.backends["onnx"]["eight_bit"]
-    monkeypatch.setattr(bundle_export, "_measured_mix", lambda *a: (chosen, {}))  # the same mix, head at 4 bits
+    monkeypatch.setattr(onnx_export, "_measured_mix", lambda *a: (chosen, {}))  # the same mix, head at 4 bits
     plain = export_bundle(str(base), tmp_path / "plain", onnx_quant="int4", int4_target_kl=1e-9, quiet=True)
     assert "exact_head_top_k" not in plain.backends["onnx"]
     engines = {"exact": Engine.open(exact.root), "plain": Engine.open(plain.root)}

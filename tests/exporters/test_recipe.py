@@ -3,7 +3,7 @@ exporter from an older one (which still runs, but measures an older export)."""
 
 from edgepeft.bundle import Bundle
 from edgepeft.exporters import add_adapter, export_bundle
-from edgepeft.exporters.bundle_export import ONNX_RECIPE, onnx_export_current
+from edgepeft.exporters.onnx_export import ONNX_RECIPE, onnx_export_current
 
 
 def test_an_export_records_the_current_recipe_and_add_adapter_keeps_it(tiny_llama, llama_adapters, tmp_path):

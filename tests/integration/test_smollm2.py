@@ -62,7 +62,8 @@ def test_builtin_checkpoint_tokenizer_matches_in_transformers_too(demo_bundle):
     for text, ids in ORIGINAL_IDS:
         assert tok.encode(text) == ids, text
     for text, ids in ORIGINAL_CHAT:
-        assert tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True) == ids
+        assert tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      return_dict=False) == ids
 
 
 def test_demo_prints_outputs_switch_speed_memory_and_accuracy(demo_bundle):

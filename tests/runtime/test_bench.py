@@ -14,6 +14,9 @@ def test_bench_reports_speed_switch_and_memory_per_adapter(llama_bundle, backend
     r = json.loads(capsys.readouterr().out)
     assert r["backend"] == backend and set(r["adapters"]) == {"qv", "all", "mixed"}
     assert r["base"]["decode_tokens_per_s"] > 0 and r["base"]["reload_s"] > 0
+    reads = llama_bundle.backends[backend]["decode_bytes"]
+    assert r["base"]["decode_bytes"] == reads > 0
+    assert r["base"]["decode_gb_per_s"] == round(reads * r["base"]["decode_tokens_per_s"] / 1e9, 2)
     for a in r["adapters"].values():
         assert 0 < a["switch_ms_median"] <= a["switch_ms_p95"]
         assert a["switch_vs_reload"] >= 1 and a["decode_tokens_per_s"] > 0 and a["file_bytes"] > 0
@@ -25,6 +28,7 @@ def test_bench_reports_speed_switch_and_memory_per_adapter(llama_bundle, backend
                  "--no-memory"]) == 0
     text = capsys.readouterr().out
     assert "switch med" in text and "reload base per task" in text and "peak RSS" not in text
+    assert "weights read per decoded token" in text
 
 
 @pytest.mark.parametrize("backend", ["onnx", "gguf"])
