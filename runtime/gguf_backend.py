@@ -39,6 +39,7 @@ class GgufBackend(Backend):
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None,
                  n_gpu_layers: int | None = None, context_length: int | None = None,
                  parallel: int | None = None):
+        self.model, self.loras, self._idle = None, None, []  # what close() frees, set before anything can fail
         broken = llama_cpp_problem()
         if broken:
             raise EngineError(broken)
@@ -81,7 +82,6 @@ class GgufBackend(Backend):
         self.step_lock = contextlib.nullcontext() if fits else threading.Lock()
         self._pool = threading.Condition()
         self._made = 0  # pool contexts made or being made
-        self._idle: list[GgufContext] = []
         try:  # one context up front: a base that cannot get one fails at open, not at the first call
             self._idle.append(self.new_context())
         except EngineError:
@@ -106,8 +106,9 @@ class GgufBackend(Backend):
         self.loras.add(c)
         return c
 
-    def _acquire(self) -> GgufContext:
-        """A free pool context, a new one while fewer than `parallel` exist, or wait for one."""
+    def take_context(self) -> GgufContext:
+        """A free pool context, a new one while fewer than `parallel` exist, or wait for one;
+        the taker gives it back with `return_context`."""
         with self._pool:
             while not self._idle and self._made >= self.parallel:
                 self._pool.wait()
@@ -122,7 +123,8 @@ class GgufBackend(Backend):
                 self._pool.notify()
             raise
 
-    def _release(self, c: GgufContext) -> None:
+    def return_context(self, c: GgufContext) -> None:
+        """Put `c`, taken with `take_context`, back in the pool for the next sequence."""
         with self._pool:
             self._idle.append(c)
             self._pool.notify()
@@ -144,22 +146,22 @@ class GgufBackend(Backend):
 
     def switch_to(self, adapter: GgufAdapter | None) -> None:
         """Select `adapter` on a context, as each call does first."""
-        c = self._acquire()
+        c = self.take_context()
         try:
             self.loras.hold(c, adapter)
             self.loras.release(c)
         finally:
-            self._release(c)
+            self.return_context(c)
 
     # ---- running -------------------------------------------------------------------------------
     def open_sequence(self, adapter: GgufAdapter | None, max_len: int) -> "GgufSequence":
         if max_len > self.context_length:
             raise EngineError(f"{max_len} tokens exceed the GGUF context length {self.context_length}")
-        c = self._acquire()
+        c = self.take_context()
         try:
             self.loras.hold(c, adapter)
         except BaseException:
-            self._release(c)
+            self.return_context(c)
             raise
         c.forget()
         return GgufSequence(self, c, max_len)
@@ -175,11 +177,11 @@ class GgufBackend(Backend):
         return GgufBatcher(self)
 
     def close(self) -> None:
-        loras = getattr(self, "loras", None)
+        loras = self.loras
         for c in list(loras.contexts if loras else []):
             loras.discard(c)
         self._idle = []
-        if getattr(self, "model", None):
+        if self.model:
             self.llama_cpp.llama_model_free(self.model)
             self.model = None
 
@@ -200,7 +202,7 @@ class GgufSequence(SequenceState):
         c, self.c = self.c, None
         if c is not None:
             self.backend.loras.release(c)
-            self.backend._release(c)
+            self.backend.return_context(c)
 
     def reset(self) -> None:
         self._context().forget()
