@@ -88,8 +88,8 @@ e = Engine.open({bundle!r}, backend={backend!r}, threads={threads}, load_adapter
 load = time.perf_counter() - t
 e.complete(msgs, adapter={adapter!r}, max_new_tokens={warm}, ignore_eos=True, chat={chat})
 c = e.complete(msgs, adapter={adapter!r}, max_new_tokens={n}, ignore_eos=True, chat={chat})
-print(json.dumps({{"load_s": load, "ttft_ms": c.timings["prefill_s"] * 1e3, "tokens": len(c.tokens),
-                  "decode_tokens_per_s": c.timings["decode_tokens_per_s"]}}))
+print(json.dumps({{"load_s": load, "ttft_ms": c.timings.prefill_s * 1e3, "tokens": len(c.tokens),
+                  "decode_tokens_per_s": c.timings.decode_tokens_per_s}}))
 """
 
 LLAMA = """

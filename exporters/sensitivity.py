@@ -1,27 +1,23 @@
 """Which MatMuls int4 keeps at 8 bits, by measured sensitivity.
 
-llama.cpp's Q4_K_M widens a fixed list of tensors (v, down). Our first int4 kept every packed qkv
-and down_proj at 8 bits, 41% of a layer's weights, and decoded at 0.82-0.87x onnxruntime-genai's
-int4. Most of that width bought little: in a simulation, half of SmolLM2's 60 qkv/down tensors
-gained under 0.003 KL from 8 bits, and a few gained most (docs/experiments.md).
+A fixed list of 8-bit tensors (llama.cpp's Q4_K_M widens v and down) spends width where it buys
+little: most tensors gain almost nothing from 8 bits and a few gain most (docs/experiments.md
+has the measurements). So the export measures it. The float model runs teacher-forced over the
+built-in calibration text (calibration.py; never verify's or the task checks' prompts) with
+every base MatMul at its 4-bit rounding, which gives KL(float || all 4-bit). Then each candidate
+in turn is put back at 8 bits; the KL it saves is its gain. Candidates are ranked by gain per
+extra byte, and the shortest prefix of that ranking whose mix, measured the same way, reaches
+the target (`--int4-target-kl`) stays at 8 bits: gains measured alone do not add up, so the mix
+itself is measured. A head that the exact head recomputes stays float in the simulation and
+4-bit in the graph: it is not a candidate.
 
-So the export measures it. The float model is run teacher-forced over the built-in calibration
-text (calibration.py; never verify's or the task checks' prompts) with every base MatMul at its
-4-bit rounding. That gives KL(float || all 4-bit). Then, one candidate at a time, that MatMul is
-put back at 8 bits, and the KL it saves is its gain. The candidates are ranked by gain per extra
-byte. The shortest prefix of that ranking whose mix, measured the same way, reaches the target
-(`--int4-target-kl`) stays at 8 bits: gains measured alone do not add up, so the mix itself is
-measured. A head that the exact head recomputes stays float in the simulation and 4-bit in the
-graph: it is not a candidate.
-
-Activations are not rounded to int8 here, although accuracy_level 4 computes that way. The
-ranking is what matters, and the design doc's simulation with int8 activations matched the real
-bundles within 0.005 KL.
+Activations are not rounded to int8 here, although accuracy_level 4 computes that way: what
+matters is the ranking, and a simulation that did round them matched the real bundles closely
+(docs/experiments.md).
 
 Torch is what the exporter already has; onnxruntime has no per-tensor sensitivity tool, and its
 mixed-precision quantizers pick by rule, not by measurement.
 """
-
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +28,9 @@ from .calibration import _token_batches
 from .onnx_quant import dequantize_int4, rtn_8bit
 
 # A calibration KL to aim at (`--int4-target-kl`): candidates are added in order of gain per extra
-# byte until the mix's measured KL is at most it. On SmolLM2-135M: every MatMul at 4 bits 0.33, the
-# default fixed groups (every qkv and down_proj at 8 bits, 41% of the 4-bit bytes) 0.084.
+# byte until the mix's measured KL is at most it. The default sits just above the KL the fixed
+# 8-bit groups reach on the built-in base (figures in docs/experiments.md): a search given no target
+# keeps about their fidelity.
 EIGHT_BIT_KL = 0.09
 
 

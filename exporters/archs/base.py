@@ -101,10 +101,6 @@ class Arch:
     # Whether llama.cpp reads attention.sliding_window for this architecture.
     gguf_sliding_window: bool = False
 
-    def member_groups(self) -> dict[str, Group]:
-        """Each checkpoint linear layer's short name -> its group."""
-        return {m: g for g in self.groups for m in g.members}
-
 
 @dataclass(frozen=True)
 class Layout:
