@@ -53,28 +53,28 @@ def _token_batches(base, vocab_size: int) -> list[list[int]]:
 def activation_importance(base, modules: dict[str, str], progress=QUIET) -> dict[str, np.ndarray]:
     """{key: mean x^2 per input channel} for modules {key: torch module name} of `base`, from one
     teacher-forced pass of the calibration text through the float model, run a decoder layer at a
-    time over every text (layerwise.py): each layer's weights are read once."""
+    time over every text batched (layerwise.py): each layer's weights are read once."""
     torch = require("torch", "export")
     model = base.model
     sums: dict[str, list] = {}
 
-    def add(name, x):
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+    def add(name, rows):
+        rows = rows.detach().double()
         acc = sums.setdefault(name, [0.0, 0])
-        acc[0] = acc[0] + (x * x).sum(0)
-        acc[1] += x.shape[0]
+        acc[0] = acc[0] + (rows * rows).sum(0)
+        acc[1] += rows.shape[0]
 
     wanted = set(modules.values())
-    hooks = [module.register_forward_hook(lambda _m, args, _out, name=name: add(name, args[0]))
+    with torch.no_grad():
+        run = Layerwise(base, _token_batches(base, int(base.dims["vocab_size"])))
+    hooks = [module.register_forward_hook(lambda _m, args, _out, name=name: add(name, run.rows(args[0])))
              for name, module in model.named_modules() if name in wanted]
     try:
-        with torch.no_grad():
-            run = Layerwise(base, _token_batches(base, int(base.dims["vocab_size"])))
-            run.run(progress)
-            head = _head_name(model)
-            if head in wanted:  # the head's input, without computing its logits
-                for x in run.normed():
-                    add(head, x)
+        run.run(progress)
+        head = _head_name(model)
+        if head in wanted:  # the head's input, without computing its logits
+            for rows in run.normed():
+                add(head, rows)
     finally:
         for h in hooks:
             h.remove()

@@ -9,8 +9,7 @@ The layers themselves are Hugging Face's modules, called with the arguments the 
 forward gives them (rotary position embeddings, the causal or sliding-window mask of the layer's
 kind, Gemma's scaled embedding): those are captured by running the model's forward once per
 sequence with each layer's forward replaced by a recorder, so no family's details are
-reimplemented here. Each sequence runs alone (batch 1), so each layer computes exactly what the
-whole model computes for that sequence.
+reimplemented here.
 """
 
 from __future__ import annotations
@@ -40,11 +39,31 @@ def _outer(inner, skip=()) -> list:
     return [m for name, m in inner.named_children() if name != "layers" and all(m is not s for s in skip)]
 
 
+def _batches(inner, sequences: list[list[int]]) -> list[list[int]]:
+    """Indices of `sequences` run together: all of them in one batch, unless the rotary embedding
+    depends on the batch's length (LongRoPE's switch to its long factors, dynamic NTK scaling),
+    where only sequences of the same length share a batch, so each gets its own rotation."""
+    types = getattr(getattr(inner, "rotary_emb", None), "rope_type", "default")
+    types = types.values() if isinstance(types, dict) else [types]
+    if not any(t == "longrope" or "dynamic" in str(t) for t in types):
+        return [list(range(len(sequences)))] if sequences else []
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(sequences):
+        by_length.setdefault(len(ids), []).append(i)
+    return list(by_length.values())
+
+
 class Layerwise:
     """The base's decoder layers run layer-major over `sequences` (token id lists).
 
-    After construction, `hidden` holds each sequence's input to the first layer; run() takes them
-    through every layer; normed() gives the final norm of the result (what the head reads)."""
+    The sequences run as one batch, padded on the right, with the attention mask the model's own
+    forward makes of the padding (causal, sliding window): a real position attends to the same
+    positions as it would alone, so its activations are the unbatched ones up to the float rounding
+    of a larger matrix product. The built-in calibration text is short: one batch holds it.
+
+    After construction, `hidden` holds each batch's input to the first layer; run() takes them
+    through every layer; normed() gives the final norm of the result (what the head reads).
+    rows(x) keeps the real positions of an activation of the batch being run."""
 
     def __init__(self, base, sequences: list[list[int]]):
         self.torch = torch = require("torch", "export")
@@ -52,6 +71,8 @@ class Layerwise:
         self.layers = list(self.inner.layers[: base.config.num_hidden_layers])
         self.hidden: list = []
         self.calls: list[list[tuple]] = []
+        self.valid: list = []
+        self.at = 0
 
         def capture(i, hidden_states, *args, **kwargs):
             if i == 0:
@@ -60,9 +81,19 @@ class Layerwise:
             return hidden_states
 
         with torch.no_grad(), materialized(base, *_outer(self.inner)), _forwards(self.layers, capture):
-            for ids in sequences:
+            for group in _batches(self.inner, sequences):
+                seqs = [sequences[i] for i in group]
+                width = max(map(len, seqs))
+                valid = torch.tensor([[j < len(s) for j in range(width)] for s in seqs])
+                ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # padding: any id, masked
+                self.valid.append(valid)
                 self.calls.append([])
-                self.inner(input_ids=torch.tensor([ids]), use_cache=False)
+                self.inner(input_ids=ids, attention_mask=valid.long(), use_cache=False)
+
+    def rows(self, x):
+        """Activation x [batch, length, features] of the batch being run: its real positions'
+        rows [positions, features], sequence by sequence."""
+        return x[self.valid[self.at]]
 
     def run(self, progress=QUIET, weights=None) -> None:
         """Every sequence through every decoder layer, one layer in memory at a time. `weights`
@@ -71,7 +102,9 @@ class Layerwise:
         for i, layer in enumerate(progress.items(self.layers, unit="layers")):
             with self.torch.no_grad(), materialized(self.base, layer):
                 with weights(i, layer) if weights else _nothing():
-                    self.hidden = [self._call(layer, h, *self.calls[t][i]) for t, h in enumerate(self.hidden)]
+                    for b, h in enumerate(self.hidden):
+                        self.at = b
+                        self.hidden[b] = self._call(layer, h, *self.calls[b][i])
 
     @staticmethod
     def _call(layer, hidden, args, kwargs):
@@ -79,15 +112,18 @@ class Layerwise:
         return out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return tuples
 
     def normed(self) -> list:
-        """Each sequence's last hidden state after the model's final norm: the head's input. The
-        model's own forward applies it, with the layers standing in for what run() computed."""
+        """Each batch's last hidden states after the model's final norm, the head's input, as rows
+        [positions, hidden] of its real positions. The model's own forward applies the norm, with
+        the layers standing in for what run() computed."""
         torch, done = self.torch, iter(self.hidden)
         embedding = self.inner.get_input_embeddings()
         out = []
         with torch.no_grad(), materialized(self.base, *_outer(self.inner, skip=[embedding])), \
                 _forwards(self.layers, lambda i, h, *a, **k: next(done) if i == 0 else h):
-            for h in self.hidden:
-                out.append(self.inner(inputs_embeds=torch.zeros_like(h), use_cache=False).last_hidden_state)
+            for b, (h, valid) in enumerate(zip(self.hidden, self.valid)):
+                self.at = b
+                last = self.inner(inputs_embeds=torch.zeros_like(h), attention_mask=valid.long(), use_cache=False)
+                out.append(self.rows(last.last_hidden_state))
         return out
 
 

@@ -14,8 +14,10 @@ from factory import bf16_copy, make_base
 # Gemma 3: sliding layers (window 8, shorter than the calibration texts) and global ones, tied
 # head, hidden 96 (its embedding scale sqrt(96) is not a bf16 number); Gemma 2 scales its
 # embeddings in the model's forward and soft-caps attention (eager); Phi-3: fused projections,
-# partial rotary with LongRoPE.
-CASES = [("llama", {}), ("gemma3_text", {"tie": True, "hidden": 96}), ("gemma2", {}), ("phi3_longrope", {})]
+# partial rotary with LongRoPE, switching to its long factors past 96 positions, which some texts
+# reach and some do not (batched together, the short ones would rotate by the long factors).
+CASES = [("llama", {}), ("gemma3_text", {"tie": True, "hidden": 96}), ("gemma2", {}),
+         ("phi3_longrope", {"original_max_position_embeddings": 96})]
 
 
 def per_text_importance(base, modules):
@@ -43,12 +45,14 @@ def test_layer_major_calibration_equals_the_per_text_forward(family, opts, tmp_p
     src = bf16_copy(make_base(tmp_path / "f32", family, seed=0, layers=3, **opts), tmp_path / "bf16")
     lazy = hf_base.load_base(str(src))
     modules = linear_modules(lazy.model)
-    assert any(len(ids) > 8 for ids in _token_batches(lazy, lazy.dims["vocab_size"]))  # past the window
+    lengths = [len(ids) for ids in _token_batches(lazy, lazy.dims["vocab_size"])]
+    assert max(lengths) > 96 >= min(lengths) > 8  # past Gemma's window; both sides of LongRoPE's switch
     want = per_text_importance(lazy, modules)
     got = activation_importance(lazy, modules)
     assert set(got) == set(want) == set(modules) and len(got) >= 3 * 4 + 1  # every projection and the head
     for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)  # same operations, same order
+        # batched, the products round differently in float32: the same up to that
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=0, err_msg=key)
     # a base loaded whole in float32 runs the same way and gets the same statistics
     whole = activation_importance(hf_base.load_base(str(src), lazy=False), modules)
     assert all(np.array_equal(whole[k], got[k]) for k in got)
