@@ -80,7 +80,9 @@ class Layerwise:
             self.calls[-1].append((args, kwargs))
             return hidden_states
 
-        with torch.no_grad(), materialized(base, *_outer(self.inner)), _forwards(self.layers, capture):
+        embedding = self.inner.get_input_embeddings()
+        with torch.no_grad(), materialized(base, *_outer(self.inner, skip=[embedding])), \
+                _forwards(self.layers, capture):
             for group in _batches(self.inner, sequences):
                 seqs = [sequences[i] for i in group]
                 width = max(map(len, seqs))
@@ -88,7 +90,25 @@ class Layerwise:
                 ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # padding: any id, masked
                 self.valid.append(valid)
                 self.calls.append([])
-                self.inner(input_ids=ids, attention_mask=valid.long(), use_cache=False)
+                self.inner(inputs_embeds=self._embed(embedding, ids), attention_mask=valid.long(), use_cache=False)
+
+    def _embed(self, embedding, ids):
+        """embedding(ids), the embedding module's own forward (Gemma's scale included), given only
+        the rows `ids` use: read from the memory-mapped checkpoint and upcast, rather than the
+        whole table in float32 (the largest tensor of a small model)."""
+        torch = self.torch
+        if self.base.tensors is None:
+            return embedding(ids)
+        used, local = torch.unique(ids, return_inverse=True)
+        name = next(n for n, m in self.base.model.named_modules() if m is embedding)
+        rows = self.base.stored(f"{name}.weight")[used].float()
+        saved, pad = embedding._parameters["weight"], getattr(embedding, "padding_idx", None)
+        embedding._parameters["weight"] = torch.nn.Parameter(rows, requires_grad=False)
+        embedding.padding_idx = None  # an index into the whole table (it only affects gradients)
+        try:
+            return embedding(local)
+        finally:
+            embedding._parameters["weight"], embedding.padding_idx = saved, pad
 
     def rows(self, x):
         """Activation x [batch, length, features] of the batch being run: its real positions'
