@@ -189,8 +189,8 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     finished = False
     try:
         progress.step("loading base")
-        # merging and the sensitivity search change weights in place: those start from float32
-        base_model = load_base(base, lazy=merge is None and int4_target_kl is None)
+        # merging changes weights in place: it starts from the whole model in float32
+        base_model = load_base(base, lazy=merge is None)
         progress.done()
         merged = None
         if merge is not None:

@@ -57,3 +57,32 @@ def test_layer_major_calibration_equals_the_per_text_forward(family, opts, tmp_p
     whole = activation_importance(hf_base.load_base(str(src), lazy=False), modules)
     assert all(np.array_equal(whole[k], got[k]) for k in got)
     assert {p.device.type for p in lazy.model.parameters()} == {"meta"}  # no weight left behind
+
+
+def test_the_sensitivity_search_measures_a_lazy_base_as_the_whole_float32_one(tmp_path):
+    import onnx
+
+    from edgepeft.exporters.onnx_graph import build_decoder
+    from edgepeft.exporters.onnx_quant import base_matmuls, importance_blocks
+    from edgepeft.exporters.sensitivity import Simulation
+
+    src = bf16_copy(make_base(tmp_path / "f32", "gemma3_text", seed=0, layers=2, tie=True, hidden=96), tmp_path / "bf16")
+    kls = {}
+    for lazy in (True, False):
+        base = hf_base.load_base(str(src), lazy=lazy)
+        before = {k: v.clone() for k, v in base.model.state_dict().items()}
+        proto, info = build_decoder(base, slot_set="lora")
+        blocks = importance_blocks(proto, info["lora_nodes"], activation_importance(base, info["base_matmuls"]),
+                                   32, True)
+        inits = {i.name: i for i in proto.graph.initializer}
+        weights = {n.name: onnx.numpy_helper.to_array(inits[n.input[1]])
+                   for n in base_matmuls(proto, info["lora_nodes"])}
+        some = sorted(blocks)[:2]
+        with Simulation(base, info, blocks, weights, 32) as sim:
+            kls[lazy] = [sim.kl(set()), sim.kl({some[0]}), sim.kl(set(some)), sim.kl(set())]
+        after = base.model.state_dict()
+        # the whole model's weights given back; the lazy one's still in the checkpoint
+        assert all(after[k].is_meta if lazy else torch.equal(before[k], after[k]) for k in before)
+    assert kls[True] == kls[False]
+    four, one, two, again = kls[True]
+    assert four > 0 and one != four and two != one and again == four
