@@ -6,8 +6,12 @@ that needs weights asks for one module, or one tensor, at a time: `materialized(
 reads their parameters from the safetensors files (memory-mapped by the safetensors library),
 upcast to float32 (exact from bf16/fp16), and puts the meta parameters back after, so that one
 decoder layer at a time is in memory. `float32_compute(base)` does the same around each module's
-forward, so that running the model (calibration, prompt tuning's virtual tokens) holds one
-module's weights at a time and computes exactly what the float32 model computes.
+forward, so that running the model (prompt tuning's virtual tokens) holds one module's weights at
+a time and computes exactly what the float32 model computes; calibration runs it a layer at a
+time over all its texts (layerwise.py).
+
+`stored_model` and `float32_layers` are verify's reference: the weights in memory in their stored
+dtype, upcast one decoder layer at a time for its forward.
 """
 
 from __future__ import annotations
