@@ -195,8 +195,8 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     finished = False
     try:
         progress.step("loading base")
-        # merging and the sensitivity search change weights in place: those start from float32
-        base_model = load_base(base, lazy=int4_target_kl is None)
+        # every step reads the base from its checkpoint; --merge merges each weight as it is read
+        base_model = load_base(base)
         progress.done()
         merged = None
         if merge is not None:

@@ -140,7 +140,7 @@ def fingerprint_tensors(names, read) -> str:
     for name in sorted(names):
         t = read(name).detach().float().cpu().contiguous().numpy()
         h.update(name.encode() + b"\0" + str(list(t.shape)).encode() + b"\0")
-        h.update(np.ascontiguousarray(t).tobytes())
+        h.update(memoryview(np.ascontiguousarray(t)))  # its bytes, without a copy of them
         del t
     return "sha256:" + h.hexdigest()
 
@@ -189,8 +189,7 @@ def quiet_loading():
 def load_base(source: str, lazy: bool = True) -> BaseModel:
     """Load `source` (local HF dir or builtin:NAME) for export: with `lazy`, a float32 skeleton
     whose weights stay in the checkpoint until a step reads them (exporters/checkpoint.py); else
-    the whole model in float32 (what merging an adapter and the sensitivity search change in
-    place need)."""
+    the whole model in float32 (what the tests compare the lazy base against)."""
     torch = require("torch", "export")
     transformers = require("transformers", "export")
     local = resolve_base_dir(source)

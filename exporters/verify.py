@@ -82,9 +82,12 @@ def reference_sequences(model, prompts: list[list[int]], stop_ids: set[int],
     token), and the model's logits [len(sequence), vocab] for it. Decoded without a KV cache, one
     full forward per token, so that every PEFT kind (virtual tokens included) runs as it trains."""
     torch = require("torch", "export")
+    from .checkpoint import float32_layers
+
     answer_tokens = ANSWER_TOKENS if answer_tokens is None else answer_tokens
     seqs, refs = [], []
-    with torch.no_grad():
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's wrapper
+    with torch.no_grad(), float32_layers(inner):
         for ids in prompts:
             seq = list(ids)
             # prompt tuning's PeftModel also returns its virtual tokens' rows: keep the real ones
@@ -100,31 +103,33 @@ def reference_sequences(model, prompts: list[list[int]], stop_ids: set[int],
     return seqs, refs
 
 
-def _reference_models(reference: str, bundle: Bundle, adapter_dirs: dict[str, str]):
-    """{adapter or None: torch model} built with transformers + PEFT."""
-    torch = require("torch", "export")
+def reference_model(reference: str, adapter: str | Path | None = None):
+    """The reference: transformers' model of base `reference` (a directory or builtin:NAME), with
+    PEFT adapter directory `adapter` loaded on it. Its base weights stay in the checkpoint's dtype
+    (bf16 for a bf16 checkpoint) and reference_sequences computes in float32 one decoder layer at
+    a time (checkpoint.float32_layers): the float32 model's logits, at the stored model's memory."""
     peft = require("peft", "export")
-    transformers = require("transformers", "export")
-    from .hf_base import quiet_loading, read_config, reference_kwargs, resolve_base_dir
+    from .checkpoint import stored_model
+    from .hf_base import read_config, reference_kwargs, resolve_base_dir
 
     base_dir = resolve_base_dir(reference)
-    extra = reference_kwargs(read_config(base_dir))
+    config = read_config(base_dir)
+    model = stored_model(base_dir, config, **reference_kwargs(config)).eval()
+    return model if adapter is None else peft.PeftModel.from_pretrained(model, str(adapter)).eval()
 
-    def base():
-        with quiet_loading():
-            return transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **extra).eval()
 
+def _reference_models(reference: str, bundle: Bundle, adapter_dirs: dict[str, str]):
+    """{adapter or None: torch model} built with transformers + PEFT (reference_model)."""
     merged = bundle.base.get("merged_adapter")
     if merged:
-        src = adapter_dirs.get(merged["name"], merged.get("source"))
-        yield None, peft.PeftModel.from_pretrained(base(), src).eval()
+        yield None, reference_model(reference, adapter_dirs.get(merged["name"], merged.get("source")))
         return
-    yield None, base()
+    yield None, reference_model(reference)
     for name, entry in bundle.adapters.items():
         src = adapter_dirs.get(name, entry.get("source"))
         if not src or not (Path(src) / "adapter_config.json").is_file():
             raise BundleError(f"adapter {name!r}: its PEFT directory {src} is not here; pass --adapter {name}=DIR")
-        yield name, peft.PeftModel.from_pretrained(base(), src).eval()
+        yield name, reference_model(reference, src)
 
 
 def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str, str] | None = None,
