@@ -36,7 +36,10 @@ def ours(bundle: Path, backend: str, threads: int, runs: int, n: int) -> dict:
 def llama_cpp_direct(bundle: Path, threads: int, runs: int, n: int) -> dict:
     return run_child(f"""
         import json, statistics, time
+        import llama_cpp
         from llama_cpp import Llama
+        from edgepeft.native_check import skip_amx_buffers
+        skip_amx_buffers(llama_cpp)  # as our GGUF backend does on a CPU whose AMX kernels crash
         from edgepeft.bundle import Bundle
         from edgepeft.runtime.tokenizer import Tokenizer
         b = Bundle.open({str(bundle)!r})

@@ -94,7 +94,10 @@ print(json.dumps({{"load_s": load, "ttft_ms": c.timings.prefill_s * 1e3, "tokens
 
 LLAMA = """
 import json, time
+import llama_cpp
 from llama_cpp import Llama
+from edgepeft.native_check import skip_amx_buffers
+skip_amx_buffers(llama_cpp)  # as our GGUF backend does on a CPU whose AMX kernels crash
 from edgepeft.bundle import Bundle
 from edgepeft.runtime.tokenizer import Tokenizer
 b = Bundle.open({bundle!r})

@@ -92,10 +92,40 @@ def llama_cpp_problem() -> str | None:
 def llama_cpp_amx_problem(system_info: str, cpu_features: list[str]) -> str | None:
     """One line when a llama.cpp build (its llama_print_system_info) multiplies with AMX on a CPU
     that has it: those kernels crash on quantized prefills (llama.cpp issue 20824), past what a
-    load check can see."""
+    load check can see. They live in llama.cpp's extra buffer types, which edgepeft turns off on
+    such a machine (`skip_amx_buffers`); the line says how to get a build that needs no such care."""
     if "AMX_INT8 = 1" not in system_info or "amx_tile" not in cpu_features:
         return None
     return ("llama-cpp-python uses AMX kernels here, which crash on quantized GGUF prefills (llama.cpp issue "
-            "20824); rebuild it without them: CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON "
-            "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON\" pip install --force-reinstall --no-cache-dir --no-deps "
-            "llama-cpp-python")
+            "20824), so edgepeft loads GGUF models without llama.cpp's extra buffer types (AMX, repacked "
+            "weights); for those back, rebuild it without AMX: CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX512=ON "
+            "-DGGML_AVX512_VNNI=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON\" pip install --force-reinstall "
+            "--no-cache-dir --no-deps llama-cpp-python")
+
+
+def amx_kernels_run(llama_cpp) -> bool:
+    """Whether this llama.cpp build would run its AMX kernels on this CPU (llama_cpp_amx_problem)."""
+    from edgepeft.machine import cpu_info
+
+    system = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return llama_cpp_amx_problem(system, cpu_info()["features"]) is not None
+
+
+def skip_amx_buffers(llama_cpp) -> None:
+    """Where AMX kernels would run, make every model load of this process (ours, and stock
+    `llama_cpp.Llama`'s in benchmarks and tests) leave out llama.cpp's extra buffer types, where
+    the AMX kernels live: llama_model_params.use_extra_bufts = False, llama.cpp's
+    `--no-extra-bufts`. Stock Llama takes its parameters from llama_model_default_params, so the
+    default itself is wrapped; nothing else changes."""
+    low = llama_cpp.llama_cpp  # the module stock Llama reads the function from
+    if getattr(low.llama_model_default_params, "skips_amx", False) or not amx_kernels_run(llama_cpp):
+        return
+    default = low.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    without_extra_buffers.skips_amx = True
+    low.llama_model_default_params = llama_cpp.llama_model_default_params = without_extra_buffers

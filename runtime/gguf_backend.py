@@ -23,7 +23,7 @@ from edgepeft.bundle import Bundle
 from edgepeft.errors import AdapterError, BundleError, EngineError, require
 from edgepeft.llama_log import quiet_llama_cpp
 from edgepeft.runtime.devices import pick_gguf
-from edgepeft.native_check import llama_cpp_problem
+from edgepeft.native_check import llama_cpp_problem, skip_amx_buffers
 
 from .backend import Backend, SequenceState
 from .gguf_check import check_adapter_gguf, check_base_gguf
@@ -48,6 +48,7 @@ class GgufBackend(Backend):
         if info is None:
             raise BundleError(f"{bundle.root}: has no GGUF base (export with --format gguf)")
         quiet_llama_cpp(llama_cpp)
+        skip_amx_buffers(llama_cpp)
         path = self.path = bundle.file(info["model"])
         # Checked in Python before llama.cpp parses anything (see gguf_check).
         self.fingerprint = bundle.fingerprint

@@ -1,3 +1,4 @@
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -30,3 +31,15 @@ def llama_adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
                            target_modules=["k_proj", "o_proj", "down_proj"],
                            rank_pattern={"down_proj": 6}, alpha_pattern={"o_proj": 11}),
     }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _llama_cpp_as_edgepeft_loads_it():
+    """Stock llama-cpp-python in these tests loads models as our GGUF backend does: without
+    llama.cpp's extra buffer types on a CPU whose AMX kernels crash (native_check.skip_amx_buffers)."""
+    from edgepeft.native_check import llama_cpp_problem, skip_amx_buffers
+
+    if importlib.util.find_spec("llama_cpp") is not None and llama_cpp_problem() is None:
+        import llama_cpp
+
+        skip_amx_buffers(llama_cpp)

@@ -105,7 +105,7 @@ def run(args) -> int:
     else:
         gguf = (f"llama-cpp-python {llama['version']}; GPU offload: {'yes' if llama['gpu_offload'] else 'no'}; "
                 f"mmap: {'yes' if llama['mmap'] else 'no'}; auto -> {llama['auto']}"
-                + ("; crashes on quantized bases here (see advice)" if llama.get("problem") else ""))
+                + ("; without AMX kernels here (see advice)" if llama.get("problem") else ""))
     print("gguf     " + gguf)
     for line in r["advice"]:
         print(f"advice   {line}")

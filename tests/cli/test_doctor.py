@@ -4,6 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import types
+
+import pytest
 
 from edgepeft.cli.doctor import advice
 from edgepeft.native_check import llama_cpp_amx_problem
@@ -41,3 +44,23 @@ def test_a_llama_cpp_build_with_amx_kernels_on_an_amx_cpu_is_a_problem_in_the_ad
     assert llama_cpp_amx_problem(info, ["avx512f"]) is None  # the kernels never run without AMX
     llama = {"gpu_offload": False, "problem": problem}
     assert f"gguf: {problem}" in advice(report(llama=llama))
+
+
+def _fake_llama_cpp(system: bytes):
+    class Params:
+        use_extra_bufts = True
+
+    low = types.SimpleNamespace(llama_model_default_params=Params)
+    return types.SimpleNamespace(llama_cpp=low, llama_model_default_params=Params,
+                                 llama_print_system_info=lambda: system)
+
+
+@pytest.mark.parametrize("features, skipped", [(["avx512f", "amx_tile"], True), (["avx512f"], False)])
+def test_every_model_load_leaves_out_the_extra_buffers_where_amx_kernels_would_run(monkeypatch, features, skipped):
+    from edgepeft import machine, native_check
+
+    monkeypatch.setattr(machine, "cpu_info", lambda: {"features": features})
+    fake = _fake_llama_cpp(b"CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |")
+    native_check.skip_amx_buffers(fake)
+    for module in (fake, fake.llama_cpp):  # ours and stock Llama's
+        assert module.llama_model_default_params().use_extra_bufts is (not skipped)
