@@ -69,8 +69,11 @@ def profile(args: list[str]) -> dict:
             line = line.rstrip("\n")
             print(line, flush=True)
             done = DONE.match(line)
-            if done:
-                ends.append((time.perf_counter(), done.group(1), float(done.group(2))))
+            if done:  # the step's peak so far, for a run watched or cut short
+                now, lo = time.perf_counter(), ends[-1][0] if ends else 0.0
+                ends.append((now, done.group(1), float(done.group(2))))
+                print(f"    peak RSS during it: {max((r for t, r in samples if lo < t), default=0) / 2**30:.2f} GiB",
+                      flush=True)
         p.wait()
         stop.set()
         sampler.join()
