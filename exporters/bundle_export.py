@@ -11,6 +11,7 @@ from edgepeft.layout import adapter_file, check_adapter_name
 from edgepeft.recovery import recover, replace_dir, staging_dir, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
+from . import heap
 from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, fingerprint_tensors, load_base,
                       read_config, resolve_base_dir)
 from .decode_bytes import gguf_decode_bytes
@@ -182,6 +183,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     "full" when one of `adapters` needs it, else "lora"."""
     out = Path(out)
     adapters = dict(adapters or {})
+    heap.map_large_buffers()  # weights read a layer at a time: their buffers go back when freed
     if int4_target_kl is not None and not (0 < int4_target_kl < float("inf")):
         raise UnsupportedModel(f"--int4-target-kl {int4_target_kl}: must be a KL above 0")
     if int4_target_kl is not None and onnx_quant != "int4":

@@ -17,6 +17,7 @@ import numpy as np
 from edgepeft.errors import EngineError, UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
+from . import mapped_pages
 from .archs import Arch, Layout, arch_of
 from .gguf_vocab import add_tokenizer, gguf_name
 from .hf_base import BaseModel
@@ -240,6 +241,7 @@ def quantize_gguf(src: Path, dest: Path, quant: str, threads: int = 0) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)
+    with mapped_pages.released(src):  # it maps `src` whole: what it has read need not stay resident
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)
     if rc != 0:
         raise UnsupportedModel(f"{src}: llama.cpp could not quantize it to {quant} (code {rc})")

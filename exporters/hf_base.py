@@ -55,6 +55,18 @@ class BaseModel:
             return self.merged.read(ckpt)  # float32, as a whole-model merge makes it
         return self.tensors.get(ckpt)
 
+    def stored_rows(self, name: str, rows: int):
+        """Model weight `name` as stored() gives it, in blocks of `rows` rows; from the checkpoint
+        each block is read alone, so the whole tensor is never in memory (nor its mapped pages)."""
+        if self.tensors is None or (self.merged is not None and
+                                    checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"]) in self.merged):
+            whole = self.stored(name)
+            yield from (whole[r:r + rows] for r in range(0, whole.shape[0], rows))
+            return
+        ckpt = checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"])
+        for r in range(0, self.tensors.shapes[ckpt][0], rows):
+            yield self.tensors.rows(ckpt, r, r + rows)
+
     def stored_dtype(self, name: str) -> str:
         """The dtype stored() returns for `name`, in safetensors' spelling (BF16, F16, F32, ...),
         from the checkpoint's header: no weight is read."""

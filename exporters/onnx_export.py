@@ -13,6 +13,7 @@ from . import sensitivity
 from .calibration import activation_importance, linear_modules
 from .decode_bytes import onnx_decode_bytes
 from .hf_base import BaseModel
+from .onnx_external import ExternalData
 from .onnx_graph import add_base_path, build_decoder, head_is_tied
 from .onnx_quant import (EIGHT_BIT_GROUPS, EXACT_HEAD_TOP_K, WEIGHT_ONLY, WeightQuantizer, base_matmuls,
                          importance_blocks, rtn_blocks, to_matmul_nbits)
@@ -22,6 +23,7 @@ from .progress import Progress
 # when an export of the same base and options would write a different graph or different weights
 # (layout, slots, quantization), so that the demo and the benchmarks re-export older bundles.
 ONNX_RECIPE = 2
+DATA_FILE = "model.onnx.data"
 
 
 def onnx_export_current(onnx: dict) -> bool:
@@ -39,10 +41,11 @@ def _eight_bit_groups(exact_head: int) -> list[str]:
 
 
 def _streamed_blocks(base: BaseModel, quant: str, graph_dtype: str, build: dict, block_size: int,
-                     exact_head: int, progress: Progress) -> tuple:
+                     exact_head: int, progress: Progress, path: Path) -> tuple:
     """Build the graph with each base MatMul quantized as it is made (onnx_quant.WeightQuantizer):
     the activation statistics first (int4, int4-pure), then the graph. Returns (proto, info,
-    blocks); fp16/fp32 keep float weights and have no blocks."""
+    blocks); fp16/fp32 keep float weights and have no blocks. The quantized blocks and the fp16
+    embedding table go to the data file of the model at `path` as they are made (onnx_external)."""
     if quant not in WEIGHT_ONLY:
         progress.step(f"building ONNX graph ({quant})")
         proto, info = build_decoder(base, graph_dtype, **build)
@@ -57,13 +60,15 @@ def _streamed_blocks(base: BaseModel, quant: str, graph_dtype: str, build: dict,
     progress.step(f"building ONNX graph ({quant})")
     # zero points where a block's weighted error drops with one (int4_blocks); int4-pure stays
     # symmetric, as onnxruntime-genai's int4 is
+    external = ExternalData(path, DATA_FILE)
     quantizer = WeightQuantizer(lambda group: 8 if quant == "int8" or group in eight else 4, importance,
                                 block_size, zero_points=quant == "int4", progress=progress,
-                                total=len(base.arch.groups) * base.dims["num_layers"] + 1)
+                                total=len(base.arch.groups) * base.dims["num_layers"] + 1, external=external)
     try:
-        proto, info = build_decoder(base, graph_dtype, quantizer=quantizer, **build)
+        proto, info = build_decoder(base, graph_dtype, quantizer=quantizer, external=external, **build)
     finally:
         blocks = quantizer.results()
+        external.close()
     progress.done()
     return proto, info, blocks
 
@@ -120,7 +125,8 @@ def export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, bloc
         proto, info, blocks, eight_bit, mix = _measured_blocks(base, graph_dtype, build, block_size, exact_head,
                                                                 int4_target_kl, progress)
     else:
-        proto, info, blocks = _streamed_blocks(base, quant, graph_dtype, build, block_size, exact_head, progress)
+        proto, info, blocks = _streamed_blocks(base, quant, graph_dtype, build, block_size, exact_head, progress,
+                                               bundle.root / "onnx" / "model.onnx")
         eight_bit = [n for n in info["base_matmuls"] if blocks[n][0] == 8] if quant == "int4" else []
         mix = {"by": "groups", "groups": _eight_bit_groups(exact_head)} if quant == "int4" else None
     progress.step(f"quantizing ({quant})")
@@ -132,7 +138,7 @@ def export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, bloc
     progress.step("writing onnx/model.onnx")
     decode_bytes = onnx_decode_bytes(proto, exact_head)
     _save_onnx(proto, bundle.root / "onnx" / "model.onnx")
-    for rel in ("onnx/model.onnx", "onnx/model.onnx.data"):
+    for rel in ("onnx/model.onnx", f"onnx/{DATA_FILE}"):
         if bundle.file(rel).exists():
             bundle.record_file(rel)
     progress.done()
@@ -155,7 +161,9 @@ def export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, bloc
 
 
 def _save_onnx(proto, path: Path) -> None:
+    """Save `proto` with its initializers of 1 KiB or more in DATA_FILE: those still in the proto
+    are appended after what onnx_external already wrote there."""
     onnx = require("onnx", "export")
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
+                    location=DATA_FILE, size_threshold=1024)

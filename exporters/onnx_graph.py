@@ -37,6 +37,7 @@ from .checkpoint import EMBEDDING as EMBEDDING_WEIGHT
 from .checkpoint import HEAD, checkpoint_name, materialized
 from .hf_base import BaseModel
 from .onnx_base_path import add_base_path
+from .onnx_external import tensor
 from .onnx_rotary import add_rotary_tables
 from .onnx_slots import EMBEDDING, SLOT_SETS, Graph, Projections, slot_names, to_numpy
 
@@ -46,6 +47,7 @@ MS = "com.microsoft"
 OPSET = 17
 # onnxruntime's GroupQueryAttention kernels take head sizes in multiples of 16 only.
 GQA_HEAD_MULTIPLE = 16
+TABLE_ROWS = 4096  # embedding rows converted to fp16 at a time
 
 
 def head_is_tied(base: BaseModel) -> bool:
@@ -62,7 +64,7 @@ def head_is_tied(base: BaseModel) -> bool:
 
 def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | None = None,
                   fp16_embedding: bool = False, slot_set: str = "full", exact_head_top_k: int = 0,
-                  quantizer=None):
+                  quantizer=None, external=None):
     """Return (ModelProto, info) for `base`; info lists slots and KV layout for the manifest, and
     what the quantizer and add_base_path need to know about the operators.
 
@@ -75,9 +77,11 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
     exact_head_top_k > 0 (a tied lm_head with fp16_embedding; see _DecoderBuilder.exact_head)
     recomputes each position's k largest head logits from the fp16 embedding table.
     quantizer (onnx_quant.WeightQuantizer) takes each base MatMul's weight as it is made; the
-    graph then holds no float weight for them (to_matmul_nbits writes their nodes)."""
+    graph then holds no float weight for them (to_matmul_nbits writes their nodes).
+    external (onnx_external.ExternalData): the fp16 embedding table goes to the data file as it
+    is converted, and the graph holds a reference to it."""
     builder = _DecoderBuilder(base, dtype, context_length, fp16_embedding, slot_set, exact_head_top_k)
-    builder.g.quantizer = quantizer
+    builder.g.quantizer, builder.g.external = quantizer, external
     return builder.build()
 
 
@@ -174,15 +178,15 @@ class _DecoderBuilder:
         """The token embedding: a Gather (from an fp16 table, cast after the lookup, for int4/int8),
         plus its slot."""
         g = self.g
-        with materialized(self.base, self.base.model.model.embed_tokens):
-            embed = to_numpy(self.base.model.model.embed_tokens.weight)
         if self.fp16_embedding:
-            table = g.init(f"{EMBEDDING}.weight", embed.astype(np.float16), cast=False)
-            x = g.node("Gather", [table, INPUT_IDS], 1, "/embed/Gather")
+            x = g.node("Gather", [self.fp16_table(), INPUT_IDS], 1, "/embed/Gather")
             x = g.node("Cast", [x], 1, "/embed/Cast", to=g.onnx_dtype)
         else:
+            with materialized(self.base, self.base.model.model.embed_tokens):
+                embed = to_numpy(self.base.model.model.embed_tokens.weight)
             x = g.node("Gather", [g.init(f"{EMBEDDING}.weight", embed), INPUT_IDS], 1, "/embed/Gather")
-        self.vocab, hidden = embed.shape
+            del embed
+        self.vocab, hidden = self.base.model.model.embed_tokens.weight.shape
         # Gemma scales embeddings by sqrt(hidden): Gemma 3 inside the embedding module (an
         # embedding LoRA adds after the scale), Gemma 2 in the model (the LoRA is scaled too).
         scale = self.arch.embed_scale
@@ -191,6 +195,23 @@ class _DecoderBuilder:
         if self.slot_set != "none":
             x = self.proj.embedding_slot(x, self.vocab, hidden)
         return self.embed_scale(x) if scale == "model" else x
+
+    def fp16_table(self) -> str:
+        """The embedding table in fp16, converted a block of rows at a time (each value as
+        float32 then fp16, as the whole table's conversion gives it) and, with an external data
+        file, written there block by block: no float32 copy of the table is ever whole."""
+        g, name = self.g, f"{EMBEDDING}.weight"
+        shape = tuple(self.base.model.model.embed_tokens.weight.shape)
+        blocks = (b.float().numpy().astype(np.float16) for b in self.base.stored_rows(EMBEDDING_WEIGHT, TABLE_ROWS))
+        if g.external is not None:
+            g.inits.append(tensor(g.external.write_rows(np.float16, shape, blocks), name))
+            return name
+        table = np.empty(shape, np.float16)
+        r = 0
+        for b in blocks:
+            table[r:r + len(b)] = b
+            r += len(b)
+        return g.init(name, table, cast=False)
 
     def embed_scale(self, x: str) -> str:
         mult = self.g.init("const.embed_scale", np.array(self.lay.embed_multiplier, np.float32))

@@ -17,6 +17,7 @@ from edgepeft.errors import UnsupportedModel, require
 
 from .progress import QUIET
 from .int4_search import int4_blocks  # the 4-bit search, re-exported here for its callers
+from .onnx_external import tensor
 
 ONNX_QUANTS = ("int4", "int4-pure", "int8", "fp16", "fp32")
 WEIGHT_ONLY = ("int4", "int4-pure", "int8")
@@ -113,12 +114,15 @@ class WeightQuantizer:
     the float32 weights never pile up: a weight is quantized in a pool of threads (numpy and
     onnxruntime's kernels release the GIL) and dropped. `bits(group)` says 4 or 8 per projection
     group; 4-bit blocks are int4_blocks' with the module's activation statistics, or rounded from
-    their absmax where there are none. Why not onnxruntime's quantizer: it rewrites a finished
+    their absmax where there are none. With `external`, each weight's blocks are written to the
+    ONNX data file as soon as they are done, in the order the weights came, and only references
+    to them are kept. Why not onnxruntime's quantizer: it rewrites a finished
     graph, so the whole float32 graph would have to sit in memory first, and it copies it."""
 
     def __init__(self, bits, importance: dict[str, np.ndarray], block_size: int, zero_points: bool,
-                 progress=QUIET, total: int = 0):
+                 progress=QUIET, total: int = 0, external=None):
         self.bits, self.importance, self.block_size, self.zero_points = bits, importance, block_size, zero_points
+        self.external = external  # an onnx_external.ExternalData: each weight's blocks go there when done
         self.workers = os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(max_workers=self.workers)
         self.pending: dict[str, object] = {}
@@ -149,14 +153,20 @@ class WeightQuantizer:
         if any(p[2] is not None for p in parts):  # a slice with symmetric blocks only gets its 8s back
             zp = np.concatenate([p[2] if p[2] is not None else np.full((len(p[1]), -(-p[1].shape[1] // 2)), 0x88, np.uint8)
                                  for p in parts])
+        if self.external is not None:
+            packed, scales = self.external.write(packed), self.external.write(scales)
+            zp = None if zp is None else self.external.write(zp)
         self.blocks[node] = (bits, packed, scales, zp, k)
         self.tick()
 
     def _collect(self, block: bool) -> None:
+        """Finish the weights that are done, in the order they came (the first one waited for
+        if `block`), up to the first that is not."""
         for node, (_, _, futures) in list(self.pending.items()):
-            if block or all(f.done() for f in futures):
-                self._finish(node)
-                block = False
+            if not (block or all(f.done() for f in futures)):
+                break
+            self._finish(node)
+            block = False
 
     def results(self) -> dict[str, tuple]:
         """{MatMul node: (bits, packed, scales, zero points or None, K)} once every weight is done."""
@@ -169,13 +179,13 @@ class WeightQuantizer:
 
 
 def to_matmul_nbits(proto, blocks: dict[str, tuple], block_size: int, accuracy_level: int):
-    """Rewrite each MatMul of `blocks` ({node: (bits, packed, scales, zero points or None, K)}) into
+    """Rewrite each MatMul of `blocks` ({node: (bits, packed, scales, zero points or None, K)}, the
+    arrays in memory or onnx_external.ExternalRefs to the data file) into
     the MatMulNBits node onnxruntime's MatMulNBitsQuantizer writes (its node and initializer
     names, inputs and attributes; zero points as a fourth input where a block has one), removing
     its float weight if the graph holds one; each entry leaves `blocks` as it goes. accuracy_level 4 lets the CPU kernel compute in int8
     (what onnxruntime-genai uses on CPU); 1 keeps fp32 compute."""
-    onnx = require("onnx", "export")
-    nh, h = onnx.numpy_helper, onnx.helper
+    h = require("onnx", "export").helper
     dropped = set()
     for idx, node in enumerate(proto.graph.node):
         if node.op_type != "MatMul" or node.name not in blocks:
@@ -183,10 +193,10 @@ def to_matmul_nbits(proto, blocks: dict[str, tuple], block_size: int, accuracy_l
         bits, packed, scales, zp, k = blocks.pop(node.name)  # the graph's copy is the only one left
         b = node.input[1]
         inputs = [node.input[0], f"{b}_Q{bits}", f"{b}_scales"]
-        new = [nh.from_array(packed, inputs[1]), nh.from_array(scales, inputs[2])]
+        new = [tensor(packed, inputs[1]), tensor(scales, inputs[2])]
         if zp is not None:
             inputs.append(f"{b}_Q{bits}_zero_points")  # the name earlier exports gave it
-            new.append(nh.from_array(zp, inputs[3]))
+            new.append(tensor(zp, inputs[3]))
         proto.graph.initializer.extend(new)
         attrs = {"K": int(k), "N": int(packed.shape[0]), "bits": bits, "block_size": block_size}
         if accuracy_level:
@@ -194,7 +204,7 @@ def to_matmul_nbits(proto, blocks: dict[str, tuple], block_size: int, accuracy_l
         proto.graph.node[idx].CopyFrom(h.make_node("MatMulNBits", inputs, list(node.output),
                                                    name=nbits_node(node.name, bits), domain="com.microsoft", **attrs))
         dropped.add(b)
-    keep = [i for i in proto.graph.initializer if i.name not in dropped]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
+    # deleted in place: rebuilding the list would copy every initializer (all the quantized bytes)
+    for i in reversed([i for i, t in enumerate(proto.graph.initializer) if t.name in dropped]):
+        del proto.graph.initializer[i]
     return proto

@@ -74,6 +74,7 @@ class Graph:
     # called with (node, module, group, weight [K, N]) for each base MatMul: it keeps the weight
     # (quantized) and the graph stores none; None: the weight is a float initializer
     quantizer: Callable | None = None
+    external: object = None  # an onnx_external.ExternalData for the tables written as they are made
 
     def __post_init__(self):
         self.h = require("onnx", "export").helper
@@ -120,7 +121,8 @@ class Projections:
         mods = [getattr(parent, m) for m in members]
         module = f"{prefix}.{group}" if prefix else group
         name = f"/{prefix}/{group}" if prefix else f"/{group}"
-        w = np.concatenate([to_numpy(m.weight) for m in mods], axis=0)  # [out_total, in]
+        # [out_total, in]; one member's weight as it is (a copy of a tied head would be as large as the table)
+        w = to_numpy(mods[0].weight) if len(mods) == 1 else np.concatenate([to_numpy(m.weight) for m in mods], axis=0)
         fan_in, fan_out = w.shape[1], w.shape[0]
         has_bias = any(m.bias is not None for m in mods)
         bias = np.concatenate([to_numpy(m.bias) if m.bias is not None else np.zeros(m.weight.shape[0], np.float32)

@@ -1,7 +1,8 @@
 """An export's peak memory grows with the size of a layer, not with the number of layers: ten more
-layers add less than half of their float32 weights (a whole float32 model would add all of them,
-and its float graph as much again). What they do add is their quantized weights, which the graph
-holds until it is written."""
+layers add less than a tenth of their float32 weights (a whole float32 model would add all of them,
+and its float graph as much again). Their quantized weights go to the ONNX data file as they are
+made (onnx_external), and the float32 buffers of the layers read before are given back to the
+kernel when freed (heap.map_large_buffers), not kept as holes in malloc's heap."""
 
 import json
 import subprocess
@@ -28,7 +29,7 @@ def _peak(base, out, formats) -> int:
 
 
 @pytest.mark.parametrize("formats", ["onnx", "gguf"])
-def test_ten_more_layers_add_less_than_half_their_float32_weights(tmp_path, formats):
+def test_ten_more_layers_add_less_than_a_tenth_of_their_float32_weights(tmp_path, formats):
     bases = {n: make_base(tmp_path / f"l{n}", "llama", seed=0, layers=n, hidden=HIDDEN) for n in (2, 12)}
     config = json.loads((bases[12] / "config.json").read_text())
     h, i = config["hidden_size"], config["intermediate_size"]
@@ -36,4 +37,4 @@ def test_ten_more_layers_add_less_than_half_their_float32_weights(tmp_path, form
     layer_bytes = 4 * (2 * h * h + 2 * h * kv + 3 * h * i)
     peaks = {n: _peak(base, tmp_path / f"b{n}-{formats}", formats) for n, base in bases.items()}
     added = peaks[12] - peaks[2]
-    assert added < 0.5 * 10 * layer_bytes, (peaks, 10 * layer_bytes)
+    assert added < 0.1 * 10 * layer_bytes, (peaks, 10 * layer_bytes)
