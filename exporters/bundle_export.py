@@ -11,6 +11,7 @@ from edgepeft.layout import adapter_file, check_adapter_name
 from edgepeft.recovery import recover, replace_dir, staging_dir, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
+from .archs import ATTENTION_MIXER
 from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, load_base, read_config,
                       resolve_base_dir)
 from .decode_bytes import gguf_decode_bytes
@@ -130,12 +131,23 @@ def _read_request(base: str, adapters: dict[str, str], formats, onnx_quant: str,
     local = resolve_base_dir(base)
     config = read_config(local)
     dims, lay = config_layout(config)
+    _check_runnable(local, config, lay)
     if "onnx" in formats:
         check_onnx_shapes(local, dims, lay.rotary_dim)
     if "gguf" in formats:
         check_gguf_layout(local, config, dims, lay)
         gguf_ftype(gguf_quant)
     return formats, specs
+
+
+def _check_runnable(local, config, lay) -> None:
+    """Refuse a base whose layers carry a state other than a KV cache (a hybrid family's short
+    convolution): the exporters build its ONNX graph (onnx_graph.build_decoder), but the runtime
+    has no per-sequence state for it yet, and a bundle it cannot run would only fail later."""
+    stateful = [i for i, m in enumerate(lay.mixers) if m != ATTENTION_MIXER]
+    if stateful:
+        raise UnsupportedModel(f"{local}: {config.model_type} layers {stateful[:4]}{'...' if len(stateful) > 4 else ''} "
+                               "carry a convolution state, which edgepeft's runtime cannot run yet; export refused")
 
 
 def _base_entry(source: str, base: BaseModel, merged: dict | None) -> dict:

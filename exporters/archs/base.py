@@ -7,15 +7,23 @@ scale and the local rotary base, and how llama.cpp names and lays out the family
 what a given config makes of that: per-layer attention windows and rotary tables, the
 attention scale, soft-caps. The ONNX graph builder and the GGUF writers read these two and
 nothing else about the family.
+
+Hybrid families (LFM2) mix token mixers: `Arch.mixers` maps a config `layer_types` value to the
+mixer such a layer has (attention by default), and `Layout.states` gives each layer's
+per-sequence state beside the KV cache (a short convolution's last kernel-1 inputs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..hf_config import partial_rotary_factor
 
 ATTENTION, MLP = "self_attn", "mlp"
+# A decoder layer's token mixer: attention over the KV cache, or a gated short convolution
+# (ShortConv) that carries its last kernel-1 inputs per sequence instead of a KV cache.
+ATTENTION_MIXER, SHORT_CONV = "attention", "short_conv"
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,20 @@ class Norms:
 
 
 @dataclass(frozen=True)
+class ShortConv:
+    """A gated short-convolution block (LFM2's Lfm2ShortConv), by module and config names:
+    `in_group` projects to 3 x hidden, cut into B, C, x in that order; B * x goes through the
+    depthwise causal convolution `conv` (kernel `kernel_field`, no activation); C times its output
+    goes through `out_group`. Its state is the convolution's last kernel-1 inputs."""
+
+    parent: str = "conv"  # the block's module in a decoder layer
+    conv: str = "conv"  # the depthwise Conv1d inside the block
+    in_group: str = "conv_in_proj"  # Group names (Arch.groups) of its two projections
+    out_group: str = "conv_out_proj"
+    kernel_field: str = "conv_L_cache"  # config field of the kernel size
+
+
+@dataclass(frozen=True)
 class Arch:
     """One model family as the exporters see it."""
 
@@ -100,6 +122,17 @@ class Arch:
     gguf_softcaps: bool = False
     # Whether llama.cpp reads attention.sliding_window for this architecture.
     gguf_sliding_window: bool = False
+    # Module names the Llama layout fixes: each head's q/k norms, the final norm.
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
+    final_norm: str = "norm"
+    norm_eps_field: str = "rms_norm_eps"  # the config field of the RMSNorms' epsilon
+    # The gated MLP's width from the config, for families whose config field is not the size
+    # the weights have (LFM2's block_auto_adjust_ff_dim); None: config.intermediate_size.
+    mlp_size: Callable[[object], int] | None = None
+    # Hybrid families: (layer_types value, mixer) for the layer types whose token mixer is not
+    # attention; `short_conv` describes the convolution block those layers have.
+    mixers: tuple[tuple[str, str], ...] = ()
+    short_conv: ShortConv | None = None
 
     def member_groups(self) -> dict[str, Group]:
         """Each checkpoint linear layer's short name -> its group."""
@@ -117,6 +150,15 @@ class Layout:
     final_softcap: float | None  # tanh soft-cap of the logits
     rotary_dim: int  # leading dimensions of each head that rotate (partial rotary: < head_dim)
     embed_multiplier: float | None
+    # Each layer's token mixer (ATTENTION_MIXER or SHORT_CONV), and the per-sequence states it
+    # carries beside the KV cache: {state name: shape without the batch axis}, empty for
+    # attention layers; a short convolution's "conv" state is [hidden, kernel - 1].
+    mixers: tuple[str, ...] = ()
+    states: tuple[dict, ...] = ()
+
+    def attention_layers(self) -> list[int]:
+        """The layers that have a KV cache."""
+        return [i for i, m in enumerate(self.mixers) if m == ATTENTION_MIXER]
 
 
 def layout(arch: Arch, config, dims: dict) -> Layout:
@@ -131,10 +173,28 @@ def layout(arch: Arch, config, dims: dict) -> Layout:
     rope = tuple("local" if local and w else "global" for w in windows)
     scale_from = getattr(config, arch.attention_scale_field) if arch.attention_scale_field else dims["head_dim"]
     partial = partial_rotary_factor(config)
+    mixers, states = _mixers(arch, config, dims)
     return Layout(
         windows=windows, rope=rope, attention_scale=float(scale_from) ** -0.5,
         attn_softcap=getattr(config, "attn_logit_softcapping", None) or None,
         final_softcap=getattr(config, "final_logit_softcapping", None) or None,
         rotary_dim=int(dims["head_dim"] * partial),
         embed_multiplier=float(dims["hidden_size"]) ** 0.5 if arch.embed_scale else None,
+        mixers=mixers, states=states,
     )
+
+
+def _mixers(arch: Arch, config, dims: dict) -> tuple[tuple[str, ...], tuple[dict, ...]]:
+    """Each layer's mixer (from config.layer_types through arch.mixers; attention where the
+    family has one mixer) and its states."""
+    n, kinds = dims["num_layers"], dict(arch.mixers)
+    types = list(getattr(config, "layer_types", None) or []) if kinds else []
+    mixers = tuple(kinds.get(types[i], ATTENTION_MIXER) if i < len(types) else ATTENTION_MIXER for i in range(n))
+    states = []
+    for m in mixers:
+        if m == SHORT_CONV:
+            kernel = int(getattr(config, arch.short_conv.kernel_field))
+            states.append({"conv": (int(dims["hidden_size"]), kernel - 1)})
+        else:
+            states.append({})
+    return mixers, tuple(states)

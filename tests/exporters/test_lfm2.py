@@ -1,0 +1,146 @@
+"""LFM2 (gated short-convolution layers between full-attention layers) in the fp32 ONNX graph:
+logits match PyTorch+PEFT with LoRA on every linear layer (both out_proj kinds, in_proj, q/k/v,
+w1/w2/w3), rank and alpha patterns and DoRA, switched in any order; a prefill followed by
+single-token decode steps, carrying each convolution layer's state and each attention layer's
+KV cache, gives the logits of scoring the whole text. The graph runs here on onnxruntime
+directly: the runtime does not carry per-sequence convolution states yet, and export refuses
+LFM2 bundles until it does (tested below)."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgepeft.errors import UnsupportedModel
+from edgepeft.exporters import export_bundle
+from edgepeft.exporters.hf_base import load_base
+from edgepeft.exporters.onnx_adapter import adapter_tensors
+from edgepeft.exporters.onnx_graph import add_base_path, build_decoder
+from edgepeft.kinds import read_peft_adapter
+from edgepeft.runtime_contract import ADAPTERS_ACTIVE, kv_names, state_names
+from factory import all_linear, make_base, make_lora, reference_logits
+
+TOL = 1e-3
+KERNEL = 5  # tests/factory.py's lfm2 config: conv_L_cache
+PROMPT_IDS = [int(i) for i in np.random.default_rng(3).integers(3, 260, 48)]  # far longer than the kernel
+
+
+@pytest.fixture(scope="module")
+def lfm2(tmp_path_factory):
+    """The tiny LFM2 (tied head, as LFM2 ships), its adapters, and an onnxruntime session on its
+    fp32 graph with the base path."""
+    root = tmp_path_factory.mktemp("lfm2")
+    base = make_base(root / "base", "lfm2", seed=7, tie=True)
+    linear = all_linear("lfm2")
+    adapters = {
+        "all": make_lora(base, root / "all", seed=2, r=8, lora_alpha=16, use_rslora=True, target_modules=linear),
+        "pattern": make_lora(base, root / "pattern", seed=3, r=2, lora_alpha=4, target_modules=linear[-4:],
+                             rank_pattern={"in_proj": 6}, alpha_pattern={"w1": 9}),
+        "dora": make_lora(base, root / "dora", seed=4, r=4, lora_alpha=8, use_dora=True,
+                          target_modules=["in_proj", "out_proj", "q_proj"]),
+    }
+    loaded = load_base(str(base))
+    proto, info = build_decoder(loaded, "fp32")
+    proto = add_base_path(proto, info)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # slot inputs with defaults are meant to be overridable
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {name: adapter_tensors(read_peft_adapter(path), info, loaded) for name, path in adapters.items()}
+    return base, adapters, session, info, feeds
+
+
+def empty_cache(info) -> dict:
+    """Each attention layer's empty KV cache and each convolution layer's zero state."""
+    kv, cache = info["kv"], {}
+    for i in kv["layers"]:
+        for name in kv_names(i)[:2]:
+            cache[name] = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    for st in kv["states"]:
+        cache[state_names(st["layer"], st["name"])[0]] = np.zeros((1, *st["shape"]), np.float32)
+    return cache
+
+
+def run(session, info, ids, past_len, cache, adapter_feeds=None):
+    """One call over `ids` after `past_len` tokens: (logits [len(ids), vocab], the next cache)."""
+    feeds = {"input_ids": np.array([ids], np.int64),
+             "attention_mask": np.ones((1, past_len + len(ids)), np.int64), **cache}
+    if adapter_feeds:
+        feeds.update(adapter_feeds)
+        feeds[ADAPTERS_ACTIVE] = np.ones(1, np.float32)
+    pasts = list(cache)
+    presents = [n.replace("past_key_values.", "present.") if n.startswith("past_key_values.")
+                else n.replace("past_", "present_", 1) for n in pasts]
+    out = session.run(["logits", *presents], feeds)
+    return out[0][0], dict(zip(pasts, out[1:]))
+
+
+def test_graph_carries_a_state_for_conv_layers_and_a_kv_cache_for_attention_layers(lfm2):
+    _, _, session, info, _ = lfm2
+    names = {i.name: i.shape for i in session.get_inputs()}
+    assert info["kv"]["layers"] == [1, 3]
+    for i in (0, 2):
+        assert names[state_names(i, "conv")[0]] == ["batch", 64, KERNEL - 1]
+        assert kv_names(i)[0] not in names
+    for i in (1, 3):
+        assert kv_names(i)[0] in names and state_names(i, "conv")[0] not in names
+    slots = {s["module"] for s in info["slots"]}
+    for i in (0, 2):
+        assert {f"model.layers.{i}.conv.conv_in_proj", f"model.layers.{i}.conv.conv_out_proj"} <= slots
+
+
+def test_fp32_onnx_scores_like_peft_with_every_adapter_in_any_order(lfm2):
+    base, adapters, session, info, feeds = lfm2
+    refs = {name: reference_logits(base, path, PROMPT_IDS) for name, path in [(None, None), *adapters.items()]}
+    for name in ["all", None, "dora", "pattern", "all", None, "dora"]:
+        got, _ = run(session, info, PROMPT_IDS, 0, empty_cache(info), feeds.get(name))
+        err = np.abs(got - refs[name]).max()
+        assert err <= TOL, f"adapter={name}: max abs {err}"
+    for name in adapters:  # the adapters really change the model
+        assert np.abs(refs[name] - refs[None]).max() > 0.05, name
+
+
+@pytest.mark.parametrize("adapter", [None, "all"])
+def test_prefill_then_single_token_decode_matches_scoring_the_whole_text(lfm2, adapter):
+    """A prefill of 7 tokens (past the kernel), then 16 steps of one token each, each step
+    reading the state and KV cache the previous one wrote."""
+    base, adapters, session, info, feeds = lfm2
+    ref = reference_logits(base, adapters.get(adapter), PROMPT_IDS[:23])
+    logits, cache = run(session, info, PROMPT_IDS[:7], 0, empty_cache(info), feeds.get(adapter))
+    steps = [logits]
+    for t in range(7, 23):
+        logits, cache = run(session, info, PROMPT_IDS[t:t + 1], t, cache, feeds.get(adapter))
+        steps.append(logits)
+    err = np.abs(np.concatenate(steps) - ref).max()
+    assert err <= TOL, f"adapter={adapter}: max abs {err}"
+    state = cache[state_names(0, "conv")[0]]
+    assert state.shape == (1, 64, KERNEL - 1) and np.abs(state).max() > 0
+
+
+def test_layer_kinds_states_and_mlp_width_come_from_the_config():
+    from transformers import Lfm2Config
+
+    from edgepeft.exporters.archs import ARCHS, SHORT_CONV, layout
+    from edgepeft.exporters.hf_base import _dims
+
+    # LFM2-350M's MLP: intermediate_size 6656 adjusted to 4608; no layer_types: full_attn_idxs
+    cfg = Lfm2Config(hidden_size=1024, intermediate_size=6656, num_hidden_layers=4, num_attention_heads=16,
+                     num_key_value_heads=8, conv_L_cache=3, full_attn_idxs=[2], norm_eps=1e-5)
+    dims = _dims(cfg)
+    assert dims["intermediate_size"] == 4608 and dims["rms_norm_eps"] == 1e-5
+    lay = layout(ARCHS["lfm2"], cfg, dims)
+    assert lay.mixers == (SHORT_CONV, SHORT_CONV, "attention", SHORT_CONV)
+    assert lay.states == ({"conv": (1024, 2)},) * 2 + ({},) + ({"conv": (1024, 2)},)
+    assert lay.attention_layers() == [2]
+
+
+def test_export_of_an_lfm2_bundle_is_refused_in_one_line(lfm2, tmp_path):
+    import subprocess
+    import sys
+
+    base = lfm2[0]
+    with pytest.raises(UnsupportedModel, match=r"lfm2 layers \[0, 2\] carry a convolution state") as e:
+        export_bundle(str(base), tmp_path / "b", formats="onnx,gguf", onnx_quant="fp32", quiet=True)
+    assert "\n" not in str(e.value)
+    p = subprocess.run([sys.executable, "-m", "edgepeft", "export", str(base), "--out", str(tmp_path / "c")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
