@@ -21,7 +21,7 @@ from factory import all_linear, make_base, make_lora, reference_logits
 
 TOL = 1e-3
 KERNEL = 5  # tests/factory.py's lfm2 config: conv_L_cache
-PROMPT_IDS = [int(i) for i in np.random.default_rng(3).integers(3, 260, 48)]  # far longer than the kernel
+PROMPT_IDS = [int(i) for i in np.random.default_rng(3).integers(3, 260, 80)]  # far longer than the kernel
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +100,13 @@ def test_fp32_onnx_scores_like_peft_with_every_adapter_in_any_order(lfm2):
 
 @pytest.mark.parametrize("adapter", [None, "all"])
 def test_prefill_then_single_token_decode_matches_scoring_the_whole_text(lfm2, adapter):
-    """A prefill of 7 tokens (past the kernel), then 16 steps of one token each, each step
-    reading the state and KV cache the previous one wrote."""
+    """A prefill of 7 tokens (past the kernel), then 73 steps of one token each (past 64 new
+    tokens), each step reading the state and KV cache the previous one wrote."""
     base, adapters, session, info, feeds = lfm2
-    ref = reference_logits(base, adapters.get(adapter), PROMPT_IDS[:23])
+    ref = reference_logits(base, adapters.get(adapter), PROMPT_IDS)
     logits, cache = run(session, info, PROMPT_IDS[:7], 0, empty_cache(info), feeds.get(adapter))
     steps = [logits]
-    for t in range(7, 23):
+    for t in range(7, len(PROMPT_IDS)):
         logits, cache = run(session, info, PROMPT_IDS[t:t + 1], t, cache, feeds.get(adapter))
         steps.append(logits)
     err = np.abs(np.concatenate(steps) - ref).max()
