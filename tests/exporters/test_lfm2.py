@@ -2,9 +2,11 @@
 logits match PyTorch+PEFT with LoRA on every linear layer (both out_proj kinds, in_proj, q/k/v,
 w1/w2/w3), rank and alpha patterns and DoRA, switched in any order; a prefill followed by
 single-token decode steps, carrying each convolution layer's state and each attention layer's
-KV cache, gives the logits of scoring the whole text. The graph runs here on onnxruntime
-directly: the runtime does not carry per-sequence convolution states yet, and export refuses
-LFM2 bundles until it does (tested below)."""
+KV cache, gives the logits of scoring the whole text. The F32 GGUF base and GGUF LoRA files
+load in stock llama-cpp-python (llama.cpp's lfm2 architecture) and match PyTorch+PEFT, logits
+and greedy tokens. Both run here on onnxruntime and llama-cpp-python directly: edgepeft's
+runtime does not carry per-sequence convolution states yet, and export refuses LFM2 bundles
+until it does (tested below)."""
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +24,9 @@ from factory import all_linear, make_base, make_lora, reference_logits
 TOL = 1e-3
 KERNEL = 5  # tests/factory.py's lfm2 config: conv_L_cache
 PROMPT_IDS = [int(i) for i in np.random.default_rng(3).integers(3, 260, 80)]  # far longer than the kernel
+
+
+GGUF_REL = 1e-3  # max abs error over the logit range: the bound tests/exporters/test_families.py uses
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +51,34 @@ def lfm2(tmp_path_factory):
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = {name: adapter_tensors(read_peft_adapter(path), info, loaded) for name, path in adapters.items()}
     return base, adapters, session, info, feeds
+
+
+@pytest.fixture(scope="module")
+def lfm2_gguf(lfm2, tmp_path_factory):
+    """The F32 GGUF base and the GGUF LoRA files of the adapters that have one (DoRA has not)."""
+    from edgepeft.exporters.gguf_adapter import export_adapter_gguf
+    from edgepeft.exporters.gguf_base import write_base_gguf
+
+    base, adapters = lfm2[:2]
+    root = tmp_path_factory.mktemp("lfm2_gguf")
+    loaded = load_base(str(base))
+    write_base_gguf(loaded, root / "base.gguf", "F32")
+    manifest_base = {"linear_shapes": loaded.linear_shapes(), "model_type": "lfm2", "dims": loaded.dims,
+                     "fingerprint": loaded.fingerprint}
+    files = {None: None}
+    for name in ("all", "pattern"):
+        files[name] = root / f"{name}.gguf"
+        export_adapter_gguf(read_peft_adapter(adapters[name]), manifest_base, files[name])
+    return root / "base.gguf", files
+
+
+def stock_llama(model, lora, **kwargs):
+    """Stock llama-cpp-python on the F32 file with an F32 KV cache, flash attention off (as the
+    runtime runs F32 bases: docs/design.md)."""
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    return Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=256, verbose=False, seed=0,
+                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, **kwargs)
 
 
 def empty_cache(info) -> dict:
@@ -113,6 +146,62 @@ def test_prefill_then_single_token_decode_matches_scoring_the_whole_text(lfm2, a
     assert err <= TOL, f"adapter={adapter}: max abs {err}"
     state = cache[state_names(0, "conv")[0]]
     assert state.shape == (1, 64, KERNEL - 1) and np.abs(state).max() > 0
+
+
+def test_gguf_base_has_llama_cpps_lfm2_layout(lfm2_gguf):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(lfm2_gguf[0])
+    fields = {f.name: f for f in reader.fields.values()}
+    assert fields["general.architecture"].contents() == "lfm2"
+    assert fields["lfm2.attention.head_count_kv"].contents() == [0, 1, 0, 1]  # 0: a convolution layer
+    assert fields["lfm2.shortconv.l_cache"].contents() == KERNEL
+    assert fields["lfm2.feed_forward_length"].contents() == 96
+    tensors = {t.name: t for t in reader.tensors}
+    conv = tensors["blk.0.shortconv.conv.weight"]
+    assert list(conv.shape) == [KERNEL, 64] and conv.tensor_type.name == "F32"  # ggml order: [kernel, channels]
+    assert "blk.0.shortconv.in_proj.weight" in tensors and "blk.1.attn_q_norm.weight" in tensors
+    assert "blk.0.attn_q.weight" not in tensors and "output.weight" not in tensors  # tied head
+
+
+def test_f32_gguf_with_lora_in_stock_llama_cpp_matches_peft(lfm2, lfm2_gguf):
+    base, adapters = lfm2[:2]
+    model, files = lfm2_gguf
+    for name in [None, "all", "pattern"]:
+        llm = stock_llama(model, files[name], logits_all=True)
+        llm.eval(PROMPT_IDS)
+        got = np.array(llm.scores[:len(PROMPT_IDS)])
+        llm.close()
+        ref = reference_logits(base, adapters.get(name), PROMPT_IDS)
+        rel = np.abs(got - ref).max() / (ref.max() - ref.min())
+        assert rel <= GGUF_REL, f"adapter={name}: {rel}"
+
+
+@pytest.mark.parametrize("adapter", [None, "all"])
+def test_stock_llama_cpp_greedy_tokens_are_peft_generates(lfm2, lfm2_gguf, adapter):
+    """70 new tokens: llama.cpp carries each convolution layer's state from step to step."""
+    import torch
+    from peft import PeftModel
+
+    from factory import load_reference
+
+    base, adapters = lfm2[:2]
+    model, files = lfm2_gguf
+    prompt = PROMPT_IDS[:9]
+    ref = load_reference(base)
+    if adapter:
+        ref = PeftModel.from_pretrained(ref, adapters[adapter]).eval()
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=70, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(prompt):].tolist()
+    llm = stock_llama(model, files[adapter])
+    got = []
+    for tok in llm.generate(prompt, top_k=1, temp=0.0):
+        got.append(tok)
+        if len(got) == 70:
+            break
+    llm.close()
+    assert got == want
 
 
 def test_layer_kinds_states_and_mlp_width_come_from_the_config():
