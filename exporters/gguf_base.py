@@ -61,6 +61,9 @@ def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} always soft-caps attention scores and "
                                f"logits, this config leaves its {' and '.join(uncapped)} uncapped "
                                "(export --format onnx instead)")
+    if fam.short_conv and getattr(config, fam.short_conv.bias_field, False):
+        raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} has no biases in its convolution blocks, "
+                               f"this config sets {fam.short_conv.bias_field} (export --format onnx instead)")
     if fam.gguf_scale_is_head_dim and abs(lay.attention_scale - dims["head_dim"] ** -0.5) > 1e-7:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} scales attention by head_dim ** -0.5, this "
                                f"config by {fam.attention_scale_field} (export --format onnx instead)")
@@ -183,7 +186,7 @@ def _weight_tensors(base: BaseModel, names, ftype: str) -> list:
         shape = tuple(shapes[name].shape)
         # A depthwise convolution [channels, 1, kernel] is written [channels, kernel], as llama.cpp's
         # converter squeezes it, and in F32, which ggml's ssm_conv reads (its quantizer skips it).
-        depthwise = _is_depthwise_conv(fam, stem)
+        depthwise = suffix == "weight" and _is_depthwise_conv(fam, stem)
         if depthwise:
             shape = (shape[0], shape[2])
         # ggml keeps norms and biases in F32 whatever the file type, like llama.cpp's converter.

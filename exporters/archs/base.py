@@ -79,6 +79,7 @@ class ShortConv:
     in_group: str = "conv_in_proj"  # Group names (Arch.groups) of its two projections
     out_group: str = "conv_out_proj"
     kernel_field: str = "conv_L_cache"  # config field of the kernel size
+    bias_field: str = "conv_bias"  # config flag: biases on the convolution and both projections
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """LFM2 (gated short-convolution layers between full-attention layers) in the fp32 ONNX graph:
 logits match PyTorch+PEFT with LoRA on every linear layer (both out_proj kinds, in_proj, q/k/v,
-w1/w2/w3), rank and alpha patterns and DoRA, switched in any order; a prefill followed by
+w1/w2/w3), rank and alpha patterns, DoRA, IA3 and lora_bias, switched in any order; a prefill followed by
 single-token decode steps, carrying each convolution layer's state and each attention layer's
 KV cache, gives the logits of scoring the whole text. The F32 GGUF base and GGUF LoRA files
 load in stock llama-cpp-python (llama.cpp's lfm2 architecture) and match PyTorch+PEFT, logits
@@ -20,6 +20,7 @@ from edgepeft.exporters.onnx_graph import add_base_path, build_decoder
 from edgepeft.kinds import read_peft_adapter
 from edgepeft.runtime_contract import ADAPTERS_ACTIVE, kv_names, state_names
 from factory import all_linear, make_base, make_lora, reference_logits
+from test_families import make_ia3
 
 TOL = 1e-3
 KERNEL = 5  # tests/factory.py's lfm2 config: conv_L_cache
@@ -42,13 +43,14 @@ def lfm2(tmp_path_factory):
                              rank_pattern={"in_proj": 6}, alpha_pattern={"w1": 9}),
         "dora": make_lora(base, root / "dora", seed=4, r=4, lora_alpha=8, use_dora=True,
                           target_modules=["in_proj", "out_proj", "q_proj"]),
+        "ia3": make_ia3(base, root / "ia3", seed=5, target_modules=["in_proj", "v_proj", "w2"],
+                        feedforward_modules=["w2"]),
+        "bias": make_lora(base, root / "bias", seed=6, r=4, lora_alpha=8, lora_bias=True,
+                          target_modules=["in_proj", "out_proj"]),
     }
     loaded = load_base(str(base))
     proto, info = build_decoder(loaded, "fp32")
-    proto = add_base_path(proto, info)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # slot inputs with defaults are meant to be overridable
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(add_base_path(proto, info))
     feeds = {name: adapter_tensors(read_peft_adapter(path), info, loaded) for name, path in adapters.items()}
     return base, adapters, session, info, feeds
 
@@ -79,6 +81,12 @@ def stock_llama(model, lora, **kwargs):
 
     return Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=256, verbose=False, seed=0,
                  type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, **kwargs)
+
+
+def ort_session(proto):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # slot inputs with defaults are meant to be overridable: no warnings
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def empty_cache(info) -> dict:
@@ -123,7 +131,7 @@ def test_graph_carries_a_state_for_conv_layers_and_a_kv_cache_for_attention_laye
 def test_fp32_onnx_scores_like_peft_with_every_adapter_in_any_order(lfm2):
     base, adapters, session, info, feeds = lfm2
     refs = {name: reference_logits(base, path, PROMPT_IDS) for name, path in [(None, None), *adapters.items()]}
-    for name in ["all", None, "dora", "pattern", "all", None, "dora"]:
+    for name in ["all", None, "dora", "ia3", "pattern", "bias", "all", None, "dora"]:
         got, _ = run(session, info, PROMPT_IDS, 0, empty_cache(info), feeds.get(name))
         err = np.abs(got - refs[name]).max()
         assert err <= TOL, f"adapter={name}: max abs {err}"
@@ -202,6 +210,19 @@ def test_stock_llama_cpp_greedy_tokens_are_peft_generates(lfm2, lfm2_gguf, adapt
             break
     llm.close()
     assert got == want
+
+
+def test_convolution_biases_run_on_onnx_and_are_refused_for_gguf(tmp_path):
+    """conv_bias (biases on in_proj, the convolution and out_proj): llama.cpp's lfm2 loads none."""
+    from edgepeft.exporters.gguf_base import write_base_gguf
+
+    base = make_base(tmp_path / "base", "lfm2", seed=8, conv_bias=True)
+    loaded = load_base(str(base))
+    proto, info = build_decoder(loaded, "fp32")
+    got, _ = run(ort_session(proto), info, PROMPT_IDS, 0, empty_cache(info))
+    assert np.abs(got - reference_logits(base, None, PROMPT_IDS)).max() <= TOL
+    with pytest.raises(UnsupportedModel, match="no biases in its convolution blocks.*--format onnx"):
+        write_base_gguf(loaded, tmp_path / "b.gguf", "F32")
 
 
 def test_layer_kinds_states_and_mlp_width_come_from_the_config():
