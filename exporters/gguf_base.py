@@ -17,7 +17,7 @@ import numpy as np
 from edgepeft.errors import EngineError, UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
-from .archs import ATTENTION_MIXER, Arch, Layout, arch_of
+from .archs import ATTENTION_MIXER, SHORT_CONV, Arch, Layout, arch_of
 from .gguf_vocab import add_tokenizer, gguf_name
 from .hf_base import BaseModel
 from .hf_config import SLIDING, rope_parameters
@@ -61,9 +61,10 @@ def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} always soft-caps attention scores and "
                                f"logits, this config leaves its {' and '.join(uncapped)} uncapped "
                                "(export --format onnx instead)")
-    if fam.short_conv and getattr(config, fam.short_conv.bias_field, False):
+    conv = fam.block(SHORT_CONV)
+    if conv and getattr(config, conv.bias_field, False):
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} has no biases in its convolution blocks, "
-                               f"this config sets {fam.short_conv.bias_field} (export --format onnx instead)")
+                               f"this config sets {conv.bias_field} (export --format onnx instead)")
     if fam.gguf_scale_is_head_dim and abs(lay.attention_scale - dims["head_dim"] ** -0.5) > 1e-7:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} scales attention by head_dim ** -0.5, this "
                                f"config by {fam.attention_scale_field} (export --format onnx instead)")
@@ -80,8 +81,9 @@ def _head_count_kv(d: dict, lay: Layout):
 def _add_family_keys(writer, base: BaseModel, fam: Arch, lay: Layout) -> None:
     """The keys llama.cpp reads for this family beyond the common ones: sliding window,
     soft-caps, LongRoPE's original context and attention factor, a short convolution's kernel."""
-    if fam.short_conv:
-        writer.add_shortconv_l_cache(int(getattr(base.config, fam.short_conv.kernel_field)))
+    conv = fam.block(SHORT_CONV)
+    if conv:
+        writer.add_shortconv_l_cache(conv.kernel(base.config))
     if fam.gguf_sliding_window:
         writer.add_sliding_window(int(base.dims["sliding_window"] or 0))
     if lay.attn_softcap:
@@ -215,7 +217,7 @@ def _weight_tensors(base: BaseModel, names, ftype: str) -> list:
 
 def _is_depthwise_conv(fam: Arch, stem: str) -> bool:
     """Whether module `stem` is the depthwise convolution of a short-convolution block."""
-    sc = fam.short_conv
+    sc = fam.block(SHORT_CONV)
     return sc is not None and stem.endswith(f".{sc.parent}.{sc.conv}")
 
 

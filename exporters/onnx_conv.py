@@ -28,9 +28,8 @@ import numpy as np
 from edgepeft.errors import UnsupportedModel
 from edgepeft.runtime_contract import state_names
 
+from .archs.base import CONV_STATE
 from .onnx_slots import Graph, to_numpy
-
-CONV_STATE = "conv"  # the state's name in Layout.states and runtime_contract.state_names
 
 
 def add_state_io(g: Graph, layer: int, state: str, shape: tuple[int, ...]) -> None:

@@ -258,7 +258,7 @@ class _DecoderBuilder:
 
     def short_conv_block(self, i: int, layer, x: str) -> str:
         """The gated short convolution (onnx_conv.py), its state in and out."""
-        sc, p = self.arch.short_conv, f"model.layers.{i}"
+        sc, p = self.arch.block(SHORT_CONV), f"model.layers.{i}"
         return short_conv(self.g, i, getattr(layer, sc.parent), sc.conv, x, f"{p}.{sc.parent}",
                           lambda y, group: self.group(y, p, group, layer), sc.in_group, sc.out_group)
 

@@ -9,14 +9,17 @@ attention scale, soft-caps. The ONNX graph builder and the GGUF writers read the
 nothing else about the family.
 
 Hybrid families (LFM2) mix token mixers: `Arch.mixers` maps a config `layer_types` value to the
-mixer such a layer has (attention by default), and `Layout.states` gives each layer's
-per-sequence state beside the KV cache (a short convolution's last kernel-1 inputs).
+block such a layer has instead of attention (a `ShortConv`), and `Layout.states` gives each
+layer's per-sequence states beside the KV cache, as that block states them (a short
+convolution's last kernel-1 inputs). A new kind of block is a dataclass with a `kind` and a
+`states(config, dims)` like ShortConv's, and a method of the graph builder for its kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..hf_config import partial_rotary_factor
 
@@ -24,6 +27,7 @@ ATTENTION, MLP = "self_attn", "mlp"
 # A decoder layer's token mixer: attention over the KV cache, or a gated short convolution
 # (ShortConv) that carries its last kernel-1 inputs per sequence instead of a KV cache.
 ATTENTION_MIXER, SHORT_CONV = "attention", "short_conv"
+CONV_STATE = "conv"  # a short convolution's state (Layout.states; runtime_contract.state_names)
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,15 @@ class ShortConv:
     in_group: str = "conv_in_proj"  # Group names (Arch.groups) of its two projections
     out_group: str = "conv_out_proj"
     kernel_field: str = "conv_L_cache"  # config field of the kernel size
+    kind: ClassVar[str] = SHORT_CONV
     bias_field: str = "conv_bias"  # config flag: biases on the convolution and both projections
+
+    def kernel(self, config) -> int:
+        return int(getattr(config, self.kernel_field))
+
+    def states(self, config, dims: dict) -> dict[str, tuple[int, ...]]:
+        """Per sequence: the convolution's last kernel-1 inputs, [hidden, kernel - 1]."""
+        return {CONV_STATE: (int(dims["hidden_size"]), self.kernel(config) - 1)}
 
 
 @dataclass(frozen=True)
@@ -130,10 +142,13 @@ class Arch:
     # The gated MLP's width from the config, for families whose config field is not the size
     # the weights have (LFM2's block_auto_adjust_ff_dim); None: config.intermediate_size.
     mlp_size: Callable[[object], int] | None = None
-    # Hybrid families: (layer_types value, mixer) for the layer types whose token mixer is not
-    # attention; `short_conv` describes the convolution block those layers have.
-    mixers: tuple[tuple[str, str], ...] = ()
-    short_conv: ShortConv | None = None
+    # Hybrid families: (layer_types value, block) for the layer types whose token mixer is not
+    # attention, the block describing it (ShortConv).
+    mixers: tuple[tuple[str, ShortConv], ...] = ()
+
+    def block(self, kind: str) -> ShortConv | None:
+        """The family's description of its `kind` token mixer (SHORT_CONV), None without one."""
+        return next((b for _, b in self.mixers if b.kind == kind), None)
 
     def member_groups(self) -> dict[str, Group]:
         """Each checkpoint linear layer's short name -> its group."""
@@ -188,14 +203,8 @@ def layout(arch: Arch, config, dims: dict) -> Layout:
 def _mixers(arch: Arch, config, dims: dict) -> tuple[tuple[str, ...], tuple[dict, ...]]:
     """Each layer's mixer (from config.layer_types through arch.mixers; attention where the
     family has one mixer) and its states."""
-    n, kinds = dims["num_layers"], dict(arch.mixers)
-    types = list(getattr(config, "layer_types", None) or []) if kinds else []
-    mixers = tuple(kinds.get(types[i], ATTENTION_MIXER) if i < len(types) else ATTENTION_MIXER for i in range(n))
-    states = []
-    for m in mixers:
-        if m == SHORT_CONV:
-            kernel = int(getattr(config, arch.short_conv.kernel_field))
-            states.append({"conv": (int(dims["hidden_size"]), kernel - 1)})
-        else:
-            states.append({})
-    return mixers, tuple(states)
+    n, blocks = dims["num_layers"], dict(arch.mixers)
+    types = list(getattr(config, "layer_types", None) or []) if blocks else []
+    per_layer = [blocks.get(types[i]) if i < len(types) else None for i in range(n)]
+    return (tuple(b.kind if b else ATTENTION_MIXER for b in per_layer),
+            tuple(b.states(config, dims) if b else {} for b in per_layer))

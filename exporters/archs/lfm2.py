@@ -7,7 +7,7 @@ q/k norms (`q_layernorm`, `k_layernorm`) and name their output projection `out_p
 norm is `embedding_norm`. The MLP's width is not config.intermediate_size when
 block_auto_adjust_ff_dim is set (mlp_size below)."""
 
-from .base import ATTENTION, SHORT_CONV, Arch, Group, Norms, ShortConv
+from .base import ATTENTION, Arch, Group, Norms, ShortConv
 
 _FF = "feed_forward"
 _CONV = ShortConv()
@@ -40,4 +40,4 @@ def mlp_size(config) -> int:
 LFM2 = Arch(family="lfm2", gguf_arch="LFM2", groups=GROUPS,
             norms=Norms(pre_attention="operator_norm", pre_mlp="ffn_norm"),
             qk_norm=True, qk_norm_names=("q_layernorm", "k_layernorm"), final_norm="embedding_norm",
-            norm_eps_field="norm_eps", mlp_size=mlp_size, mixers=(("conv", SHORT_CONV),), short_conv=_CONV)
+            norm_eps_field="norm_eps", mlp_size=mlp_size, mixers=(("conv", _CONV),))
