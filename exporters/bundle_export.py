@@ -146,8 +146,10 @@ def _check_runnable(local, config, lay) -> None:
     has no per-sequence state for it yet, and a bundle it cannot run would only fail later."""
     stateful = [i for i, m in enumerate(lay.mixers) if m != ATTENTION_MIXER]
     if stateful:
+        kinds = " and ".join(sorted({name for i in stateful for name in lay.states[i]}))
         raise UnsupportedModel(f"{local}: {config.model_type} layers {stateful[:4]}{'...' if len(stateful) > 4 else ''} "
-                               "carry a convolution state, which edgepeft's runtime cannot run yet; export refused")
+                               f"carry a {kinds} state instead of a KV cache, which edgepeft's runtime cannot run yet; "
+                               "export refused")
 
 
 def _base_entry(source: str, base: BaseModel, merged: dict | None) -> dict:

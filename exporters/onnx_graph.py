@@ -366,7 +366,7 @@ class _DecoderBuilder:
                    **({"layers": self.lay.attention_layers(),
                        "states": [{"layer": i, "name": n, "shape": list(shape)}
                                   for i, st in enumerate(self.lay.states) for n, shape in st.items()]}
-                      if SHORT_CONV in self.lay.mixers else {})},
+                      if any(self.lay.states) else {})},
             "projections": g.projections,
             "members": g.members,
             "slot_ops": g.slot_ops,

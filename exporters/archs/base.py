@@ -169,8 +169,8 @@ class Layout:
     # Each layer's token mixer (ATTENTION_MIXER or SHORT_CONV), and the per-sequence states it
     # carries beside the KV cache: {state name: shape without the batch axis}, empty for
     # attention layers; a short convolution's "conv" state is [hidden, kernel - 1].
-    mixers: tuple[str, ...] = ()
-    states: tuple[dict, ...] = ()
+    mixers: tuple[str, ...]
+    states: tuple[dict, ...]
 
     def attention_layers(self) -> list[int]:
         """The layers that have a KV cache."""
