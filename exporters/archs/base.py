@@ -85,6 +85,10 @@ class ShortConv:
     kernel_field: str = "conv_L_cache"  # config field of the kernel size
     kind: ClassVar[str] = SHORT_CONV
     bias_field: str = "conv_bias"  # config flag: biases on the convolution and both projections
+    # Submodules whose weights the block's forward reads without calling them (transformers'
+    # Lfm2ShortConv passes its Conv1d to a function): checkpoint.float32_compute reads them
+    # around the block's forward, since their own forward hooks never fire.
+    direct: tuple[str, ...] = ("conv",)
 
     def kernel(self, config) -> int:
         return int(getattr(config, self.kernel_field))
