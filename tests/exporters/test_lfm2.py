@@ -1,10 +1,10 @@
 """LFM2 (gated short-convolution layers between full-attention layers) in the fp32 ONNX graph:
 logits match PyTorch+PEFT with LoRA on every linear layer (both out_proj kinds, in_proj, q/k/v,
-w1/w2/w3), rank and alpha patterns, DoRA, IA3 and lora_bias, switched in any order; a prefill followed by
-single-token decode steps, carrying each convolution layer's state and each attention layer's
-KV cache, gives the logits of scoring the whole text. The F32 GGUF base and GGUF LoRA files
-load in stock llama-cpp-python (llama.cpp's lfm2 architecture) and match PyTorch+PEFT, logits
-and greedy tokens. Both run here on onnxruntime and llama-cpp-python directly: edgepeft's
+w1/w2/w3), rank and alpha patterns, DoRA, IA3 and lora_bias, switched in any order; a prefill
+followed by single-token decode steps, carrying each convolution layer's state and each
+attention layer's KV cache, gives the logits of scoring the whole text (int4 too, as export
+builds it). The F32 GGUF base and GGUF LoRA files load in stock llama-cpp-python (llama.cpp's
+lfm2 architecture) and match PyTorch+PEFT, logits and greedy tokens. Both run here on onnxruntime and llama-cpp-python directly: edgepeft's
 runtime does not carry per-sequence convolution states yet, and export refuses LFM2 bundles
 until it does (tested below)."""
 
@@ -25,8 +25,6 @@ from test_families import make_ia3
 TOL = 1e-3
 KERNEL = 5  # tests/factory.py's lfm2 config: conv_L_cache
 PROMPT_IDS = [int(i) for i in np.random.default_rng(3).integers(3, 260, 80)]  # far longer than the kernel
-
-
 GGUF_REL = 1e-3  # max abs error over the logit range: the bound tests/exporters/test_families.py uses
 
 
