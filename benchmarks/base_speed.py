@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,9 +26,61 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare_engines import genai, llama_cpp_direct, ours  # noqa: E402
+from engines import RESULTS, genai, genai_build, llama_cpp_direct, ours  # noqa: E402
 
-RESULTS = HERE / "results"
+REFERENCE = "llama-cpp-python Q4_K_M"
+
+
+def runners(args, work: Path) -> dict:
+    """{engine: a function running it once}, on the bundle edgepeft exports (made once)."""
+    from edgepeft.exporters.hf_base import resolve_base_dir
+    from edgepeft.exporters.reuse import export_or_reuse
+
+    bundle = export_or_reuse(args.base, work / "bundle", {}, "onnx,gguf", "int4", "Q4_K_M")[0]
+    n = (args.threads, 1, args.new_tokens)
+    out = {
+        "edgepeft onnx int4": lambda: ours(bundle.root, "onnx", *n),
+        "edgepeft gguf Q4_K_M": lambda: ours(bundle.root, "gguf", *n),
+        REFERENCE: lambda: llama_cpp_direct(bundle.root, *n),
+    }
+    if args.genai_python:
+        model_dir = genai_build(args.genai_python, resolve_base_dir(args.base), work / "genai-int4", work / "genai-cache",
+                                args.threads, builder=[str(HERE / "genai_builder.py")])
+        out["onnxruntime-genai int4"] = lambda: genai(args.genai_python, model_dir, *n)
+    return out
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """Each engine's median decode rate, its median per-round ratio to llama-cpp-python, its TTFT."""
+    summary = {}
+    for engine in rounds[0]:
+        rates = [r[engine].get("decode_tokens_per_s") for r in rounds]
+        if any(x is None for x in rates):
+            summary[engine] = {"error": next(r[engine].get("error") for r in rounds if "error" in r[engine])}
+            continue
+        ratios = [r[engine]["decode_tokens_per_s"] / r[REFERENCE]["decode_tokens_per_s"] for r in rounds
+                  if "decode_tokens_per_s" in r.get(REFERENCE, {})]
+        summary[engine] = {"decode_median": round(statistics.median(rates), 1),
+                           "vs_llama_cpp_median": round(statistics.median(ratios), 2) if ratios else None,
+                           "ttft_ms_median": round(statistics.median(r[engine].get("ttft_ms", 0) for r in rounds), 1)}
+    return summary
+
+
+def report(args, result: dict) -> list[str]:
+    lines = [f"# Decode speed: {args.base} (no adapter)", "",
+             f"- when: {result['when']}; machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs",
+             f"- command: `python benchmarks/base_speed.py {args.base} --threads {args.threads} --rounds {args.rounds}"
+             f" --new-tokens {args.new_tokens}{' --genai-python GENAI_VENV/bin/python' if args.genai_python else ''}`",
+             f"- {args.new_tokens} greedy tokens (EOS ignored) after the chat prompt, {args.threads} threads; "
+             f"{args.rounds} rounds, each engine once per round in its own process", "",
+             "| engine | decode tok/s (median) | / llama-cpp-python (median of per-round ratios) | TTFT (median) |",
+             "|---|---|---|---|"]
+    for engine, s in result["summary"].items():
+        if "error" in s:
+            lines.append(f"| {engine} | failed: {s['error']} | | |")
+        else:
+            lines.append(f"| {engine} | {s['decode_median']} | {s['vs_llama_cpp_median']} | {s['ttft_ms_median']} ms |")
+    return lines
 
 
 def main() -> None:
@@ -42,78 +93,20 @@ def main() -> None:
                     help="python with onnxruntime-genai (and its builder) installed")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "edgepeft" / "bench"))
     args = ap.parse_args()
-
-    from edgepeft.bundle import Bundle
-    from edgepeft.errors import EdgepeftError
-    from edgepeft.exporters import export_bundle
-    from edgepeft.exporters.onnx_export import onnx_export_current
-    from edgepeft.exporters.hf_base import resolve_base_dir
-
     name = args.base.split(":", 1)[-1] if args.base.startswith("builtin:") else Path(args.base).name
     work = Path(args.work) / name
     work.mkdir(parents=True, exist_ok=True)
-    base_dir = resolve_base_dir(args.base)
-    try:
-        bundle = Bundle.open(work / "bundle")
-        if not onnx_export_current(bundle.backends.get("onnx", {})):
-            raise EdgepeftError("stale")
-    except EdgepeftError:
-        bundle = export_bundle(args.base, work / "bundle", {}, formats="onnx,gguf", onnx_quant="int4",
-                               gguf_quant="Q4_K_M", quiet=True)
-    runners = {
-        "edgepeft onnx int4": lambda: ours(bundle.root, "onnx", args.threads, 1, args.new_tokens),
-        "edgepeft gguf Q4_K_M": lambda: ours(bundle.root, "gguf", args.threads, 1, args.new_tokens),
-        "llama-cpp-python Q4_K_M": lambda: llama_cpp_direct(bundle.root, args.threads, 1, args.new_tokens),
-    }
-    if args.genai_python:
-        model_dir = work / "genai-int4"
-        if not (model_dir / "genai_config.json").is_file():
-            subprocess.run([args.genai_python, str(HERE / "genai_builder.py"), "-i", str(base_dir),
-                            "-o", str(model_dir), "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")],
-                           check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        cfg = json.loads((model_dir / "genai_config.json").read_text())
-        cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = args.threads
-        (model_dir / "genai_config.json").write_text(json.dumps(cfg, indent=2))
-        runners["onnxruntime-genai int4"] = lambda: genai(args.genai_python, model_dir, args.threads, 1,
-                                                          args.new_tokens)
+    engines = runners(args, work)
     started = time.strftime("%Y-%m-%d %H:%M")
     rounds = []
     for _ in range(args.rounds):
-        row = {}
-        for engine, run in runners.items():
-            r = run()
-            row[engine] = r.get("base", r)
-        rounds.append(row)
-    ref = "llama-cpp-python Q4_K_M"
-    summary = {}
-    for engine in runners:
-        rates = [r[engine].get("decode_tokens_per_s") for r in rounds]
-        if any(x is None for x in rates):
-            summary[engine] = {"error": next(r[engine].get("error") for r in rounds if "error" in r[engine])}
-            continue
-        ratios = [r[engine]["decode_tokens_per_s"] / r[ref]["decode_tokens_per_s"] for r in rounds
-                  if "decode_tokens_per_s" in r.get(ref, {})]
-        summary[engine] = {"decode_median": round(statistics.median(rates), 1),
-                           "vs_llama_cpp_median": round(statistics.median(ratios), 2) if ratios else None,
-                           "ttft_ms_median": round(statistics.median(r[engine].get("ttft_ms", 0) for r in rounds), 1)}
+        rounds.append({engine: (r := run()).get("base", r) for engine, run in engines.items()})
     result = {"base": args.base, "when": started, "threads": args.threads, "new_tokens": args.new_tokens,
-              "rounds": rounds, "summary": summary,
+              "rounds": rounds, "summary": summarize(rounds),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Decode speed: {args.base} (no adapter)", "",
-             f"- when: {started}; machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs",
-             f"- command: `python benchmarks/base_speed.py {args.base} --threads {args.threads} --rounds {args.rounds}"
-             f" --new-tokens {args.new_tokens}{' --genai-python GENAI_VENV/bin/python' if args.genai_python else ''}`",
-             f"- {args.new_tokens} greedy tokens (EOS ignored) after the chat prompt, {args.threads} threads; "
-             f"{args.rounds} rounds, each engine once per round in its own process", "",
-             "| engine | decode tok/s (median) | / llama-cpp-python (median of per-round ratios) | TTFT (median) |",
-             "|---|---|---|---|"]
-    for engine, s in summary.items():
-        if "error" in s:
-            lines.append(f"| {engine} | failed: {s['error']} | | |")
-        else:
-            lines.append(f"| {engine} | {s['decode_median']} | {s['vs_llama_cpp_median']} | {s['ttft_ms_median']} ms |")
+    lines = report(args, result)
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -54,16 +54,16 @@ def main() -> int:
     args = ap.parse_args()
 
     from edgepeft.runtime import Engine
-    from edgepeft.shipped import shipped_adapters
-    from edgepeft.tasks import TASKS
+    from edgepeft.demo.shipped import shipped_adapters
+    from edgepeft.demo.tasks import TASKS
 
     if args.bundle:
         bundle = Path(args.bundle)
     else:
         from edgepeft.cache import cache_dir
-        from edgepeft.cli.demo import demo_bundle
+        from edgepeft.demo import demo_bundle
 
-        bundle = demo_bundle(cache_dir() / "demo" / "smollm2-135m", shipped_adapters(), ["onnx", "gguf"], True)[0].root
+        bundle = demo_bundle(cache_dir() / "demo" / "smollm2-135m")[0].root
     tasks = {n: TASKS[n] for n in shipped_adapters()}
     examples = {n: t.examples(args.held_out, held_out=True) for n, t in tasks.items()}
     # Interleaved: job i is task i % 3's next prompt, so concurrent jobs are on different adapters.

@@ -43,6 +43,7 @@ for adapter in (None, {adapter!r}):
     engine.complete({prompt!r}, adapter=adapter, max_new_tokens=8, ignore_eos=True, chat=True)  # warm-up
     runs = [engine.complete({prompt!r}, adapter=adapter, max_new_tokens={n}, ignore_eos=True, chat=True).timings
             for _ in range({runs})]
+    runs = [r if isinstance(r, dict) else r.to_json() for r in runs]  # an earlier runtime's timings: a dict
     out[adapter or "base"] = {{"decode": statistics.median(r["decode_tokens_per_s"] for r in runs),
                               "prefill_s": statistics.median(r["prefill_s"] for r in runs)}}
 import edgepeft.runtime.engine as e
@@ -52,7 +53,11 @@ print(json.dumps(out))
 
 
 def shim(before: Path, into: Path) -> Path:
-    """The earlier checkout laid out as the installed package (pyproject's package-dir)."""
+    """The earlier checkout on sys.path as it imports: itself when it maps its own layout
+    (edgepeft/__init__.py's _map_checkout_layout), else copied into the installed layout
+    (pyproject's package-dir), for checkouts from before that."""
+    if "_map_checkout_layout" in (before / "edgepeft" / "__init__.py").read_text():
+        return before
     pkg = into / "edgepeft"
     shutil.copytree(before / "edgepeft", pkg)
     for sub in ("runtime", "exporters"):
@@ -93,10 +98,9 @@ def main() -> None:
         bundle = Path(args.bundle)
     else:
         from edgepeft.cache import cache_dir
-        from edgepeft.cli.demo import demo_bundle
-        from edgepeft.shipped import shipped_adapters
+        from edgepeft.demo import demo_bundle
 
-        bundle = demo_bundle(cache_dir() / "demo" / "smollm2-135m", shipped_adapters(), ["onnx", "gguf"], True)[0].root
+        bundle = demo_bundle(cache_dir() / "demo" / "smollm2-135m")[0].root
     before = Path(args.before).resolve()
     before_bundle = Path(args.before_bundle) if args.before_bundle else bundle
     commit = subprocess.run(["git", "-C", str(before), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -1,175 +1,336 @@
-"""Export at real sizes: a random bf16 base shaped like Llama-3.2-1B or Qwen3-4B (no download),
-with a rank-16 LoRA on all seven projections; our export (ONNX int4, GGUF Q4_K_M and the adapter)
-beside onnxruntime-genai's builder (int4, CPU) on the same checkpoint, one after the other in one
-sitting: wall time, peak RSS, and our export's split by step.
+#!/usr/bin/env python3
+"""Export and decode at real sizes: a random bf16 base shaped like Llama-3.2-1B or Qwen3-4B (no
+download) with a random rank-16 LoRA on all seven projections, in one sitting.
 
-    python benchmarks/export_scale.py --shape llama-1b [--genai-python /tmp/genai/bin/python]
+    python benchmarks/export_scale.py --shape {tiny,tiny-qwen3,llama-1b,qwen3-4b} [--rounds 5] [--skip-genai]
+        [--work DIR] [--name NAME] [--threads N] [--genai-python PATH] [--dry-run]
 
-The checkpoint is written one decoder layer per safetensors shard, so making it never holds the
-model; the tokenizer is the builtin SmolLM2's (its vocabulary fits; calibration reads real text).
-Results: benchmarks/results/export_scale-<shape>.md. Decode speed at these sizes is measured by
-compare_engines.py on the bundle this writes.
+1. writes the base (benchmarks/scale_models.py: one tensor group per shard, names and shapes
+   checked against transformers' model on the meta device) and the LoRA; a base already in
+   --work with the same config is reused;
+2. times `python -m edgepeft export BASE --out BUNDLE --adapter a=LORA --format onnx,gguf` (ONNX
+   int4, GGUF Q4_K_M) and onnxruntime-genai's builder (`-i BASE -p int4 -e cpu`) on the same
+   checkpoint, each in its own process: wall time, peak RSS, and our export's time per step
+   (from its log lines);
+3. then --rounds rounds, each starting one fresh process per engine (order rotated by round):
+   our ONNX and GGUF bases, each with and without the adapter, llama-cpp-python on our GGUF and
+   genai's int4 build; 64 greedy tokens after the chat prompt (EOS ignored) after an 8-token
+   warm-up: load time, TTFT, decode tok/s, the process's peak RSS. Medians over rounds; ratios
+   are medians of per-round ratios. Weight bytes read per token (the manifest's decode_bytes;
+   for genai's graph, counted the same way) give the bandwidth each speed implies.
+Writes benchmarks/results/NAME.{md,json} (default export_scale-SHAPE). --dry-run writes only the
+config and tensor list of the shape to --work and checks them against transformers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import re
 import shutil
-import subprocess
+import statistics
 import sys
+import textwrap
 import time
-from datetime import date
 from pathlib import Path
 
-SHAPES = {  # (hidden, layers, heads, kv heads, head_dim, intermediate, vocab, extra config)
-    "tiny": (256, 2, 4, 2, 64, 512, 49152, {"model_type": "llama", "rope_theta": 10000.0}),
-    "llama-1b": (2048, 16, 32, 8, 64, 8192, 128256, {
-        "model_type": "llama", "rope_theta": 500000.0, "max_position_embeddings": 131072,
-        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}}),
-    "qwen3-4b": (2560, 36, 32, 8, 128, 9728, 151936, {
-        "model_type": "qwen3", "rope_theta": 1000000.0, "max_position_embeddings": 40960}),
-}
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import scale_models  # noqa: E402
+import scale_report  # noqa: E402
+from compare_engines import PROMPT, RESULTS  # noqa: E402
+from peak_rss import run_tree  # noqa: E402
+
+WARMUP_TOKENS = 8
+STEP_LINE = re.compile(r"^edgepeft: \[\d+/\d+\] (.+): ([0-9.]+) s \(elapsed [0-9:]+\)$")
+BEGUN = time.perf_counter()
 
 
-def step(msg: str, t0: float = time.perf_counter()) -> None:
-    print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
+def say(msg: str) -> None:
+    m, s = divmod(int(time.perf_counter() - BEGUN), 60)
+    print(f"[{m:3d}:{s:02d}] {msg}", flush=True)
 
 
-def make_base(shape: str, out: Path, tokenizer: Path) -> None:
-    """Random bf16 weights (std 0.02, norms 1), one shard per decoder layer; tied embeddings."""
-    import torch
-    from safetensors.torch import save_file
-
-    h, n, nh, nkv, hd, inter, vocab, extra = SHAPES[shape]
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = {"architectures": [("Qwen3" if extra["model_type"] == "qwen3" else "Llama") + "ForCausalLM"],
-           "hidden_size": h, "num_hidden_layers": n, "num_attention_heads": nh, "num_key_value_heads": nkv,
-           "head_dim": hd, "intermediate_size": inter, "vocab_size": vocab, "rms_norm_eps": 1e-6,
-           "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-           "torch_dtype": "bfloat16", "max_position_embeddings": 8192, **extra}
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer / f, out / f)
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*s):
-        return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
-
-    def ones(k):
-        return torch.ones(k, dtype=torch.bfloat16)
-
-    weight_map = {}
-
-    def shard(tensors: dict, file: str) -> None:
-        save_file(tensors, str(out / file))
-        weight_map.update(dict.fromkeys(tensors, file))
-
-    shard({"model.embed_tokens.weight": rnd(vocab, h), "model.norm.weight": ones(h)}, "embed.safetensors")
-    for i in range(n):
-        p = f"model.layers.{i}"
-        t = {f"{p}.self_attn.q_proj.weight": rnd(nh * hd, h), f"{p}.self_attn.k_proj.weight": rnd(nkv * hd, h),
-             f"{p}.self_attn.v_proj.weight": rnd(nkv * hd, h), f"{p}.self_attn.o_proj.weight": rnd(h, nh * hd),
-             f"{p}.mlp.gate_proj.weight": rnd(inter, h), f"{p}.mlp.up_proj.weight": rnd(inter, h),
-             f"{p}.mlp.down_proj.weight": rnd(h, inter),
-             f"{p}.input_layernorm.weight": ones(h), f"{p}.post_attention_layernorm.weight": ones(h)}
-        if extra["model_type"] == "qwen3":
-            t |= {f"{p}.self_attn.q_norm.weight": ones(hd), f"{p}.self_attn.k_norm.weight": ones(hd)}
-        shard(t, f"layer{i:03d}.safetensors")
-    # the index transformers reads for a sharded checkpoint (onnxruntime-genai's builder loads it so)
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+def export_ours(base: Path, lora: Path, bundle: Path) -> dict:
+    shutil.rmtree(bundle, ignore_errors=True)
+    cmd = [sys.executable, "-m", "edgepeft", "export", str(base), "--out", str(bundle), "--adapter", f"a={lora}",
+           "--format", "onnx,gguf"]
+    r = run_tree(cmd, echo=lambda line: line.startswith("edgepeft: "))  # its steps and heartbeats
+    if r["rc"]:
+        raise SystemExit("export_scale.py: our export failed:\n" + "\n".join(r["output"][-20:]))
+    r["steps"] = {m.group(1): float(m.group(2)) for m in map(STEP_LINE.match, r.pop("output")) if m}
+    return r
 
 
-def make_lora(shape: str, base: Path, out: Path, rank: int = 16) -> None:
-    """A rank-16 LoRA on all seven projections, written as PEFT writes one (random, non-zero B)."""
-    import torch
-    from safetensors.torch import save_file
-
-    h, n, nh, nkv, hd, inter, _, _ = SHAPES[shape]
-    dims = {"q_proj": (h, nh * hd), "k_proj": (h, nkv * hd), "v_proj": (h, nkv * hd), "o_proj": (nh * hd, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    g = torch.Generator().manual_seed(1)
-    tensors = {}
-    for i in range(n):
-        for m, (fin, fout) in dims.items():
-            p = f"base_model.model.model.layers.{i}.{'self_attn' if m in PROJECTIONS[:4] else 'mlp'}.{m}"
-            tensors[f"{p}.lora_A.weight"] = torch.randn(rank, fin, generator=g) * 0.02
-            tensors[f"{p}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * 0.02
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
-        "target_modules": list(PROJECTIONS), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "base_model_name_or_path": str(base)}))
+def build_genai(python: str, base: Path, out: Path, cache: Path, threads: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    r = run_tree([python, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(out),
+                  "-p", "int4", "-e", "cpu", "-c", str(cache)])
+    if r["rc"] or not (out / "genai_config.json").is_file():
+        return {**r, "error": (r.pop("output")[-1:] or ["failed"])[0][:300]}
+    r.pop("output")
+    cfg = json.loads((out / "genai_config.json").read_text())  # the same thread count as the others
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    (out / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    return r
 
 
-def timed(cmd: list[str], work: Path) -> dict:
-    """Run `cmd` under GNU time: its wall time, its peak RSS and its stderr."""
-    if not Path("/usr/bin/time").is_file():
-        raise SystemExit("export_scale.py: needs GNU time at /usr/bin/time for each run's peak RSS")
-    stats = work / "time.txt"
-    p = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%e %M", *cmd], capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"export_scale.py: {' '.join(cmd[:4])} ... failed:\n{p.stderr[-3000:]}")
-    wall, kib = stats.read_text().split()[-2:]
-    return {"wall_s": round(float(wall), 1), "peak_rss_gib": round(int(kib) * 1024 / 2**30, 2), "stderr": p.stderr}
+# Child programs, one engine per process; each prints one JSON line. The first generation
+# (WARMUP_TOKENS) warms caches; the second is measured.
+OURS = """
+import json, time
+from edgepeft.runtime import Engine
+msgs = [{{"role": "user", "content": {prompt!r}}}] if {chat} else {prompt!r}
+t = time.perf_counter()
+e = Engine.open({bundle!r}, backend={backend!r}, threads={threads}, load_adapters={adapter!r} is not None)
+load = time.perf_counter() - t
+e.complete(msgs, adapter={adapter!r}, max_new_tokens={warm}, ignore_eos=True, chat={chat})
+c = e.complete(msgs, adapter={adapter!r}, max_new_tokens={n}, ignore_eos=True, chat={chat})
+print(json.dumps({{"load_s": load, "ttft_ms": c.timings.prefill_s * 1e3, "tokens": len(c.tokens),
+                  "decode_tokens_per_s": c.timings.decode_tokens_per_s}}))
+"""
+
+LLAMA = """
+import json, time
+from llama_cpp import Llama
+from edgepeft.bundle import Bundle
+from edgepeft.runtime.tokenizer import Tokenizer
+b = Bundle.open({bundle!r})
+gguf = b.backends["gguf"]
+tok = Tokenizer(b.root, b.manifest["tokenizer"])
+ids = tok.apply_chat_template([{{"role": "user", "content": {prompt!r}}}]) if {chat} else tok.encode({prompt!r})
+t = time.perf_counter()
+llm = Llama(model_path=str(b.file(gguf["model"])), n_ctx=min(int(gguf["context_length"]), 4096),
+            n_threads={threads}, n_threads_batch={threads}, verbose=False)
+load = time.perf_counter() - t
+def run(n):
+    llm.reset()
+    t0, count = time.perf_counter(), 0
+    for _ in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        count += 1
+        if count == 1:
+            t1 = time.perf_counter()
+        if count == n:
+            break
+    return (t1 - t0) * 1e3, (n - 1) / (time.perf_counter() - t1), count
+run({warm})
+ttft, rate, count = run({n})
+print(json.dumps({{"load_s": load, "ttft_ms": ttft, "decode_tokens_per_s": rate, "tokens": count}}))
+"""
+
+GENAI = """
+import json, time
+import onnxruntime_genai as og
+t = time.perf_counter()
+model = og.Model({model!r})
+load = time.perf_counter() - t
+tok = og.Tokenizer(model)
+ids = tok.encode(tok.apply_chat_template(json.dumps([{{"role": "user", "content": {prompt!r}}}]),
+                                         add_generation_prompt=True) if {chat} else {prompt!r})
+def run(n):
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    t1, count = time.perf_counter(), 1
+    while not gen.is_done() and count < n:
+        gen.generate_next_token()
+        count += 1
+    return (t1 - t0) * 1e3, (count - 1) / (time.perf_counter() - t1), count
+run({warm})
+ttft, rate, count = run({n})
+print(json.dumps({{"load_s": load, "ttft_ms": ttft, "decode_tokens_per_s": rate, "tokens": count,
+                  "version": og.__version__}}))
+"""
+
+
+def run_engine(python: str, code: str, n: int) -> dict:
+    """One engine's child process: its JSON line and its peak RSS."""
+    r = run_tree([python, "-c", textwrap.dedent(code)])
+    try:
+        got = {**json.loads(r["output"][-1]), "peak_rss": r["peak_rss"]}
+    except (IndexError, ValueError):
+        return {"error": (r["output"][-1:] or ["failed"])[0][:300]}
+    return got if got["tokens"] == n else {"error": f"generated {got['tokens']} tokens, not {n}"}
+
+
+def engines(bundle, genai_dir: Path | None, genai_python: str, threads: int, n: int) -> dict:
+    """{label: (python, child code, n)} for every engine of the decode rounds."""
+    common = {"prompt": PROMPT, "threads": threads, "warm": WARMUP_TOKENS, "n": n, "chat": True}
+    onnx_q, gguf_q = bundle.backends["onnx"]["quant"], bundle.backends["gguf"]["quant"]
+    out = {}
+    for backend, quant in (("onnx", onnx_q), ("gguf", gguf_q)):
+        for adapter in (None, "a"):
+            label = f"edgepeft {backend} {quant}" + (" + adapter" if adapter else "")
+            out[label] = (sys.executable, OURS.format(bundle=str(bundle.root), backend=backend, adapter=adapter,
+                                                      **common), n)
+    out[f"llama-cpp-python {gguf_q} (our GGUF)"] = (sys.executable, LLAMA.format(bundle=str(bundle.root), **common), n)
+    if genai_dir is not None:
+        out["onnxruntime-genai int4"] = (genai_python, GENAI.format(model=str(genai_dir), **common), n)
+    return out
+
+
+def decode_rounds(runners: dict, rounds: int) -> list[dict]:
+    names, out = list(runners), []
+    for r in range(rounds):
+        row = {}
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+            row[name] = run_engine(*runners[name])
+            got = row[name]
+            say(f"round {r + 1}/{rounds}: {name}: " + (f"{got['decode_tokens_per_s']:.1f} tok/s, load "
+                f"{got['load_s']:.2f} s, peak RSS {got['peak_rss'] / 2**30:.2f} GiB" if "error" not in got
+                else f"failed: {got['error']}"))
+        out.append(row)
+    return out
+
+
+def _ratio(rounds: list[dict], a: str, b: str) -> float | None:
+    pairs = [(r[a]["decode_tokens_per_s"], r[b]["decode_tokens_per_s"]) for r in rounds
+             if "error" not in r.get(a, {"error": 1}) and "error" not in r.get(b, {"error": 1})]
+    return round(statistics.median(x / y for x, y in pairs), 3) if pairs else None
+
+
+def summarize(rounds: list[dict], sizes: dict) -> dict:
+    """Per engine: medians over rounds, the bandwidth its median speed implies, and its ratios."""
+    names = list(rounds[0])
+    refs = [n for n in names if n.startswith(("llama-cpp-python", "onnxruntime-genai"))]
+    out = {}
+    for name in names:
+        ok = [r[name] for r in rounds if "error" not in r[name]]
+        if not ok:
+            out[name] = {"error": next(r[name]["error"] for r in rounds)}
+            continue
+        med = {k: round(statistics.median(x[k] for x in ok), 3) for k in ("decode_tokens_per_s", "ttft_ms", "load_s")}
+        row = {**med, "peak_rss_median": statistics.median(x["peak_rss"] for x in ok),
+               "peak_rss_max": max(x["peak_rss"] for x in ok), "rounds_ok": len(ok), **sizes.get(name, {})}
+        if row.get("decode_bytes"):
+            row["implied_gb_per_s"] = round(row["decode_bytes"] * med["decode_tokens_per_s"] / 1e9, 2)
+        row["vs"] = {ref: _ratio(rounds, name, ref) for ref in refs if ref != name}
+        if name.endswith(" + adapter"):
+            row["vs"]["its base"] = _ratio(rounds, name, name[: -len(" + adapter")])
+        out[name] = row
+    return out
+
+
+def file_sizes(bundle, genai_dir: Path | None) -> dict:
+    """Per engine: the model files' bytes and the weight bytes one decoded token reads."""
+    files = bundle.manifest["files"]
+    onnx = sum(e["size"] for rel, e in files.items() if rel.startswith("onnx/"))
+    gguf_rel = bundle.backends["gguf"]["model"]
+    out = {}
+    for label in ("onnx", "gguf"):
+        base = {"file_bytes": onnx if label == "onnx" else files[gguf_rel]["size"],
+                "decode_bytes": bundle.backends[label].get("decode_bytes")}
+        adapter = files[bundle.adapters["a"]["files"][label]]["size"]
+        quant = bundle.backends[label]["quant"]
+        out[f"edgepeft {label} {quant}"] = base
+        out[f"edgepeft {label} {quant} + adapter"] = {**base, "adapter_bytes": adapter}
+    gguf_q = bundle.backends["gguf"]["quant"]
+    out[f"llama-cpp-python {gguf_q} (our GGUF)"] = out[f"edgepeft gguf {gguf_q}"]
+    if genai_dir is not None:
+        import onnx
+
+        from edgepeft.exporters.decode_bytes import onnx_decode_bytes
+
+        proto = onnx.load(str(genai_dir / "model.onnx"), load_external_data=False)  # dims only
+        out["onnxruntime-genai int4"] = {"file_bytes": sum(f.stat().st_size for f in genai_dir.glob("model.onnx*")),
+                                         "decode_bytes": onnx_decode_bytes(proto)}
+    return out
+
+
+def prepare_base(shape: str, base: Path, lora: Path) -> dict:
+    """Write the base (or reuse one with the same config and all its shards) and the LoRA."""
+    cfg = scale_models.config(shape)
+    index = base / "model.safetensors.index.json"
+    reuse = (index.is_file() and (base / "config.json").is_file() and (base / "tokenizer.json").is_file()
+             and json.loads((base / "config.json").read_text()) == cfg
+             and all((base / f).is_file() for f in set(json.loads(index.read_text())["weight_map"].values())))
+    t = time.perf_counter()
+    if not reuse:
+        shutil.rmtree(base, ignore_errors=True)
+        say(f"writing a random bf16 {shape} base to {base}")
+        scale_models.write_base(shape, base)
+    problems = scale_models.check_base(base)
+    if problems:
+        raise SystemExit(f"export_scale.py: {base}: tensors differ from transformers' model: {problems[:5]}")
+    shutil.rmtree(lora, ignore_errors=True)
+    adapter_bytes = scale_models.write_lora(base, lora)
+    weights = json.loads(index.read_text())["metadata"]["total_size"]
+    say(f"base {'reused' if reuse else 'written'} ({weights / 2**30:.2f} GiB bf16, names and shapes match "
+        f"transformers) and rank-16 LoRA written ({adapter_bytes / 2**20:.1f} MiB): {time.perf_counter() - t:.1f} s")
+    return {"reused": reuse, "weight_bytes": weights, "adapter_bytes": adapter_bytes}
+
+
+def dry_run(shape: str, work: Path) -> int:
+    out = work / f"{shape}-dry-run"
+    shutil.rmtree(out, ignore_errors=True)
+    size = scale_models.write_base(shape, out, dry_run=True)
+    problems = scale_models.check_base(out)
+    n = len(scale_models.written_shapes(out))
+    say(f"{shape}: config.json and tensors.json in {out}: {n} tensors, {size / 2**30:.2f} GiB bf16; against "
+        f"transformers' model from that config: " + ("identical names and shapes" if not problems else
+                                                      "; ".join(problems[:10])))
+    return 1 if problems else 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=SHAPES, default="tiny")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=scale_models.SHAPES, required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--skip-genai", action="store_true", help="no onnxruntime-genai build or decode")
+    ap.add_argument("--genai-python", default=os.environ.get("GENAI_PYTHON", sys.executable),
+                    help="a Python with onnxruntime-genai installed (default: this one, or $GENAI_PYTHON)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/export_scale"))
-    ap.add_argument("--genai-python", default=None, help="a Python with onnxruntime-genai (its builder); none: skipped")
-    ap.add_argument("--name", default=None)
+    ap.add_argument("--name", help="results file name in benchmarks/results (default export_scale-SHAPE)")
+    ap.add_argument("--dry-run", action="store_true", help="write only config.json and the tensor list, and check them")
     args = ap.parse_args(argv)
-    from edgepeft.exporters.builtin import materialize
+    if args.rounds < 1 or args.new_tokens < 2 or args.threads < 1:
+        ap.error("--rounds and --threads must be at least 1, --new-tokens at least 2")
+    if args.dry_run:
+        return dry_run(args.shape, args.work)
+    from edgepeft.bundle import Bundle
 
     work = args.work / args.shape
-    base, lora = work / "base", work / "lora"
-    if not (base / "config.json").is_file():
-        step(f"writing a random bf16 {args.shape} base to {base}")
-        make_base(args.shape, base, materialize("builtin:smollm2-135m"))
-        make_lora(args.shape, base, lora)
-    runs = {}
-    step("our export: ONNX int4 + GGUF Q4_K_M + the adapter")
-    runs["edgepeft"] = timed([sys.executable, "-m", "edgepeft", "export", str(base), "--out", str(work / "bundle"),
-                              "--adapter", f"a={lora}", "--format", "onnx,gguf"], work)
-    if args.genai_python:
-        step("onnxruntime-genai's builder: int4, CPU")
-        runs["genai"] = timed([args.genai_python, "-m", "onnxruntime_genai.models.builder", "-m", str(base),
-                               "-o", str(work / "genai"), "-p", "int4", "-e", "cpu", "-c", str(work / "hf-cache")], work)
-    split = re.search(r"edgepeft: done in \S+ \((.*)\)", runs["edgepeft"]["stderr"])
-    report(args, runs, split.group(1) if split else "")
+    base, lora, bundle_dir, genai_dir = work / "base", work / "lora", work / "bundle", work / "genai-int4"
+    started = time.strftime("%Y-%m-%d %H:%M")
+    made = prepare_base(args.shape, base, lora)
+    say("our export: ONNX int4 + GGUF Q4_K_M + the adapter")
+    exports = {"edgepeft": export_ours(base, lora, bundle_dir)}
+    ours = exports["edgepeft"]
+    say(f"our export: {ours['wall_s']:.1f} s, peak RSS {ours['peak_rss'] / 2**30:.2f} GiB")
+    if not args.skip_genai:
+        say("onnxruntime-genai's builder: int4, CPU")
+        exports["onnxruntime-genai"] = g = build_genai(args.genai_python, base, genai_dir, work / "genai-cache",
+                                                       args.threads)
+        say(f"genai builder: {g['wall_s']:.1f} s, peak RSS {g['peak_rss'] / 2**30:.2f} GiB"
+            + (f"; failed: {g['error']}" if "error" in g else ""))
+    genai = genai_dir if not args.skip_genai and "error" not in exports["onnxruntime-genai"] else None
+    bundle = Bundle.open(bundle_dir)
+    exports["edgepeft"]["output_bytes"] = sum(e["size"] for e in bundle.manifest["files"].values())
+    if genai is not None:
+        exports["onnxruntime-genai"]["output_bytes"] = sum(f.stat().st_size for f in genai.rglob("*") if f.is_file())
+    rounds = decode_rounds(engines(bundle, genai, args.genai_python, args.threads, args.new_tokens), args.rounds)
+    summary = summarize(rounds, file_sizes(bundle, genai))
+    genai_version = next((r[k]["version"] for r in rounds for k in r if "version" in r[k]), None)
+    results = {"shape": args.shape, "config": scale_models.config(args.shape), "when": started, "base": made,
+               "argv": sys.argv[1:], "threads": args.threads, "new_tokens": args.new_tokens, "rounds": rounds,
+               "exports": exports, "summary": summary, "machine": scale_report.machine(),
+               "versions": scale_report.versions(genai_version)}
+    name = args.name or f"export_scale-{args.shape}"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = scale_report.markdown(results, args)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+    say(f"wrote {RESULTS / name}.md and .json")
     return 0
 
 
-def report(args, runs: dict, split: str) -> None:
-    import onnxruntime
-    import transformers
-
-    name = args.name or f"export_scale-{args.shape}"
-    lines = [f"# Export at real sizes: {args.shape}", "",
-             f"- when: {date.today()}; machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
-             f"transformers {transformers.__version__}, onnxruntime {onnxruntime.__version__}",
-             f"- command: `python benchmarks/export_scale.py --shape {args.shape}"
-             + (" --genai-python PY`" if args.genai_python else "`"), "",
-             "| tool | what | wall s | peak RSS GiB |", "|---|---|---|---|",
-             f"| edgepeft export | ONNX int4 + GGUF Q4_K_M + rank-16 LoRA | {runs['edgepeft']['wall_s']} | "
-             f"{runs['edgepeft']['peak_rss_gib']} |"]
-    if "genai" in runs:
-        lines.append(f"| onnxruntime-genai builder | ONNX int4 | {runs['genai']['wall_s']} | "
-                     f"{runs['genai']['peak_rss_gib']} |")
-    lines += ["", f"Our export by step: {split}", ""]
-    out = Path(__file__).parent / "results" / f"{name}.md"
-    out.write_text("\n".join(lines))
-    (out.with_suffix(".json")).write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "stderr"}
-                                                      for k, v in runs.items()} | {"split": split}, indent=1))
-    print("\n".join(lines))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

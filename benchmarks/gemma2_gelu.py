@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from factory import all_linear, load_reference, make_base, make_lora, use_ggml_gelu  # noqa: E402
+from factory import gemma2_all_projection_gguf, load_reference, use_ggml_gelu  # noqa: E402
 
 PROMPT = ("the quick brown fox jumps over the lazy dog, then rests under the old tree "
           "while three birds sing in the rain")
@@ -77,17 +77,9 @@ def huge_caps_in_file() -> None:
 
 
 def measure(root: Path, overrides: dict, uncapped: bool) -> list[dict]:
-    from edgepeft.exporters import export_bundle
-    from edgepeft.runtime import Engine
-
     if uncapped:
         overrides = {**overrides, "attn_logit_softcapping": None, "final_logit_softcapping": None}
-    base = make_base(root / "base", "gemma2", seed=11, tie=True, **overrides)
-    adapter = make_lora(base, root / "all", seed=12, r=8, lora_alpha=16, use_rslora=True,
-                        target_modules=all_linear("gemma2"))
-    bundle = export_bundle(str(base), root / "b", {"all": str(adapter)}, formats="gguf", gguf_quant="F32",
-                           quiet=True)
-    engine = Engine.open(bundle.root, backend="gguf", max_context=256)
+    base, adapter, engine = gemma2_all_projection_gguf(root, **overrides)
     ids = engine.tokenizer.encode(PROMPT)
     rows = []
     for name, path in (("none", None), ("all", adapter)):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from compare_engines import PROMPT, RESULTS  # noqa: E402
+from engines import PROMPT, RESULTS  # noqa: E402
 
 BASELINE = " (baseline)"  # suffix of the workers run under --baseline-python
 
@@ -48,8 +48,8 @@ engine = Engine.open({bundle!r}, backend="onnx", threads={threads})
 prompt = [{{"role": "user", "content": {prompt!r}}}]
 adapters = [a for a in ("r16-all7",) if a in engine.adapters]
 def rate(adapter):
-    c = engine.complete(prompt, adapter=adapter, max_new_tokens={n}, ignore_eos=True, chat=True)
-    return c.timings["decode_tokens_per_s"]
+    t = engine.complete(prompt, adapter=adapter, max_new_tokens={n}, ignore_eos=True, chat=True).timings
+    return t["decode_tokens_per_s"] if isinstance(t, dict) else t.decode_tokens_per_s  # a baseline's timings: a dict
 for a in [None, *adapters]: rate(a)  # warm-up
 print("ready", flush=True)
 for line in sys.stdin:
@@ -89,7 +89,7 @@ def start(python: str, code: str) -> subprocess.Popen:
     return p
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--genai-python", default=os.environ.get("GENAI_PYTHON"), required=not os.environ.get("GENAI_PYTHON"))
     ap.add_argument("--rounds", type=int, default=10)
@@ -101,7 +101,11 @@ def main() -> None:
     ap.add_argument("--bundle", action="append", default=[], metavar="LABEL=DIR",
                     help="one more of our workers, on this bundle (repeatable): e.g. other int4 recipes")
     ap.add_argument("--name", default="head_to_head", help="results file name in benchmarks/results (default head_to_head)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def start_workers(args) -> dict:
+    """Every worker started and warm: ours (and their baseline twins), then onnxruntime-genai."""
     work = Path(args.work)
     common = {"threads": args.threads, "prompt": PROMPT, "n": args.new_tokens}
     ours = {"edgepeft onnx int4": "smollm2-135m-bench-int4",
@@ -116,42 +120,43 @@ def main() -> None:
     workers = {name + tag: start(python, OURS.format(bundle=str(work / folder), **common))
                for name, folder in ours.items() for tag, python in pythons.items()}
     workers["onnxruntime-genai int4"] = start(args.genai_python, GENAI.format(model=str(work / "genai-int4"), **common))
-    rounds: list[dict] = []
-    names = list(workers)
-    for r in range(args.rounds):
+    return workers
+
+
+def run_rounds(workers: dict, rounds: int) -> list[dict]:
+    """Each round asks every worker in turn for one generation; who goes first rotates."""
+    out, names = [], list(workers)
+    for r in range(rounds):
         got = {}
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+        for name in names[r % len(names):] + names[: r % len(names)]:
             workers[name].stdin.write("go\n")
             workers[name].stdin.flush()
             got[name] = json.loads(workers[name].stdout.readline())
-        rounds.append(got)
+        out.append(got)
     for p in workers.values():
         p.stdin.close()
         p.wait()
+    return out
 
+
+def summarize(rounds: list[dict]) -> dict:
     genai = [g["onnxruntime-genai int4"]["base"] for g in rounds]
     summary = {}
-    for name in names:
+    for name in rounds[0]:
         base = [g[name]["base"] for g in rounds]
         row = {"base_median": statistics.median(base),
                "vs_genai_median": statistics.median(b / x for b, x in zip(base, genai))}
-        twin = rounds[0].get(name + BASELINE)
-        if twin is not None:
+        if name + BASELINE in rounds[0]:
             row["vs_baseline_median"] = statistics.median(g[name]["base"] / g[name + BASELINE]["base"] for g in rounds)
         if "r16-all7" in rounds[0][name]:
             ad = [g[name]["r16-all7"] for g in rounds]
             row.update(r16_median=statistics.median(ad),
                        r16_over_base_median=statistics.median(a / b for a, b in zip(ad, base)))
         summary[name] = row
-    command = " ".join(["python", "benchmarks/head_to_head.py", *sys.argv[1:]]).replace(
-        args.genai_python, "GENAI_VENV/bin/python")
-    if args.baseline_python:
-        command = command.replace(args.baseline_python, "BASELINE_VENV/bin/python")
-    results = {"command": command,
-               "when": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpus": os.cpu_count(),
-               "threads": args.threads, "new_tokens": args.new_tokens, "rounds": rounds, "summary": summary}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+    return summary
+
+
+def report(args, results: dict) -> list[str]:
     lines = [
         "# ONNX backend against onnxruntime-genai, interleaved",
         "",
@@ -166,13 +171,29 @@ def main() -> None:
         "| with r16-all7 adapter (median) | adapter / base (median of per-round ratios) |",
         "|---|---|---|---|---|",
     ]
-    for name, row in summary.items():
+    for name, row in results["summary"].items():
         r16 = (f"{row['r16_median']:.1f} | {row['r16_over_base_median']:.2f}" if "r16_median" in row else "– | –")
         lines.append(f"| {name} | {row['base_median']:.1f} | {row['vs_genai_median']:.2f} | {r16} |")
-    twins = [(name, row["vs_baseline_median"]) for name, row in summary.items() if "vs_baseline_median" in row]
+    twins = [(name, row["vs_baseline_median"]) for name, row in results["summary"].items() if "vs_baseline_median" in row]
     if twins:
         lines += ["", "| worker | base decode / its baseline twin's (median of per-round ratios) |", "|---|---|"]
         lines += [f"| {name} | {ratio:.3f} |" for name, ratio in twins]
+    return lines
+
+
+def main() -> None:
+    args = parse_args()
+    rounds = run_rounds(start_workers(args), args.rounds)
+    command = " ".join(["python", "benchmarks/head_to_head.py", *sys.argv[1:]]).replace(
+        args.genai_python, "GENAI_VENV/bin/python")
+    if args.baseline_python:
+        command = command.replace(args.baseline_python, "BASELINE_VENV/bin/python")
+    results = {"command": command,
+               "when": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpus": os.cpu_count(),
+               "threads": args.threads, "new_tokens": args.new_tokens, "rounds": rounds, "summary": summarize(rounds)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+    lines = report(args, results)
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -119,7 +119,7 @@ def main() -> int:
     for r in range(a.rounds):
         for label in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
             c = engines[label].complete(PROMPT, max_new_tokens=a.tokens, ignore_eos=True, chat=True)
-            rates[label].append(c.timings["decode_tokens_per_s"])
+            rates[label].append(c.timings.decode_tokens_per_s)
     split = {}
     for label, e in engines.items():
         with open(e.backend.session.end_profiling()) as f:

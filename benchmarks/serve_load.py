@@ -27,7 +27,6 @@ import os
 import platform
 import queue
 import re
-import statistics
 import subprocess
 import sys
 import threading
@@ -178,16 +177,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=50, help="requests of the same mix sent before the RSS reading")
     args = ap.parse_args()
 
-    from edgepeft.tasks import TASKS
+    from edgepeft.demo.tasks import TASKS
 
     if args.bundle:
         bundle = Path(args.bundle)
     else:
         from edgepeft.cache import cache_dir
-        from edgepeft.cli.demo import demo_bundle
-        from edgepeft.shipped import shipped_adapters
+        from edgepeft.demo import demo_bundle
 
-        bundle = demo_bundle(cache_dir() / "demo" / "smollm2-135m", shipped_adapters(), ["onnx", "gguf"], True)[0].root
+        bundle = demo_bundle(cache_dir() / "demo" / "smollm2-135m")[0].root
     prompts = {name: [e.prompt for e in task.examples(args.prompts, held_out=True)] for name, task in TASKS.items()}
     prompts["base"], prompts["json+upper"] = prompts["upper"], prompts["json"]
     specs = []

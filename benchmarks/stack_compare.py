@@ -39,7 +39,7 @@ for adapter in (None, {adapter!r}):
     engine.complete({prompt!r}, adapter=adapter, max_new_tokens=8, ignore_eos=True, chat=True)  # warm-up
     runs = [engine.complete({prompt!r}, adapter=adapter, max_new_tokens={n}, ignore_eos=True, chat=True).timings
             for _ in range(3)]
-    out[adapter or "base"] = statistics.median(r["decode_tokens_per_s"] for r in runs)
+    out[adapter or "base"] = statistics.median(r.decode_tokens_per_s for r in runs)
 print(json.dumps(out))
 """
 
@@ -54,7 +54,7 @@ def run(python: str, *args: str) -> subprocess.CompletedProcess:
 
 def export(python: str, out: Path) -> float:
     """Export the demo bundle with `python`'s environment; wall seconds."""
-    code = ("import sys; from edgepeft.cli import main; from edgepeft.shipped import shipped_adapters; "
+    code = ("import sys; from edgepeft.cli import main; from edgepeft.demo.shipped import shipped_adapters; "
             "a = [x for n, p in shipped_adapters().items() for x in ('--adapter', f'{n}={p}')]; "
             f"sys.exit(main(['export', 'builtin:smollm2-135m', '--out', {str(out)!r}, *a, '--format', 'onnx,gguf', "
             "'--onnx-quant', 'int4', '--gguf-quant', 'Q4_K_M', '--quiet']))")

@@ -46,7 +46,6 @@ LOGITS_TO_KEEP = "logits_to_keep"
 # the full slot set.
 _SLOT_INPUTS = {"A": ("lora", ".A"), "B": ("lora", ".B"), "scale_in": ("scale", ".in"),
                 "scale_out": ("scale", ".out"), "bias": ("bias", "")}
-LORA_ROLES = ("A", "B")
 
 
 def row_mask(module: str) -> str:

@@ -12,11 +12,12 @@ from edgepeft.recovery import recover, replace_dir, staging_dir, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
 from .archs import ATTENTION_MIXER
-from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, load_base, read_config,
-                      resolve_base_dir)
+from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, fingerprint_tensors, load_base,
+                      read_config, resolve_base_dir)
 from .decode_bytes import gguf_decode_bytes
 from .gguf_adapter import export_adapter_gguf
 from .gguf_base import check_gguf_layout, gguf_ftype, quantize_gguf, quantize_source_type, write_base_gguf
+from .merge import MergedWeights
 from .onnx_adapter import export_adapter_onnx
 from .onnx_export import export_onnx
 from .onnx_graph import check_onnx_shapes
@@ -96,7 +97,12 @@ def _write_adapter(bundle: Bundle, name: str, spec: AdapterSpec, formats: list[s
 
 
 def _merge(base: BaseModel, spec: AdapterSpec) -> None:
-    """Bake a PEFT adapter into the base weights, with PEFT itself (the reference semantics)."""
+    """Bake a PEFT adapter into the base weights, with PEFT itself (the reference semantics): on a
+    lazy base each changed weight as it is read (exporters/merge.py), else the whole model."""
+    if base.tensors is not None:
+        base.merged = MergedWeights(base, str(spec.path))
+        base.fingerprint = fingerprint_tensors(base.tensor_names(), base.tensor)
+        return
     peft = require("peft", "export")
     merged = peft.PeftModel.from_pretrained(base.model, str(spec.path)).merge_and_unload()
     base.model = merged.eval()
@@ -203,8 +209,8 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     finished = False
     try:
         progress.step("loading base")
-        # merging and the sensitivity search change weights in place: those start from float32
-        base_model = load_base(base, lazy=merge is None and int4_target_kl is None)
+        # every step reads the base from its checkpoint; --merge merges each weight as it is read
+        base_model = load_base(base)
         progress.done()
         merged = None
         if merge is not None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from edgepeft.errors import UnsupportedModel, require
 
-from .checkpoint import float32_compute
+from .layerwise import Layerwise
 from .progress import QUIET
 
 CALIBRATION_TEXTS = (
@@ -52,32 +52,38 @@ def _token_batches(base, vocab_size: int) -> list[list[int]]:
 
 def activation_importance(base, modules: dict[str, str], progress=QUIET) -> dict[str, np.ndarray]:
     """{key: mean x^2 per input channel} for modules {key: torch module name} of `base`, from one
-    teacher-forced pass of the calibration text through the float model."""
+    teacher-forced pass of the calibration text through the float model, run a decoder layer at a
+    time over every text batched (layerwise.py): each layer's weights are read once."""
     torch = require("torch", "export")
     model = base.model
     sums: dict[str, list] = {}
-    hooks = []
 
-    def hook(name):
-        def record(_module, args, _output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            acc = sums.setdefault(name, [0.0, 0])
-            acc[0] = acc[0] + (x * x).sum(0)
-            acc[1] += x.shape[0]
-        return record
+    def add(name, rows):
+        rows = rows.detach().double()
+        acc = sums.setdefault(name, [0.0, 0])
+        acc[0] = acc[0] + (rows * rows).sum(0)
+        acc[1] += rows.shape[0]
 
     wanted = set(modules.values())
-    for name, module in model.named_modules():
-        if name in wanted:
-            hooks.append(module.register_forward_hook(hook(name)))
+    with torch.no_grad():
+        run = Layerwise(base, _token_batches(base, int(base.dims["vocab_size"])))
+    hooks = [module.register_forward_hook(lambda _m, args, _out, name=name: add(name, run.rows(args[0])))
+             for name, module in model.named_modules() if name in wanted]
     try:
-        with torch.no_grad(), float32_compute(base):
-            for ids in progress.items(_token_batches(base, int(base.dims["vocab_size"])), unit="texts"):
-                model(torch.tensor([ids]))
+        run.run(progress)
+        head = _head_name(model)
+        if head in wanted:  # the head's input, without computing its logits
+            for rows in run.normed():
+                add(head, rows)
     finally:
         for h in hooks:
             h.remove()
     return {key: (sums[name][0] / sums[name][1]).numpy() for key, name in modules.items() if name in sums}
+
+
+def _head_name(model) -> str | None:
+    head = model.get_output_embeddings()
+    return next((name for name, m in model.named_modules() if m is head), None)
 
 
 def linear_modules(model) -> dict[str, str]:

@@ -6,8 +6,12 @@ that needs weights asks for one module, or one tensor, at a time: `materialized(
 reads their parameters from the safetensors files (memory-mapped by the safetensors library),
 upcast to float32 (exact from bf16/fp16), and puts the meta parameters back after, so that one
 decoder layer at a time is in memory. `float32_compute(base)` does the same around each module's
-forward, so that running the model (calibration, prompt tuning's virtual tokens) holds one
-module's weights at a time and computes exactly what the float32 model computes.
+forward, so that running the model (prompt tuning's virtual tokens) holds one module's weights at
+a time and computes exactly what the float32 model computes; calibration runs it a layer at a
+time over all its texts (layerwise.py).
+
+`stored_model` and `float32_layers` are verify's reference: the weights in memory in their stored
+dtype, upcast one decoder layer at a time for its forward.
 """
 
 from __future__ import annotations
@@ -55,13 +59,28 @@ class CheckpointTensors:
         with self._open(self.where[name]) as handle:
             return handle.get_tensor(name)
 
+    def rows(self, name: str, start: int, stop: int):
+        """Rows start:stop of tensor `name` in its stored dtype (a slice: the rest is not read)."""
+        with self._open(self.where[name]) as handle:
+            return handle.get_slice(name)[start:stop]
+
+    def equal(self, a: str, b: str, rows: int = 4096) -> bool:
+        """Whether tensors a and b hold the same values, read a block of rows at a time."""
+        if a == b:
+            return True
+        if self.shapes[a] != self.shapes[b]:
+            return False
+        return all(self.rows(a, r, r + rows).equal(self.rows(b, r, r + rows))
+                   for r in range(0, self.shapes[a][0] if self.shapes[a] else 1, rows))
+
 
 def checkpoint_name(tensors: CheckpointTensors, name: str, tied: bool) -> str:
-    """The checkpoint's name for model tensor `name`: itself, or the embedding for a tied head."""
-    if name in tensors:
-        return name
+    """The checkpoint's name for model tensor `name`: itself, or the embedding for a tied head (as
+    transformers ties them, even where the checkpoint stores a head too)."""
     if name == HEAD and tied and EMBEDDING in tensors:
         return EMBEDDING
+    if name in tensors:
+        return name
     raise UnsupportedModel(f"{tensors.local}: the checkpoint has no tensor {name} (a checkpoint of another "
                            "model class, or renamed weights)")
 
@@ -98,11 +117,10 @@ def _own_params(base, module):
     torch = require("torch", "export")
     path = _module_paths(base.model)[id(module)]
     saved = dict(module._parameters)
-    tied = base.dims["tie_word_embeddings"]
     for name, p in saved.items():
         if p is not None:
             full = f"{path}.{name}" if path else name
-            value = base.tensors.get(checkpoint_name(base.tensors, full, tied)).float()
+            value = base.stored(full).float()
             module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
     try:
         yield
@@ -171,3 +189,70 @@ def _read_directly(base) -> list:
             if parent is not None:
                 pairs += [(parent, getattr(parent, name)) for name in block.direct]
     return pairs
+
+
+def stored_model(local: Path, config, **kwargs):
+    """The model of `config` with its weights from the checkpoint at `local` in their stored dtype
+    (bf16 for a bf16 checkpoint: half of float32's memory) and its buffers as a float32 model
+    computes them (rotary frequencies, Gemma's embedding scale). Run it under float32_layers()
+    to compute what the float32 model computes."""
+    torch = require("torch", "export")
+    transformers = require("transformers", "export")
+    model = skeleton(config, transformers, torch, **kwargs)
+    tensors = CheckpointTensors(local)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    check_names(model, tensors, tied)
+    read: dict[int, object] = {}  # a tied head shares the embedding's tensor, as in the model
+    for path, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in read:
+                    full = f"{path}.{name}" if path else name
+                    read[id(p)] = torch.nn.Parameter(tensors.get(checkpoint_name(tensors, full, tied)),
+                                                     requires_grad=False)
+                module._parameters[name] = read[id(p)]
+    return model
+
+
+def _units(model) -> list:
+    """The pieces float32_layers upcasts one at a time: each decoder layer, and each module of the
+    model outside them (embedding, final norm, head)."""
+    inner = model.model
+    return ([m for name, m in inner.named_children() if name != "layers"] + list(inner.layers)
+            + [m for m in model.children() if m is not inner])
+
+
+@contextmanager
+def float32_layers(model):
+    """Run `model` (a transformers causal LM, adapters injected or not) with the parameters of one
+    decoder layer (or embedding, norm, head) at a time upcast to float32 for its forward: a model
+    kept in bf16 computes what its float32 copy computes (bf16 to float32 is exact), holding one
+    layer in float32 at a time. A piece's forward upcasts everything below it, adapter wrappers
+    included, so code that reads a base weight outside that weight's own module (DoRA's norm)
+    reads it in float32 too."""
+    torch = require("torch", "export")
+    saved: dict[int, list] = {}
+
+    def before(unit, _args):
+        saved[id(unit)] = []
+        for m in unit.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                    saved[id(unit)].append((m, name, p))
+                    m._parameters[name] = torch.nn.Parameter(p.float(), requires_grad=False)
+
+    def restore(key):
+        for m, name, p in saved.pop(key, []):
+            m._parameters[name] = p
+
+    hooks = []
+    for unit in _units(model):
+        hooks += [unit.register_forward_pre_hook(before),
+                  unit.register_forward_hook(lambda u, _args, _out: restore(id(u)))]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+        for key in list(saved):  # a forward that raised
+            restore(key)

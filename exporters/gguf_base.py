@@ -250,7 +250,7 @@ def gguf_ftype(quant: str) -> int | None:
     """llama.cpp's file type for `quant`; None for F32/F16, which we write directly."""
     if quant.upper() in ("F32", "F16"):
         return None
-    from edgepeft.runtime.devices import llama_cpp_problem
+    from edgepeft.native_check import llama_cpp_problem
 
     broken = llama_cpp_problem()
     if broken:  # its quantizer would kill the export midway; export checks this before anything slow

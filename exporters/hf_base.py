@@ -25,6 +25,7 @@ class BaseModel:
     With `tensors` (the export's default), the model is a skeleton whose weights stay in the
     checkpoint: read them with tensor(), stored(), param(), checkpoint.materialized() or, to run
     the model, checkpoint.float32_compute(). Without, the model holds its float32 weights.
+    `merged` (exporters/merge.py): an adapter baked into the weights it changes as they are read.
     """
 
     source: str
@@ -34,6 +35,7 @@ class BaseModel:
     dims: dict
     fingerprint: str
     tensors: CheckpointTensors | None = None
+    merged: object = None
 
     def tensor_names(self) -> list[str]:
         """The model's weight names (state_dict order; a tied head listed too)."""
@@ -48,7 +50,10 @@ class BaseModel:
         fp16, ...) for a base whose weights stay there, else the model's."""
         if self.tensors is None:
             return self.model.state_dict()[name].detach()
-        return self.tensors.get(checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"]))
+        ckpt = checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"])
+        if self.merged is not None and ckpt in self.merged:
+            return self.merged.read(ckpt)  # float32, as a whole-model merge makes it
+        return self.tensors.get(ckpt)
 
     def stored_dtype(self, name: str) -> str:
         """The dtype stored() returns for `name`, in safetensors' spelling (BF16, F16, F32, ...),
@@ -56,7 +61,8 @@ class BaseModel:
         if self.tensors is None:
             dtype = str(self.model.state_dict()[name].dtype).removeprefix("torch.")
             return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype, dtype)
-        return self.tensors.dtypes[checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"])]
+        ckpt = checkpoint_name(self.tensors, name, self.dims["tie_word_embeddings"])
+        return "F32" if self.merged is not None and ckpt in self.merged else self.tensors.dtypes[ckpt]
 
     def param(self, module: str, name: str):
         """Parameter `name` of submodule `module` as float32 numpy, or None if it has none."""
@@ -136,7 +142,7 @@ def fingerprint_tensors(names, read) -> str:
     for name in sorted(names):
         t = read(name).detach().float().cpu().contiguous().numpy()
         h.update(name.encode() + b"\0" + str(list(t.shape)).encode() + b"\0")
-        h.update(np.ascontiguousarray(t).tobytes())
+        h.update(memoryview(np.ascontiguousarray(t)))  # its bytes, without a copy of them
         del t
     return "sha256:" + h.hexdigest()
 
@@ -185,8 +191,7 @@ def quiet_loading():
 def load_base(source: str, lazy: bool = True) -> BaseModel:
     """Load `source` (local HF dir or builtin:NAME) for export: with `lazy`, a float32 skeleton
     whose weights stay in the checkpoint until a step reads them (exporters/checkpoint.py); else
-    the whole model in float32 (what merging an adapter and the sensitivity search change in
-    place need)."""
+    the whole model in float32 (what the tests compare the lazy base against)."""
     torch = require("torch", "export")
     transformers = require("transformers", "export")
     local = resolve_base_dir(source)

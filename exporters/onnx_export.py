@@ -21,7 +21,7 @@ from .progress import Progress
 # The version of the ONNX export recipe, written into every bundle's ONNX backend entry. Bump it
 # when an export of the same base and options would write a different graph or different weights
 # (layout, slots, quantization), so that the demo and the benchmarks re-export older bundles.
-ONNX_RECIPE = 2  # 2: int4 zero points per 4-bit block; eight_bit as full node names
+ONNX_RECIPE = 2
 
 
 def onnx_export_current(onnx: dict) -> bool:

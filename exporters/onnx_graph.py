@@ -35,7 +35,8 @@ from edgepeft.errors import UnsupportedModel, require
 from edgepeft.runtime_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, kv_names
 
 from .archs import ATTENTION, ATTENTION_MIXER, MLP, SHORT_CONV
-from .checkpoint import materialized
+from .checkpoint import EMBEDDING as EMBEDDING_WEIGHT
+from .checkpoint import HEAD, checkpoint_name, materialized
 from .hf_base import BaseModel
 from .onnx_base_path import add_base_path
 from .onnx_conv import add_state_io, short_conv
@@ -54,7 +55,11 @@ def head_is_tied(base: BaseModel) -> bool:
     """Whether the lm_head is the embedding table (after any --merge), as exact_head needs."""
     if base.model.lm_head.weight is base.model.model.embed_tokens.weight:
         return True
-    head, embed = base.tensor("lm_head.weight"), base.tensor("model.embed_tokens.weight")
+    if base.tensors is not None:  # a lazy base: compare the checkpoint's tables a block of rows at a time
+        names = [checkpoint_name(base.tensors, n, base.dims["tie_word_embeddings"]) for n in (HEAD, EMBEDDING_WEIGHT)]
+        if base.merged is None or not any(n in base.merged for n in names):
+            return base.tensors.equal(*names)
+    head, embed = base.tensor(HEAD), base.tensor(EMBEDDING_WEIGHT)
     return head.shape == embed.shape and bool((head == embed).all())
 
 

@@ -19,8 +19,8 @@ slot_set "full" adds, per group, an output scale (ones), an overridable bias (th
 zeros) and, on down_proj, an input scale (ones):
     y = ((x * s_in) W^T + (x * s_in) A B) * s_out + bias
 which is what IA3 (scales on k/v outputs and the down_proj input), DoRA (a per-output magnitude
-scale, computed at export) and bias tuning / lora_bias (a new bias) need. "lora" leaves them out
-for the last few percent of decode speed. "none" has no slot at all, for bases with an adapter
+scale, computed at export) and bias tuning / lora_bias (a new bias) need. "lora" leaves them out,
+which decodes faster. "none" has no slot at all, for bases with an adapter
 merged in (--merge), where empty slots would only cost decode speed.
 
 Slot input names come from edgepeft.runtime_contract. What later export steps need to know about
@@ -193,8 +193,7 @@ class Projections:
         g.add_input(b_name, dt, [len(chunks), rank, chunk])
         g.init(a_name, np.zeros((len(mods), fan_in, 0)))
         g.init(b_name, np.zeros((len(chunks), 0, chunk)))
-        # [batch, 1, seq, in] x [parts, in, r] -> [batch, parts, seq, r]. (Bundles from before row
-        # masks multiplied [1, seq, in] x [parts, in, r] -> [parts, seq, r]: batch 1 only.)
+        # [batch, 1, seq, in] x [parts, in, r] -> [batch, parts, seq, r]: every row of a batch
         x = g.node("Unsqueeze", [x, self.axis1()], 1, f"{name}/lora/Unsqueeze", slot=FEEDS)
         xa = g.node("MatMul", [x, a_name], 1, f"{name}/lora/MatMulA", slot=FEEDS)
         xa = self.rows(xa, module, name, 4)

@@ -6,7 +6,8 @@ teacher-forced logits of the exported model are compared with the reference's: m
 difference, mean KL(reference || exported) and top-1 agreement over positions. The chat
 template's system prompt, which every prompt starts with, is counted once: identical inputs give
 identical logits, and counted per prompt it would outweigh the positions that differ. Adapters
-with a task check (the shipped demo adapters) are also scored on their held-out prompts.
+with a task check (the caller passes them: the CLI, the shipped demo adapters') are also scored on
+their held-out prompts.
 Thresholds depend on the backend's precision and are printed with the results.
 """
 
@@ -81,9 +82,12 @@ def reference_sequences(model, prompts: list[list[int]], stop_ids: set[int],
     token), and the model's logits [len(sequence), vocab] for it. Decoded without a KV cache, one
     full forward per token, so that every PEFT kind (virtual tokens included) runs as it trains."""
     torch = require("torch", "export")
+    from .checkpoint import float32_layers
+
     answer_tokens = ANSWER_TOKENS if answer_tokens is None else answer_tokens
     seqs, refs = [], []
-    with torch.no_grad():
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's wrapper
+    with torch.no_grad(), float32_layers(inner):
         for ids in prompts:
             seq = list(ids)
             # prompt tuning's PeftModel also returns its virtual tokens' rows: keep the real ones
@@ -99,39 +103,42 @@ def reference_sequences(model, prompts: list[list[int]], stop_ids: set[int],
     return seqs, refs
 
 
-def _reference_models(reference: str, bundle: Bundle, adapter_dirs: dict[str, str]):
-    """{adapter or None: torch model} built with transformers + PEFT."""
-    torch = require("torch", "export")
+def reference_model(reference: str, adapter: str | Path | None = None):
+    """The reference: transformers' model of base `reference` (a directory or builtin:NAME), with
+    PEFT adapter directory `adapter` loaded on it. Its base weights stay in the checkpoint's dtype
+    (bf16 for a bf16 checkpoint) and reference_sequences computes in float32 one decoder layer at
+    a time (checkpoint.float32_layers): the float32 model's logits, at the stored model's memory."""
     peft = require("peft", "export")
-    transformers = require("transformers", "export")
-    from .hf_base import quiet_loading, read_config, reference_kwargs, resolve_base_dir
+    from .checkpoint import stored_model
+    from .hf_base import read_config, reference_kwargs, resolve_base_dir
 
     base_dir = resolve_base_dir(reference)
-    extra = reference_kwargs(read_config(base_dir))
+    config = read_config(base_dir)
+    model = stored_model(base_dir, config, **reference_kwargs(config)).eval()
+    return model if adapter is None else peft.PeftModel.from_pretrained(model, str(adapter)).eval()
 
-    def base():
-        with quiet_loading():
-            return transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **extra).eval()
 
+def _reference_models(reference: str, bundle: Bundle, adapter_dirs: dict[str, str]):
+    """{adapter or None: torch model} built with transformers + PEFT (reference_model)."""
     merged = bundle.base.get("merged_adapter")
     if merged:
-        src = adapter_dirs.get(merged["name"], merged.get("source"))
-        yield None, peft.PeftModel.from_pretrained(base(), src).eval()
+        yield None, reference_model(reference, adapter_dirs.get(merged["name"], merged.get("source")))
         return
-    yield None, base()
+    yield None, reference_model(reference)
     for name, entry in bundle.adapters.items():
         src = adapter_dirs.get(name, entry.get("source"))
         if not src or not (Path(src) / "adapter_config.json").is_file():
             raise BundleError(f"adapter {name!r}: its PEFT directory {src} is not here; pass --adapter {name}=DIR")
-        yield name, peft.PeftModel.from_pretrained(base(), src).eval()
+        yield name, reference_model(reference, src)
 
 
 def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str, str] | None = None,
-                  backends: list[str] | None = None, task_prompts: int | None = None) -> dict:
+                  backends: list[str] | None = None, task_checks=None) -> dict:
+    """Score every backend and adapter of a bundle against the PyTorch+PEFT reference. task_checks:
+    a function of the opened Bundle returning {adapter name: check(engine) -> dict with ok,
+    accuracy and pytorch_accuracy} for the adapters that also have a task to pass."""
     require("torch", "export")  # before any engine opens: the reference needs the export extra
     from edgepeft.runtime import Engine
-    from edgepeft.shipped import shipped_adapters, shipped_metrics
-    from edgepeft.tasks import TASK_PROMPTS, TASKS, compare_to_reference
 
     bundle = Bundle.open(bundle_dir, verify_hashes=True)  # every file re-read, no hash cache
     fp = bundle.fingerprint
@@ -141,17 +148,7 @@ def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     results: dict = {"bundle": str(bundle.root), "reference": reference, "fingerprint": fp, "checks": []}
 
-    # Shipped adapters with a task check, recognised by their source hash.
-    from edgepeft.files import sha256_file
-
-    shipped = {n: sha256_file(p / "adapter_model.safetensors") for n, p in shipped_adapters().items()}
-    metrics = shipped_metrics()
-    task_prompts = task_prompts or TASK_PROMPTS
-    for name, m in metrics.items():
-        if task_prompts > len(m.get("pytorch_correct", "")):
-            raise BundleError(f"--task-prompts {task_prompts}: PyTorch's outcomes for the shipped {name!r} adapter "
-                              f"cover {len(m.get('pytorch_correct', ''))} held-out prompts")
-
+    tasks = task_checks(bundle) if task_checks is not None else {}
     stop = tok.stop_ids(chat=True)
     # a bundle exported with a short --context-length gets shorter answers, not an error
     context = min(bundle.backends[b].get("context_length") or 1 << 30 for b in backends)
@@ -169,10 +166,8 @@ def verify_bundle(bundle_dir: str | Path, reference: str, adapter_dirs: dict[str
             check = {"backend": backend, "quant": quant, "adapter": name, **agreement(refs, got, shared), "thresholds": limit}
             ok = (check["kl"] <= limit["kl"] and check["top1"] >= limit["top1"]
                   and check["max_abs"] <= limit.get("max_abs", float("inf")))
-            entry = bundle.adapters.get(name) if name else None
-            if entry and shipped.get(name) == entry.get("source_hash") and name in TASKS and name in metrics:
-                task = compare_to_reference(metrics[name]["pytorch_correct"],
-                                            TASKS[name].outcomes(engine, name, task_prompts))
+            if name in tasks:
+                task = tasks[name](engine)
                 check["task"] = task
                 check["task_accuracy"], check["pytorch_task_accuracy"] = task["accuracy"], task["pytorch_accuracy"]
                 ok = ok and task["ok"]

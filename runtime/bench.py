@@ -21,6 +21,7 @@ from pathlib import Path
 from edgepeft import __version__
 
 from .engine import Engine
+from .generate import Timings
 from .memory import peak_rss_bytes, rss_bytes
 
 PROMPT = "Write a short story about a robot who learns to paint, in three paragraphs."
@@ -47,15 +48,15 @@ def machine() -> dict:
     return info
 
 
-def _timings(engine: Engine, adapter: str | None, new_tokens: int) -> dict:
+def _timings(engine: Engine, adapter: str | None, new_tokens: int) -> Timings:
     return engine.complete(PROMPT, adapter=adapter, max_new_tokens=new_tokens, chat=True, ignore_eos=True).timings
 
 
-def _summary(rows: list[dict]) -> dict:
+def _summary(rows: list[Timings]) -> dict:
     return {
-        "ttft_ms": round(_median([r["prefill_s"] for r in rows]) * 1e3, 2),
-        "prefill_tokens_per_s": round(_median([r["prefill_tokens_per_s"] for r in rows]), 1),
-        "decode_tokens_per_s": round(_median([r["decode_tokens_per_s"] for r in rows]), 1),
+        "ttft_ms": round(_median([r.prefill_s for r in rows]) * 1e3, 2),
+        "prefill_tokens_per_s": round(_median([r.prefill_tokens_per_s for r in rows]), 1),
+        "decode_tokens_per_s": round(_median([r.decode_tokens_per_s for r in rows]), 1),
     }
 
 
@@ -67,13 +68,14 @@ def _speed(engine: Engine, adapter: str | None, runs: int, new_tokens: int) -> d
 def _speed_against_base(engine: Engine, adapter: str, runs: int, new_tokens: int) -> dict:
     """The adapter's speed, with each run paired with a base run right before it: on a shared
     machine speed drifts over seconds, and the ratio of runs next to each other (their median is
-    decode_vs_base) cancels that drift where a ratio of two separate medians does not."""
+    decode_vs_base) cancels that drift where a ratio of two separate medians does not. Each
+    pair's ratio is of median decode steps, so that one preempted step does not make the pair."""
     _timings(engine, adapter, new_tokens)  # warm-up
     rows, ratios = [], []
     for _ in range(runs):
         base = _timings(engine, None, new_tokens)
         rows.append(_timings(engine, adapter, new_tokens))
-        ratios.append(rows[-1]["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+        ratios.append(base.decode_step_s / rows[-1].decode_step_s)
     return {**_summary(rows), "decode_vs_base": round(_median(ratios), 3)}
 
 
@@ -190,7 +192,7 @@ def _streams(engine: Engine, adapters: list, new_tokens: int) -> dict:
         t = time.perf_counter()
         c = engine.complete(STREAM_PROMPTS[i % len(STREAM_PROMPTS)], adapter=adapters[i], max_new_tokens=new_tokens,
                             chat=True, ignore_eos=True)
-        out[i] = (t, t + c.timings["prefill_s"], time.perf_counter(), c)
+        out[i] = (t, t + c.timings.prefill_s, time.perf_counter(), c)
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
     for t in threads:
@@ -205,7 +207,7 @@ def _streams(engine: Engine, adapters: list, new_tokens: int) -> dict:
         "aggregate_tokens_per_s": generated / (ended - began),  # prefill included
         # tokens after each stream's first, over the time from the first first token to the last end
         "aggregate_decode_tokens_per_s": sum(len(o[3].tokens) - 1 for o in out) / (ended - first),
-        "per_stream_decode_tokens_per_s": _median([o[3].timings["decode_tokens_per_s"] for o in out]),
+        "per_stream_decode_tokens_per_s": _median([o[3].timings.decode_tokens_per_s for o in out]),
         "ttft_ms_median": _median([(o[1] - o[0]) * 1e3 for o in out]),
         "ttft_ms_max": max((o[1] - o[0]) * 1e3 for o in out),
     }
@@ -254,7 +256,7 @@ def run_concurrency(bundle: str | Path, levels: list[int], backend: str = "onnx"
             r = engine.complete(STREAM_PROMPTS[i % len(STREAM_PROMPTS)], adapter=adapter, max_new_tokens=new_tokens,
                                 chat=True, ignore_eos=True)
             tokens += len(r.tokens)
-            firsts.append((s - t + r.timings["prefill_s"]) * 1e3)
+            firsts.append((s - t + r.timings.prefill_s) * 1e3)
         rate = tokens / (time.perf_counter() - t)
         return {"aggregate_tokens_per_s": rate, "aggregate_decode_tokens_per_s": rate,
                 "per_stream_decode_tokens_per_s": rate, "ttft_ms_median": _median(firsts), "ttft_ms_max": max(firsts)}

@@ -75,21 +75,29 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8."""
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8.
+
+    Each push decodes only the tokens not yet emitted, after the last emitted piece's tokens for
+    context (a decoder treats the first token of a text specially, e.g. its leading space), as
+    Hugging Face's text-generation-inference does: decoding the whole output at every token
+    would cost time quadratic in its length."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = self.read = 0  # ids[prefix:read]: the last emitted piece; ids[read:]: not emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
+        return self._delta(final=False)
 
     def flush(self) -> str:
         """What is still held back when generation ends (an incomplete character stays as \ufffd)."""
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.prefix: self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]

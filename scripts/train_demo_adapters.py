@@ -5,11 +5,11 @@
     python scripts/train_demo_adapters.py --only json --steps 50
     python scripts/train_demo_adapters.py --evaluate-only   # re-score the shipped adapters
 
-Data comes from edgepeft.tasks (generated, fixed seeds); each adapter is saved with PEFT
+Data comes from edgepeft.demo.tasks (generated, fixed seeds); each adapter is saved with PEFT
 (safetensors, fp16) under edgepeft/data/adapters/smollm2-135m/<task>/, and metrics.json there
 records base vs adapter accuracy on held-out prompts in PyTorch, and the adapter's outcome per
 prompt, which `edgepeft demo`, `edgepeft verify` and the tests compare the exported model with
-(edgepeft.tasks.compare_to_reference). Needs `pip install 'edgepeft[export,demo]'`.
+(edgepeft.demo.tasks.compare_to_reference). Needs `pip install 'edgepeft[export,demo]'`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgepeft.exporters.hf_base import resolve_base_dir
 from edgepeft.files import write_json_atomic
-from edgepeft.tasks import TASK_PROMPTS, TASKS
+from edgepeft.demo.tasks import TASK_PROMPTS, TASKS
 
 OUT = Path(__file__).resolve().parent.parent / "edgepeft" / "data" / "adapters" / "smollm2-135m"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

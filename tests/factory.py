@@ -155,6 +155,21 @@ def make_lora(base_dir: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
     return out
 
 
+def gemma2_all_projection_gguf(root: Path, **base_overrides):
+    """A random Gemma 2 base (tied head) with a rank-8 rsLoRA on every projection, exported to an
+    F32 GGUF bundle and opened on the GGUF backend: (base dir, adapter dir, Engine). What the
+    family test of ggml's GELU table and benchmarks/gemma2_gelu.py both score."""
+    from edgepeft.exporters import export_bundle
+    from edgepeft.runtime import Engine
+
+    base = make_base(root / "base", "gemma2", seed=11, tie=True, **base_overrides)
+    adapter = make_lora(base, root / "all", seed=12, r=8, lora_alpha=16, use_rslora=True,
+                        target_modules=all_linear("gemma2"))
+    bundle = export_bundle(str(base), root / "b", {"all": str(adapter)}, formats="gguf", gguf_quant="F32",
+                           quiet=True)
+    return base, adapter, Engine.open(bundle.root, backend="gguf", max_context=256)
+
+
 def load_reference(base_dir: Path):
     """The fp32 PyTorch model as designed (eager attention where sdpa would drop a soft-cap)."""
     import torch

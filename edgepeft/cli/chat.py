@@ -14,21 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, metavar="NAME", help="adapter to start with")
 
 
-def _unknown_adapter(engine, spec: str):
-    """The error for an adapter spec ("name" or "a+b") naming an adapter the engine lacks, or None."""
-    from edgepeft.errors import unknown_adapter
-
-    unknown = [n for n in spec.split("+") if n not in engine.adapters]
-    return unknown_adapter(unknown[0], engine.adapters) if unknown else None
-
-
 def run(args) -> int:
     from edgepeft.errors import EdgepeftError
 
     engine = open_engine(args)
     adapter, history = args.adapter, []
-    if adapter and (problem := _unknown_adapter(engine, adapter)):
-        raise problem
+    engine.check_adapter(adapter)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"edgepeft chat: {engine.bundle.root} on {args.backend}; adapters: "
@@ -55,10 +46,12 @@ def run(args) -> int:
             name = line[len("/adapter"):].strip()
             if name in ("", "none", "base"):
                 adapter = None
-            elif problem := _unknown_adapter(engine, name):
-                print(problem)
-                continue
             else:
+                try:
+                    engine.check_adapter(name)
+                except EdgepeftError as e:
+                    print(e)
+                    continue
                 adapter = name
             print(f"adapter: {adapter or 'none'}")
             continue

@@ -12,13 +12,10 @@ import time
 from pathlib import Path
 
 from edgepeft.byte_sizes import format_bytes
-from edgepeft.tasks import TASK_MARGIN, TASK_PROMPTS
+from edgepeft.demo import BASE, QUANTS, demo_bundle
+from edgepeft.demo.tasks import TASK_MARGIN, TASK_PROMPTS
 
 from .verify import prompt_count
-
-BASE = "builtin:smollm2-135m"
-QUANTS = {"onnx": "int4", "gguf": "Q4_K_M"}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
@@ -30,32 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"held-out prompts per task for the accuracy table (default and most {TASK_PROMPTS}: "
                         "the prompts PyTorch was scored on)")
     p.add_argument("--quiet", action="store_true", help="no progress bar while exporting")
-
-
-def demo_bundle(out: Path, adapters: dict[str, Path], backends: list[str], quiet: bool):
-    """Reuse `out` if it holds the builtin base, the backends and exactly the shipped adapters,
-    else export it; returns (Bundle, export seconds or None). Also used by benchmarks/."""
-    from edgepeft.bundle import Bundle
-    from edgepeft.errors import EdgepeftError
-    from edgepeft.files import sha256_file
-
-    from edgepeft.exporters.onnx_export import onnx_export_current
-
-    want = {n: sha256_file(p / "adapter_model.safetensors") for n, p in adapters.items()}
-    try:
-        b = Bundle.open(out)
-        if b.base["source"] == BASE and {n: a["source_hash"] for n, a in b.adapters.items()} == want and all(
-                b.backends.get(k, {}).get("quant") == QUANTS[k] for k in backends) and (
-                "onnx" not in backends or onnx_export_current(b.backends["onnx"])):
-            return b, None
-    except EdgepeftError:
-        pass
-    from edgepeft.exporters import export_bundle
-
-    t0 = time.perf_counter()
-    b = export_bundle(BASE, out, {n: str(p) for n, p in adapters.items()}, formats=",".join(QUANTS),
-                      onnx_quant=QUANTS["onnx"], gguf_quant=QUANTS["gguf"], quiet=quiet)
-    return b, time.perf_counter() - t0
 
 
 DECODE_TOKENS = 32  # fixed-length runs for the decode line (a task's answer can be one token)
@@ -74,7 +45,7 @@ def _show(engine, adapters, tasks) -> dict:
             # answers a token or two long
             fixed = engine.complete(example.prompt, adapter=col, max_new_tokens=DECODE_TOKENS, chat=True,
                                     ignore_eos=True)
-            speeds[col].append(fixed.timings["decode_tokens_per_s"])
+            speeds[col].append(fixed.timings.decode_tokens_per_s)
             lines = textwrap.wrap(" ".join(r.text.split()), 86) or [""]
             print(f"    {col or 'base':<10} | {lines[0]}" + "".join(f"\n    {'':<10} | {l}" for l in lines[1:3]))
     switch = {n: statistics.median(engine.switch_seconds(n)) * 1e3 for n in adapters}
@@ -89,14 +60,14 @@ def run(args) -> int:
     from edgepeft.cache import cache_dir
     from edgepeft.runtime import Engine
     from edgepeft.runtime.memory import peak_rss_bytes, reset_peak, rss_bytes
-    from edgepeft.shipped import shipped_adapters, shipped_metrics
-    from edgepeft.tasks import TASKS, compare_to_reference
+    from edgepeft.demo.shipped import shipped_adapters, shipped_metrics
+    from edgepeft.demo.tasks import TASKS, compare_to_reference
 
     adapters = shipped_adapters()
     tasks = {n: TASKS[n] for n in adapters}
     backends = list(QUANTS) if args.backend == "all" else [args.backend]
     out = Path(args.out) if args.out else cache_dir() / "demo" / "smollm2-135m"
-    bundle, export_s = demo_bundle(out, adapters, backends, args.quiet)
+    bundle, export_s = demo_bundle(out, backends, args.quiet)
     print(f"edgepeft demo: {BASE} with {len(adapters)} shipped LoRA adapters ({', '.join(adapters)})")
     print(f"bundle  {bundle.root}  ({'exported in %.1f s' % export_s if export_s else 'reused'})")
     # Measure the runtime's peak apart from the export's; memory the export still holds in this

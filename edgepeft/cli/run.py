@@ -57,12 +57,13 @@ def open_engine(args):
     line and exit 2 before the bundle is opened (chat: before it reads stdin)."""
     from edgepeft.bundle import Bundle
     from edgepeft.runtime import Engine
+    from edgepeft.runtime.devices import check_gpu_layers
+    from edgepeft.runtime.generate import check_stop
     from edgepeft.runtime.sampling import generation_params
-
-    from edgepeft.runtime.engine import check_stop
 
     generation_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     check_stop(args.stop)
+    check_gpu_layers(args.gpu_layers)
     bundle = Bundle.open(args.bundle, verify_hashes=args.verify_hashes)
     engine = Engine.open(bundle, backend=args.backend, device=args.device, threads=args.threads,
                          max_context=args.max_context, max_resident_adapters=args.max_resident_adapters,
@@ -82,7 +83,7 @@ def run(args) -> int:
         return 0
     print(result.text)
     if not args.quiet:
-        t = result.timings
+        t = result.timings.to_json()
         print(f"[{result.backend}, adapter {result.adapter or 'none'}] load {t['load_s']:.2f} s, "
               f"prefill {result.prompt_tokens} tok at {t['prefill_tokens_per_s']} tok/s, "
               f"decode {t['decode_tokens']} tok at {t['decode_tokens_per_s']} tok/s", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Compare every backend and adapter of a bundle with the PyTorch+PEFT reference: logit error on a
 fixed prompt set, each prompt followed by the reference's greedy answer (max abs, KL, top-1
 agreement over positions) and, for adapters with a task check, task accuracy on held-out prompts
-paired with PyTorch's on the same prompts (edgepeft.tasks.compare_to_reference). Exits 1 when any
+paired with PyTorch's on the same prompts (edgepeft.demo.task_checks). Exits 1 when any
 backend/adapter falls below the printed thresholds."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgepeft.tasks import TASK_ALPHA, TASK_MARGIN, TASK_PROMPTS
+from edgepeft.demo.tasks import TASK_ALPHA, TASK_MARGIN, TASK_PROMPTS
 
 from .export import parse_adapter_arg
 
@@ -44,7 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from edgepeft.exporters.verify import verify_bundle
 
-    r = verify_bundle(args.bundle, args.reference, dict(args.adapter), args.backend, args.task_prompts)
+    from edgepeft.demo import task_checks
+
+    r = verify_bundle(args.bundle, args.reference, dict(args.adapter), args.backend,
+                      task_checks=lambda bundle: task_checks(bundle, args.task_prompts))
     if args.json:
         print(json.dumps(r, indent=2))
         return 0 if r["ok"] else 1

@@ -1,16 +1,13 @@
 """The OpenAI-compatible HTTP API over one Engine, as a Starlette app (uvicorn runs it).
 
 Generation runs on a bounded pool of worker threads, never on the event loop: a non-streaming
-request as one task, a stream as a task that hands its pieces to the loop. When a streaming
-client goes away, the stream's thread is told to stop and closes the Engine's iterator before it
-computes another token, which frees the request's sequence (its KV cache, its llama.cpp
-context). Requests never wait on one another's streams: ONNX sequences are independent, and the
-GGUF backend gives each running call a context of its own (up to --parallel).
+request as one task, a stream as a task that hands its pieces to the loop. When a client goes
+away, streaming or not, the request's thread is told to stop and ends the Engine's call before
+it computes another token, which frees the request's sequence.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import sys
@@ -31,10 +28,11 @@ from starlette.routing import Route
 from edgepeft.bundle import check_adapter_name
 from edgepeft.errors import AdapterMismatch, BundleError, EdgepeftError, EngineError, UnsupportedAdapter
 from edgepeft.layout import ADAPTER_SUFFIX
-from edgepeft.runtime.engine import Usage
+from edgepeft.runtime import Usage
 
 from .metrics import Metrics
 from .protocol import ApiError, GenRequest, bad, parse
+from .threads import in_thread, unless_disconnected
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a long chat prompt is a few hundred KB
 WORKERS = 16  # requests generating at once; more wait for a thread (GGUF also for a context)
@@ -121,9 +119,10 @@ class Server:
         """The engine's adapter spec for a request's `model` (None: the base)."""
         if model == self.model_name:
             return None
-        names, have = model.split("+"), set(self.engine.adapters)
-        if not all(n in have for n in names):
-            raise _model_not_found(model)
+        try:
+            self.engine.check_adapter(model)
+        except EdgepeftError:
+            raise _model_not_found(model) from None
         return model
 
     # ---- endpoints -----------------------------------------------------------------------------
@@ -164,15 +163,21 @@ class Server:
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         m.running.inc()
+        cancel = threading.Event()
         try:
-            result = await asyncio.wrap_future(self.workers.submit(self._complete, req, adapter, ids, max_new))
+            work = self.workers.submit(self._complete, req, adapter, ids, max_new, cancel)
+            result = await unless_disconnected(request, work, cancel)
         finally:
             m.running.dec()
+        if result is None:  # the client left; its call ended before its next token
+            m.cancelled.labels(req.model).inc()
+            self._count(request, req.model, 499)
+            return Response(status_code=499)
         now = time.perf_counter()
         m.generation_tokens.labels(req.model).inc(len(result.tokens))
         m.latency.labels(req.model).observe(now - started)
         if result.tokens:  # the first token comes with the prefill: all but the decode time
-            m.ttft.labels(req.model).observe(max(0.0, now - started - _decode_seconds(result)))
+            m.ttft.labels(req.model).observe(max(0.0, now - started - result.timings.decode_s))
         usage = Usage(len(ids), len(result.tokens)).to_json()
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -206,8 +211,8 @@ class Server:
                     top_p=req.top_p, seed=req.seed, chat=req.chat, stop=req.stop or None,
                     ignore_eos=req.ignore_eos)
 
-    def _complete(self, req: GenRequest, adapter, ids: list[int], max_new: int):
-        return self.engine.complete(ids, **self._kwargs(req, adapter, max_new))
+    def _complete(self, req: GenRequest, adapter, ids: list[int], max_new: int, cancel: threading.Event):
+        return self.engine.complete(ids, **self._kwargs(req, adapter, max_new), cancel=cancel)
 
     async def _sse(self, request: Request, req: GenRequest, adapter, ids, max_new: int, rid: str, started: float):
         """Server-sent events in OpenAI's chunk shapes, ending with `data: [DONE]`."""
@@ -226,7 +231,7 @@ class Server:
 
         stop_event = threading.Event()
         kwargs = self._kwargs(req, adapter, max_new)
-        pieces = _in_thread(self.workers, lambda: self.engine.stream_pieces(ids, **kwargs), stop_event)
+        pieces = in_thread(self.workers, lambda: self.engine.stream_pieces(ids, **kwargs), stop_event)
         m.running.inc()
         completed, first, n = False, None, 0
         try:
@@ -339,11 +344,6 @@ class Server:
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
-def _decode_seconds(result) -> float:
-    rate, n = result.timings.get("decode_tokens_per_s"), result.timings.get("decode_tokens", 0)
-    return (n - 1) / rate if rate else 0.0
-
-
 def _api_error(e: EdgepeftError) -> ApiError:
     """An engine error as the HTTP error a client can act on."""
     message = " ".join(str(e).split("\n"))
@@ -352,48 +352,6 @@ def _api_error(e: EdgepeftError) -> ApiError:
     if isinstance(e, EngineError):
         return ApiError(500, message, type="server_error")
     return bad(message)
-
-
-async def _in_thread(pool: ThreadPoolExecutor, make, stop: threading.Event):
-    """Iterate the iterator `make()` returns on a thread of `pool`, yielding its items on the
-    event loop. When `stop` is set (or this generator is closed), the thread closes the iterator
-    before asking it for another item."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def put(kind, value):
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-        except RuntimeError:  # the loop is gone (server shutting down)
-            stop.set()
-
-    def work():
-        it = None
-        try:
-            it = make()
-            for item in it:
-                if stop.is_set():
-                    break
-                put("item", item)
-        except BaseException as e:  # noqa: BLE001 - handed to the loop, raised there
-            put("error", e)
-        else:
-            put("end", None)
-        finally:
-            if it is not None:
-                it.close()
-
-    pool.submit(work)
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
 
 
 def create_app(engine, model_name: str, api_key: str | None = None, adapter_dir: str | Path | None = None,

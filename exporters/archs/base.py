@@ -154,10 +154,6 @@ class Arch:
         """The family's description of its `kind` token mixer (SHORT_CONV), None without one."""
         return next((b for _, b in self.mixers if b.kind == kind), None)
 
-    def member_groups(self) -> dict[str, Group]:
-        """Each checkpoint linear layer's short name -> its group."""
-        return {m: g for g in self.groups for m in g.members}
-
 
 @dataclass(frozen=True)
 class Layout:

@@ -20,6 +20,7 @@ BAD = [
     (["--max-context", "0"], "max context 0 "),
     (["--max-resident-adapters", "0"], "max resident adapters 0 "),
     (["--stop"] + ["x", "--stop"] * 16 + ["x"], "stop has 17 strings"),
+    (["--gpu-layers", "-2"], "gpu layers -2 "),
 ]
 
 

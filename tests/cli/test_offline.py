@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgepeft.runtime.devices import onnx_telemetry
+from edgepeft.machine import onnx_telemetry
 
 # Variables that point a library's files away from HOME would hide what it writes there.
 MOVED = ("XDG_", "HF_", "TRANSFORMERS_", "TORCH", "TRITON_", "ORT_", "EDGEPEFT_")

@@ -10,7 +10,8 @@ import pytest
 
 from edgepeft.exporters import export_bundle
 from edgepeft.runtime import Engine
-from factory import all_linear, load_reference, make_base, make_lora, make_prompt_adapter, reference_logits
+from factory import (all_linear, gemma2_all_projection_gguf, load_reference, make_base, make_lora,
+                     make_prompt_adapter, reference_logits)
 
 TOL = 1e-3
 GGUF_REL = 1e-3  # the bound tests/exporters/test_gguf.py holds llama and qwen2 to
@@ -250,12 +251,7 @@ def test_gemma2_f32_gguf_with_lora_on_every_projection_matches_peft_with_ggmls_g
     fp16, relative 2^-11 each); a LoRA on every projection of this wider, deeper Gemma 2 amplifies
     that past GGUF_REL against exact GELU. Against PyTorch+PEFT computing GELU through the same
     table the file is within GGUF_REL, as the other families are against exact PyTorch."""
-    base = make_base(tmp_path / "base", "gemma2", seed=11, layers=4, hidden=128, tie=True)
-    adapter = make_lora(base, tmp_path / "all", seed=12, r=8, lora_alpha=16, use_rslora=True,
-                        target_modules=all_linear("gemma2"))
-    bundle = export_bundle(str(base), tmp_path / "b", {"all": str(adapter)}, formats="gguf", gguf_quant="F32",
-                           quiet=True)
-    engine = Engine.open(bundle.root, backend="gguf", max_context=256)
+    base, adapter, engine = gemma2_all_projection_gguf(tmp_path, layers=4, hidden=128)
     ids = engine.tokenizer.encode(PROMPT)
     for name, path in ((None, None), ("all", adapter)):
         got, ref = engine.score(ids, adapter=name), reference_logits(base, path, ids, ggml_gelu=True)

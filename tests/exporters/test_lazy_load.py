@@ -77,3 +77,65 @@ def test_a_checkpoint_missing_a_weight_is_refused_in_one_line(tmp_path):
     save_file(tensors, f)
     with pytest.raises(UnsupportedModel, match="has no tensor model.layers.1.mlp.up_proj.weight"):
         hf_base.load_base(str(base))
+
+
+def _head_copy(base, out, change_last_row: bool):
+    """An untied copy of `base` whose lm_head holds the embedding's values (the last row changed)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out)
+    (f,) = out.glob("*.safetensors")
+    weights = load_file(f)
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    weights["lm_head.weight"][-1, 3] += float(change_last_row)
+    save_file(weights, f, metadata={"format": "pt"})
+    return hf_base.load_base(str(out))  # loading reads every tensor once (the fingerprint)
+
+
+def test_an_untied_head_equal_to_the_embedding_counts_as_tied_read_in_row_blocks(tmp_path, monkeypatch):
+    from edgepeft.exporters import checkpoint, onnx_graph
+
+    base = make_base(tmp_path / "b", "llama", seed=0)
+    same, other = _head_copy(base, tmp_path / "same", False), _head_copy(base, tmp_path / "other", True)
+    reads = []
+    rows = checkpoint.CheckpointTensors.rows
+    monkeypatch.setattr(checkpoint.CheckpointTensors, "rows",
+                        lambda self, name, a, b: reads.append((name, a, b)) or rows(self, name, a, b))
+    monkeypatch.setattr(checkpoint.CheckpointTensors, "get", lambda *a: pytest.fail("a whole table was read"))
+    assert onnx_graph.head_is_tied(same) and reads
+    assert not onnx_graph.head_is_tied(other)
+    reads.clear()
+    vocab = other.tensors.shapes["lm_head.weight"][0]
+    assert not other.tensors.equal("lm_head.weight", "model.embed_tokens.weight", rows=7)
+    assert sorted({(a, b) for _, a, b in reads}) == [(r, r + 7) for r in range(0, vocab, 7)]
+
+
+MERGES = [("lora", "llama", {}), ("dora", "qwen3", {}), ("ia3", "llama", {}),
+          ("lora_bf16", "gemma3_text", {"tie": True, "hidden": 96}), ("lora_embed", "gemma3_text", {"tie": True, "hidden": 96})]
+
+
+@pytest.mark.parametrize("kind,family,opts", MERGES, ids=[m[0] for m in MERGES])
+def test_merge_on_a_lazy_base_writes_the_bundle_a_whole_float32_merge_writes(kind, family, opts, tmp_path,
+                                                                            monkeypatch):
+    from peft import IA3Config
+
+    base = bf16_copy(make_base(tmp_path / "f32", family, seed=0, **opts), tmp_path / "bf16")
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if kind == "ia3":
+        from test_scale_kinds import make_peft  # noqa: PLC0415 (the kinds tests' PEFT factory)
+        adapter = make_peft(base, tmp_path / kind, IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "down_proj"],
+                                                              feedforward_modules=["down_proj"]), 5, ("ia3_l",))
+    elif kind == "lora_embed":  # the tied embedding adapted: the head changes with it
+        adapter = make_lora(base, tmp_path / kind, seed=2, target_modules=["embed_tokens", "o_proj"])
+    else:
+        adapter = make_lora(base, tmp_path / kind, seed=1, target_modules=projections, use_dora=kind == "dora")
+    load, got = bundle_export.load_base, {}
+    for lazy in (True, False):
+        monkeypatch.setattr(bundle_export, "load_base", lambda source, lazy_=lazy, **_: load(source, lazy=lazy_))
+        out = tmp_path / f"m-{lazy}"
+        bundle_export.export_bundle(str(base), out, {"m": str(adapter)}, formats="onnx,gguf", onnx_quant="int4",
+                                    gguf_quant="F32", merge="m", quiet=True)
+        got[lazy] = (_digests(out), Bundle.open(out).fingerprint)
+    assert len(got[True][0]) >= 3 and got[True] == got[False]

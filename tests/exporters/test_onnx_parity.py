@@ -128,10 +128,10 @@ def test_logits_to_keep_returns_the_last_rows_and_prefill_asks_for_one(tiny_llam
             kept = session.run(["logits"], {**feed, **extra, LOGITS_TO_KEEP: np.array([n], np.int64)})[0][0]
             assert kept.shape[0] == min(n, len(ids)) and np.abs(kept - every[-kept.shape[0]:]).max() <= 1e-5
     backend = engine.backend
-    with backend.sequence(None, len(ids) + 2) as seq:
+    with backend.open_sequence(None, len(ids) + 2) as seq:
         last = seq.forward(ids, all_logits=False).copy()  # one-row results share the step buffer
         step = seq.forward([ids[0]], all_logits=False)
-    with backend.sequence(None, len(ids) + 2) as seq:
+    with backend.open_sequence(None, len(ids) + 2) as seq:
         rows = seq.forward(ids + [ids[0]], all_logits=True)
     assert last.shape[0] == 1 and rows.shape[0] == len(ids) + 1
     assert np.abs(last[0] - rows[-2]).max() <= 1e-4 and np.abs(step[0] - rows[-1]).max() <= 1e-4

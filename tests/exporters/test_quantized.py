@@ -66,10 +66,10 @@ def test_int4_base_uses_matmulnbits_and_keeps_adapter_slots_float(trained, tmp_p
         zero_points = [n for n in nodes if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
         assert len(zero_points) == onnx_entry["zero_points"] > 0
         assert all(n.name.endswith("_Q4") for n in zero_points)  # 8-bit MatMuls stay symmetric
-    from edgepeft.runtime_contract import LORA_ROLES, slot_params
+    from edgepeft.runtime_contract import slot_family, slot_params
 
     lora = {n for n, (_, role) in slot_params(s["module"] for s in bundle.backends["onnx"]["slots"]).items()
-            if role in LORA_ROLES}
+            if slot_family(role) == "lora"}
     slot_inits = [i for i in model.graph.initializer if i.name in lora]
     assert slot_inits and all(i.data_type == onnx.TensorProto.FLOAT for i in slot_inits)
     assert bundle.backends["onnx"]["quant"] == "int4" and bundle.backends["onnx"]["block_size"] == 32

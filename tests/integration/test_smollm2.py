@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from edgepeft.runtime import Engine
-from edgepeft.shipped import shipped_adapters, shipped_metrics
-from edgepeft.tasks import TASK_PROMPTS, TASKS, compare_to_reference
+from edgepeft.demo.shipped import shipped_adapters, shipped_metrics
+from edgepeft.demo.tasks import TASK_PROMPTS, TASKS, compare_to_reference
 
 SYSTEM = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
           19712, 8182, 2, 198]

@@ -25,7 +25,7 @@ def engine(llama_bundle):
 
 def alone(engine, handle, prompt, tokens):
     """Logits of `prompt` then greedy `tokens`, as one unbatched call computes them."""
-    with engine.backend.sequence(handle, len(prompt) + len(tokens) + 1) as seq:
+    with engine.backend.open_sequence(handle, len(prompt) + len(tokens) + 1) as seq:
         out = [seq.forward(prompt, all_logits=False)[-1].copy()]
         for t in tokens:
             out.append(seq.forward([t])[-1].copy())
@@ -35,7 +35,7 @@ def alone(engine, handle, prompt, tokens):
 def run_batch(batcher, handles, prompts, steps):
     """Prefill each row, then `steps` greedy steps of all rows together; per row its logits."""
     rows = [batcher.open_row(h, len(p) + steps + 1) for h, p in zip(handles, prompts)]
-    logits = [[batcher.prefill(r, p)] for r, p in zip(rows, prompts)]
+    logits = [[r.forward(p)[-1].copy()] for r, p in zip(rows, prompts)]
     for _ in range(steps):
         tokens = [int(np.argmax(ls[-1])) for ls in logits]
         out = batcher.step(rows, tokens)
@@ -46,7 +46,7 @@ def run_batch(batcher, handles, prompts, steps):
 
 def test_rows_of_different_lengths_and_adapters_match_each_row_alone(engine):
     batcher = engine.backend.batcher()
-    handles = [engine._adapter(a) for a in ADAPTERS]
+    handles = [engine.adapter_handle(a) for a in ADAPTERS]
     _, batched = run_batch(batcher, handles, PROMPTS, steps=8)
     for h, prompt, got in zip(handles, PROMPTS, batched):
         tokens = [int(np.argmax(x)) for x in got[:-1]]
@@ -60,7 +60,7 @@ def test_batches_on_one_adapter_or_the_base_match_too(engine, adapters):
     """All rows on the base (the slot-free path), all on one adapter (bound as one call binds
     it), or one adapter beside base rows (masks)."""
     batcher = engine.backend.batcher()
-    handles = [engine._adapter(a) for a in adapters]
+    handles = [engine.adapter_handle(a) for a in adapters]
     _, batched = run_batch(batcher, handles, PROMPTS[:3], steps=5)
     for h, prompt, got in zip(handles, PROMPTS, batched):
         want = alone(engine, h, prompt, [int(np.argmax(x)) for x in got[:-1]])
@@ -69,19 +69,19 @@ def test_batches_on_one_adapter_or_the_base_match_too(engine, adapters):
 
 def test_a_row_that_leaves_frees_its_place_and_a_newcomer_takes_it(engine):
     batcher = engine.backend.batcher()
-    h = {a: engine._adapter(a) for a in ("qv", "all", "mixed")}
+    h = {a: engine.adapter_handle(a) for a in ("qv", "all", "mixed")}
     rows = [batcher.open_row(h[a], 40) for a in ("qv", "all", "mixed")]
-    last = [int(np.argmax(batcher.prefill(r, p))) for r, p in zip(rows, PROMPTS)]
+    last = [int(np.argmax(r.forward(p)[-1])) for r, p in zip(rows, PROMPTS)]
     history = [[t] for t in last]
     for _ in range(3):
         out = batcher.step(rows, last)
         last = [int(np.argmax(x)) for x in out]
         for hist, t in zip(history, last):
             hist.append(t)
-    batcher.close_row(rows[0])  # the last row moves into its place, cache and all
+    rows[0].close()  # the last row moves into its place, cache and all
     assert rows[2].index == 0 and len(batcher.rows) == 2
     new = batcher.open_row(None, 40)
-    new_first = batcher.prefill(new, PROMPTS[3])
+    new_first = new.forward(PROMPTS[3])[-1]
     keep = [rows[1], rows[2], new]
     tokens = [history[1][-1], history[2][-1], int(np.argmax(new_first))]
     out = batcher.step(keep, tokens)
@@ -99,17 +99,17 @@ def test_a_newcomer_prefilling_beside_decoding_rows_leaves_them_unchanged(engine
     """A row whose prompt is not done rides along in others' steps with a placeholder token;
     its next prompt chunk overwrites that position."""
     batcher = engine.backend.batcher()
-    qv, allh = engine._adapter("qv"), engine._adapter("all")
+    qv, allh = engine.adapter_handle("qv"), engine.adapter_handle("all")
     a = batcher.open_row(qv, 40)
     b = batcher.open_row(allh, 40)
-    la = batcher.prefill(a, PROMPTS[0])
-    batcher.prefill(b, PROMPTS[2][:5])  # b's prompt is half done
+    la = a.forward(PROMPTS[0])[-1]
+    b.forward(PROMPTS[2][:5])  # b's prompt is half done
     other = batcher.open_row(None, 40)
-    batcher.prefill(other, PROMPTS[1])  # index 2: b (index 1) rides along below it
+    other.forward(PROMPTS[1])  # index 2: b (index 1) rides along below it
     ta = int(np.argmax(la))
     out = batcher.step([a, other], [ta, 7])
     assert b.length == 5
-    lb = batcher.prefill(b, PROMPTS[2][5:])
+    lb = b.forward(PROMPTS[2][5:])[-1]
     assert float(np.abs(out[0] - alone(engine, qv, PROMPTS[0], [ta])[-1]).max()) < 1e-4
     assert float(np.abs(lb - alone(engine, allh, PROMPTS[2], [])[0]).max()) < 1e-4
     batcher.close()
@@ -121,9 +121,9 @@ def test_the_buffer_follows_the_rows_budgets_and_is_freed_when_empty(engine):
     assert batcher.positions == 64 and batcher.capacity == 1  # rounded up, not the context length
     big = batcher.open_row(None, 130)
     assert batcher.positions == 192 and batcher.capacity == 2
-    batcher.prefill(row, [1, 2, 3])
-    batcher.close_row(big)
-    batcher.close_row(row)
+    row.forward([1, 2, 3])
+    big.close()
+    row.close()
     assert batcher.kv == [] and batcher.positions == 0
     with pytest.raises(EngineError, match="context length"):
         batcher.open_row(None, engine.context_length + 1)
@@ -223,10 +223,10 @@ def kinds_bundle(tiny_llama, tmp_path_factory):
 
 def test_embedding_and_head_slots_batch_and_scale_kinds_run_alone(kinds_bundle):
     engine = Engine.open(kinds_bundle.root, threads=1)
-    batcher = engine.backend.batcher()
-    assert batcher.can_batch(engine._adapter("emb")) and batcher.can_batch(engine._adapter("lora"))
-    assert not batcher.can_batch(engine._adapter("dora")) and not batcher.can_batch(engine._adapter("prompt"))
-    handles = [engine._adapter(a) for a in ("emb", "lora", None)]
+    backend, batcher = engine.backend, engine.backend.batcher()
+    assert backend.can_batch(engine.adapter_handle("emb")) and backend.can_batch(engine.adapter_handle("lora"))
+    assert not backend.can_batch(engine.adapter_handle("dora")) and not backend.can_batch(engine.adapter_handle("prompt"))
+    handles = [engine.adapter_handle(a) for a in ("emb", "lora", None)]
     _, batched = run_batch(batcher, handles, PROMPTS[:3], steps=4)
     for h, prompt, got in zip(handles, PROMPTS, batched):
         want = alone(engine, h, prompt, [int(np.argmax(x)) for x in got[:-1]])
@@ -248,6 +248,6 @@ def test_bases_exported_before_row_masks_run_unbatched(llama_bundle, tmp_path):
     b.backends["onnx"].pop("row_masks")
     b.save()
     engine = Engine.open(copy, threads=1)
-    assert engine.backend.batcher() is None
+    assert not engine.backend.can_batch(None)
     assert engine.generate("abc", "qv", max_new_tokens=4) == Engine.open(llama_bundle.root, threads=1).generate(
         "abc", "qv", max_new_tokens=4)

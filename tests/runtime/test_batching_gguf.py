@@ -7,6 +7,7 @@ import pytest
 
 from edgepeft.errors import EngineError
 from edgepeft.runtime import gguf_backend
+from edgepeft.runtime.gguf_context import GgufContext
 from edgepeft.runtime.engine import Engine
 
 TOL = 1e-4  # max abs logit difference against the unbatched path (F32 GGUF base)
@@ -25,7 +26,7 @@ def engine(llama_bundle):
 def reference(backend, handle, prompt, steps, budget):
     """The row run alone (unbatched): the logits after the prompt and after each greedy token."""
     out, toks = [], []
-    with backend.sequence(handle, budget) as s:
+    with backend.open_sequence(handle, budget) as s:
         logits = s.forward(prompt)[-1]
         out.append(logits)
         for _ in range(steps):
@@ -44,20 +45,21 @@ def close_enough(got, want, what=""):
 
 def count_decodes(batcher, monkeypatch):
     calls = []
-    real = batcher._decode
+    real = GgufContext.decode
 
-    def counting(bc, entries):
-        calls.append((bc, len(entries)))
-        return real(bc, entries)
+    def counting(c, entries):
+        if any(bc.c is c for bc in batcher._contexts):  # the batcher's decodes only
+            calls.append((c, len(entries)))
+        return real(c, entries)
 
-    monkeypatch.setattr(batcher, "_decode", counting)
+    monkeypatch.setattr(GgufContext, "decode", counting)
     return calls
 
 
 def test_mixed_adapters_batch_and_match_unbatched(engine, monkeypatch):
     be = engine.backend
     names = [None, "qv", "all", "all"]  # two rows share "all": one decode for both
-    handles = [engine._adapter(n) for n in names]
+    handles = [engine.adapter_handle(n) for n in names]
     steps, budget = 10, 32
     refs = [reference(be, h, p, steps, budget) for h, p in zip(handles, PROMPTS)]
     # the adapters really change the logits (otherwise the comparison below proves little)
@@ -65,13 +67,13 @@ def test_mixed_adapters_batch_and_match_unbatched(engine, monkeypatch):
 
     b = be.batcher()
     try:
-        assert all(b.can_batch(h) for h in handles + [engine._adapter("qv+mixed")])
+        assert all(be.can_batch(h) for h in handles + [engine.adapter_handle("qv+mixed")])
         rows = [b.open_row(h, budget) for h in handles]
         assert [r.length for r in rows] == [0, 0, 0, 0]
         assert rows[2].bc is rows[3].bc and len({id(r.bc) for r in rows}) == 3
         assert rows[2].seq != rows[3].seq
         for i, (row, p) in enumerate(zip(rows, PROMPTS)):
-            first = b.prefill(row, p)
+            first = row.forward(p)[-1]
             assert first.shape == (be.n_vocab,) and first.dtype == np.float32
             assert row.length == len(p)
             close_enough(first, refs[i][0][0], f"row {i} prefill")
@@ -99,7 +101,7 @@ def test_mixed_adapters_batch_and_match_unbatched(engine, monkeypatch):
             want = reference(be, handles[i], PROMPTS[i] + toks[i] + [nxt[j]], 0, budget)[0][0]
             close_enough(swapped[j], want, f"row {i} reordered")
         for r in rows:
-            b.close_row(r)
+            r.close()
     finally:
         b.close()
 
@@ -108,27 +110,27 @@ def test_rows_closed_midway_and_replaced(engine):
     be = engine.backend
     budget, first_steps, later_steps = 40, 4, 6
     names = ["mixed", "qv", "mixed", None]
-    handles = [engine._adapter(n) for n in names]
+    handles = [engine.adapter_handle(n) for n in names]
     total = first_steps + later_steps
     refs = [reference(be, h, p, total, budget) for h, p in zip(handles, PROMPTS)]
     new_names = ["qv+mixed", "mixed"]  # replace row 1 (its context goes idle, then switches set)
     new_prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8]]  # and row 3 (joins the "mixed" context)
-    new_handles = [engine._adapter(n) for n in new_names]
+    new_handles = [engine.adapter_handle(n) for n in new_names]
     new_refs = [reference(be, h, p, later_steps, budget) for h, p in zip(new_handles, new_prompts)]
 
     b = be.batcher()
     try:
         rows = [b.open_row(h, budget) for h in handles]
-        logits = np.vstack([b.prefill(r, p) for r, p in zip(rows, PROMPTS)])
+        logits = np.vstack([r.forward(p)[-1] for r, p in zip(rows, PROMPTS)])
         for t in range(first_steps):
             logits = b.step(rows, [int(np.argmax(x)) for x in logits])
             for i in range(4):
                 close_enough(logits[i], refs[i][0][t + 1], f"row {i} step {t}")
         old_ctx, old_seqs = rows[1].bc, (rows[1].seq, rows[3].seq)
-        b.close_row(rows[1])
-        b.close_row(rows[3])
+        rows[1].close()
+        rows[3].close()
         assert rows[1].bc is None and not old_ctx.rows  # idle, kept for reuse
-        b.close_row(rows[1])  # closing twice is harmless
+        rows[1].close()  # closing twice is harmless
         with pytest.raises(EngineError):
             b.step([rows[1]], [1])
         n_contexts = len(b._contexts)
@@ -136,7 +138,7 @@ def test_rows_closed_midway_and_replaced(engine):
         assert len(b._contexts) == n_contexts  # no new context: the idle one was reused
         assert new[0].bc is old_ctx and new[0].seq == old_seqs[0]  # seq id and KV cells reused
         assert new[1].bc is rows[0].bc  # same set as rows 0 and 2: batched with them
-        new_logits = [b.prefill(r, p) for r, p in zip(new, new_prompts)]
+        new_logits = [r.forward(p)[-1] for r, p in zip(new, new_prompts)]
         for j in range(2):
             close_enough(new_logits[j], new_refs[j][0][0], f"new row {j} prefill")
         live = [rows[0], new[0], rows[2], new[1]]
@@ -154,19 +156,19 @@ def test_rows_closed_midway_and_replaced(engine):
 def test_chunked_prefill_equals_one_shot(engine, monkeypatch):
     be = engine.backend
     ids = [(7 * i + 3) % 200 + 1 for i in range(21)]
-    handle = engine._adapter("all")
+    handle = engine.adapter_handle("all")
     want = reference(be, handle, ids, 3, 32)[0]
     monkeypatch.setattr(gguf_backend, "BATCH", 8)  # the batcher's contexts decode 8 tokens at most
     b = be.batcher()
     try:
         one, two = b.open_row(handle, 32), b.open_row(handle, 32)
-        assert one.bc.n_batch == 8
+        assert one.bc.c.n_batch == 8
         calls = count_decodes(b, monkeypatch)
-        whole = b.prefill(one, ids)  # 21 tokens: chunked internally (8 + 8 + 5)
+        whole = one.forward(ids)[-1]  # 21 tokens: chunked internally (8 + 8 + 5)
         assert len(calls) == 3 and one.length == 21
-        part = b.prefill(two, ids[:6])
+        part = two.forward(ids[:6])[-1]
         close_enough(part, reference(be, handle, ids[:6], 0, 32)[0][0], "first part")
-        part = b.prefill(two, ids[6:])  # the rest after the cached part
+        part = two.forward(ids[6:])[-1]  # the rest after the cached part
         assert two.length == 21
         close_enough(whole, want[0], "one shot")
         close_enough(part, want[0], "two parts")
@@ -177,7 +179,7 @@ def test_chunked_prefill_equals_one_shot(engine, monkeypatch):
             close_enough(logits[0], want[t + 1], f"one-shot row step {t}")
             close_enough(logits[1], want[t + 1], f"chunked row step {t}")
         with pytest.raises(EngineError):
-            b.prefill(one, [])
+            one.forward([])
     finally:
         b.close()
 
@@ -190,8 +192,8 @@ def test_budgets_and_bounds(engine):
             b.open_row(None, be.context_length + 1)
         full = b.open_row(None, be.context_length)  # a full-length row always fits
         assert full.length == 0
-        short = b.open_row(engine._adapter("qv"), 4)
-        b.prefill(short, [1, 2, 3])
+        short = b.open_row(engine.adapter_handle("qv"), 4)
+        short.forward([1, 2, 3])
         b.step([short], [4])
         with pytest.raises(EngineError, match="budget"):
             b.step([short], [5])  # a fifth position is past its budget
@@ -201,14 +203,14 @@ def test_budgets_and_bounds(engine):
         with pytest.raises(EngineError):
             b.step([full], [1, 2])
         # at most `parallel` contexts: a fifth adapter set while four are in use is refused
-        b.open_row(engine._adapter("all"), 8)
-        b.open_row(engine._adapter("mixed"), 8)
+        b.open_row(engine.adapter_handle("all"), 8)
+        b.open_row(engine.adapter_handle("mixed"), 8)
         assert be.parallel == 4 and len(b._contexts) == 4
         with pytest.raises(EngineError, match="full"):
-            b.open_row(engine._adapter("qv+mixed"), 8)
-        b.close_row(short)
-        row = b.open_row(engine._adapter("qv+mixed"), 8)  # the idle context takes the new set
-        assert row.bc.c.active == engine._adapter("qv+mixed").parts
+            b.open_row(engine.adapter_handle("qv+mixed"), 8)
+        short.close()
+        row = b.open_row(engine.adapter_handle("qv+mixed"), 8)  # the idle context takes the new set
+        assert row.bc.c.active == engine.adapter_handle("qv+mixed").parts
     finally:
         b.close()
 
@@ -216,12 +218,12 @@ def test_budgets_and_bounds(engine):
 def test_close_frees_everything(engine):
     be = engine.backend
     b = be.batcher()
-    row = b.open_row(engine._adapter("qv"), 16)
-    b.prefill(row, PROMPTS[0])
+    row = b.open_row(engine.adapter_handle("qv"), 16)
+    row.forward(PROMPTS[0])
     contexts = list(b._contexts)
-    assert contexts and b in be._batchers
+    assert contexts and all(bc.c in be.loras.contexts for bc in contexts)
     b.close()
-    assert b._contexts == [] and b not in be._batchers
+    assert b._contexts == [] and not any(bc.c in be.loras.contexts for bc in contexts)
     assert all(bc.c.ctx is None and bc.c.active == () for bc in contexts)
     assert row.bc is None
     with pytest.raises(EngineError):
@@ -229,12 +231,12 @@ def test_close_frees_everything(engine):
     with pytest.raises(EngineError):
         b.open_row(None, 8)
     b.close()  # twice is harmless
-    b.close_row(row)
+    row.close()
     # the backend still runs unbatched calls, and new batchers
     want = reference(be, None, PROMPTS[0], 0, 16)[0][0]
     b2 = be.batcher()
     try:
-        close_enough(b2.prefill(b2.open_row(None, 16), PROMPTS[0]), want, "after close")
+        close_enough(b2.open_row(None, 16).forward(PROMPTS[0])[-1], want, "after close")
     finally:
         b2.close()
 
@@ -242,18 +244,18 @@ def test_close_frees_everything(engine):
 def test_adapter_freed_while_a_row_uses_it(engine, llama_bundle):
     be = engine.backend
     engine.load_adapter("tmp", llama_bundle.adapter_path("qv", "gguf"))
-    handle = engine._adapter("tmp")
+    handle = engine.adapter_handle("tmp")
     refs = reference(be, handle, PROMPTS[1], 4, 32)[0]
     b, b2 = be.batcher(), be.batcher()
     try:
         row = b.open_row(handle, 32)
-        logits = b.prefill(row, PROMPTS[1])
+        logits = row.forward(PROMPTS[1])[-1]
         idle = b2.open_row(handle, 8)  # another batcher's context, idle but applying it
-        b2.close_row(idle)
+        idle.close()
         idle_ctx = b2._contexts[0]
         assert idle_ctx.c.active == (handle,) and not idle_ctx.rows
         engine.unload_adapter("tmp")  # -> free_adapter, while `row` still applies it
-        assert handle.freed and any(a is handle for a in be._deferred)
+        assert handle.freed and handle.handle is not None  # freed by llama.cpp only once no row applies it
         assert idle_ctx.c.active == ()  # the idle context dropped it at once
         assert row.bc.c.active == (handle,)  # the live one keeps it
         with pytest.raises(EngineError, match="unloaded"):
@@ -262,8 +264,8 @@ def test_adapter_freed_while_a_row_uses_it(engine, llama_bundle):
             logits = b.step([row], [int(np.argmax(logits))])[0]
             close_enough(logits, refs[t + 1], f"step {t} after unload")
         ctx = row.bc
-        b.close_row(row)  # its context goes idle: the adapter is dropped, then freed
-        assert ctx.c.active == () and not be._deferred
+        row.close()  # its context goes idle: the adapter is dropped, then freed
+        assert ctx.c.active == () and handle.handle is None
     finally:
         b.close()
         b2.close()

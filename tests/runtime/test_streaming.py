@@ -10,7 +10,8 @@ import pytest
 
 from edgepeft.errors import InvalidArgument
 from edgepeft.runtime import Engine
-from edgepeft.runtime.engine import StreamPiece, _StopStrings
+from edgepeft.runtime import StreamPiece
+from edgepeft.runtime.generate import StopStrings
 
 
 @pytest.fixture(scope="module", params=["onnx", "gguf"])
@@ -59,7 +60,7 @@ def test_a_stop_string_ends_the_text_before_it_in_every_api(engine):
     (["a", "b"], [], ("ab", False)),
 ])
 def test_stop_strings_hold_back_only_what_could_start_one(pieces, stops, out):
-    cut, text, hit = _StopStrings(stops), "", False
+    cut, text, hit = StopStrings(stops), "", False
     for p in pieces:
         emitted, hit = cut.push(p)
         text += emitted
@@ -109,10 +110,10 @@ def test_a_closed_stream_frees_its_sequence(llama_bundle):
 def test_gguf_calls_beyond_parallel_wait_their_turn(llama_bundle, monkeypatch):
     """parallel=1: a second call waits until the first one's row has left the batch (the
     scheduler runs at most `parallel` rows), then runs and gives its own output."""
-    from edgepeft.runtime.gguf_backend import _GgufBatcher
+    from edgepeft.runtime.gguf_batch import GgufBatcher
 
-    widths, real = [], _GgufBatcher.step
-    monkeypatch.setattr(_GgufBatcher, "step", lambda self, rows, tokens: widths.append(len(rows)) or real(self, rows, tokens))
+    widths, real = [], GgufBatcher.step
+    monkeypatch.setattr(GgufBatcher, "step", lambda self, rows, tokens: widths.append(len(rows)) or real(self, rows, tokens))
     want = Engine.open(llama_bundle.root, backend="gguf", batching=False).generate("other", max_new_tokens=6)
     engine = Engine.open(llama_bundle.root, backend="gguf", parallel=1)
     stream = engine.stream_pieces("the weather", max_new_tokens=40, ignore_eos=True)

@@ -1,17 +1,20 @@
-"""A client that leaves mid-stream ends its request before the next token: the server closes the
-engine's iterator, which frees the sequence (Engine.stream_pieces' contract, tested in
-tests/runtime/test_streaming.py). Here the engine is a slow stand-in, so that the stream is surely
-still generating when the client goes; everything else is the real server and the openai client."""
+"""A client that leaves mid-request ends its request before the next token: for a stream the
+server closes the engine's iterator, which frees the sequence (Engine.stream_pieces' contract,
+tested in tests/runtime/test_streaming.py); for a whole completion it sets the call's cancel
+event. Here the engine is a slow stand-in, so that the request is surely still generating when the
+client goes; everything else is the real server and the openai client."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
 
 import openai
+import pytest
 
-from edgepeft.runtime.engine import StreamPiece, Usage
+from edgepeft.runtime import StreamPiece, Usage
 from edgepeft.server import create_app, listen
 
 STEP_S = 0.05  # seconds per token of the stand-in: the client closes long before 200 tokens
@@ -35,6 +38,20 @@ class SlowEngine:
     def virtual_tokens(self, adapter):
         return 0
 
+    def check_adapter(self, adapter):
+        pass
+
+    def complete(self, ids, max_new_tokens, cancel, **kw):
+        try:
+            for _ in range(max_new_tokens):
+                if cancel.is_set():
+                    return None
+                time.sleep(STEP_S)
+                self.produced += 1
+        finally:
+            self.closed.set()
+        raise AssertionError("the call ran to its end: the server never cancelled it")
+
     def stream_pieces(self, ids, max_new_tokens, **kw):
         try:
             for i in range(max_new_tokens):
@@ -46,10 +63,11 @@ class SlowEngine:
             self.closed.set()
 
 
-def test_a_client_gone_mid_stream_stops_generation_within_a_token():
+@contextlib.contextmanager
+def serving(engine):
+    """The real app over `engine` on a free port; yields the port."""
     import uvicorn
 
-    engine = SlowEngine()
     sock = listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, "base"), log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -57,8 +75,17 @@ def test_a_client_gone_mid_stream_stops_generation_within_a_token():
     try:
         while not server.started:
             time.sleep(0.01)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="none",
-                               max_retries=0)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_a_client_gone_mid_stream_stops_generation_within_a_token():
+    engine = SlowEngine()
+    with serving(engine) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         stream = client.completions.create(model="slow", prompt="hi", max_tokens=200, stream=True)
         seen = 0
         for chunk in stream:
@@ -73,7 +100,17 @@ def test_a_client_gone_mid_stream_stops_generation_within_a_token():
         done = engine.produced
         time.sleep(5 * STEP_S)
         assert engine.produced == done  # nothing runs on
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+
+
+def test_a_client_gone_before_a_whole_completion_stops_generation_within_a_token():
+    engine = SlowEngine()
+    with serving(engine) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                               timeout=10 * STEP_S)
+        with pytest.raises(openai.APITimeoutError):  # the client gives up after about 10 tokens
+            client.completions.create(model="slow", prompt="hi", max_tokens=200)
+        assert engine.closed.wait(10), "the engine's call did not end"
+        assert engine.produced < 10 + 10, engine.produced
+        done = engine.produced
+        time.sleep(5 * STEP_S)
+        assert engine.produced == done

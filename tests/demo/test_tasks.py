@@ -1,6 +1,6 @@
 """The demo tasks: seeded data, disjoint held-out values, program checks, engine evaluation."""
 
-from edgepeft.tasks import TASKS
+from edgepeft.demo.tasks import TASKS
 
 
 class StubEngine:
@@ -32,7 +32,7 @@ def test_examples_are_seeded_and_held_out_values_never_train():
 
 
 def test_held_out_prompts_are_distinct_and_a_shorter_list_is_a_prefix():
-    from edgepeft.tasks import TASK_PROMPTS
+    from edgepeft.demo.tasks import TASK_PROMPTS
 
     for task in TASKS.values():
         held = task.examples(TASK_PROMPTS, held_out=True)
@@ -43,7 +43,7 @@ def test_held_out_prompts_are_distinct_and_a_shorter_list_is_a_prefix():
 
 
 def test_task_check_tells_a_one_sided_loss_from_noise():
-    from edgepeft.tasks import compare_to_reference
+    from edgepeft.demo.tasks import compare_to_reference
 
     ref = "1" * 90 + "0" * 30  # PyTorch right on 90 of 120
     same = [c == "1" for c in ref]
@@ -72,8 +72,8 @@ def test_task_check_tells_a_one_sided_loss_from_noise():
 
 
 def test_shipped_metrics_hold_pytorchs_outcome_on_every_check_prompt():
-    from edgepeft.shipped import shipped_adapters, shipped_metrics
-    from edgepeft.tasks import TASK_PROMPTS
+    from edgepeft.demo.shipped import shipped_adapters, shipped_metrics
+    from edgepeft.demo.tasks import TASK_PROMPTS
 
     metrics = shipped_metrics()
     for name in shipped_adapters():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import BundleError
+from edgepeft.errors import BundleError
 
-DATA = Path(__file__).parent / "data" / "adapters"
+DATA = Path(__file__).parent.parent / "data" / "adapters"
 
 
 def shipped_adapters(base: str = "smollm2-135m") -> dict[str, Path]:
