@@ -4,16 +4,15 @@ w1/w2/w3), rank and alpha patterns, DoRA, IA3 and lora_bias, switched in any ord
 followed by single-token decode steps, carrying each convolution layer's state and each
 attention layer's KV cache, gives the logits of scoring the whole text (int4 too, as export
 builds it). The F32 GGUF base and GGUF LoRA files load in stock llama-cpp-python (llama.cpp's
-lfm2 architecture) and match PyTorch+PEFT, logits and greedy tokens. Both run here on onnxruntime and llama-cpp-python directly: edgepeft's
-runtime does not carry per-sequence convolution states yet, and export refuses LFM2 bundles
-until it does (tested below)."""
+lfm2 architecture) and match PyTorch+PEFT, logits and greedy tokens. Both run here on
+onnxruntime and llama-cpp-python directly; edgepeft's runtime on whole bundles is
+tests/runtime/test_lfm2_runtime.py."""
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from edgepeft.errors import UnsupportedModel
-from edgepeft.exporters import export_bundle
 from edgepeft.exporters.hf_base import load_base
 from edgepeft.exporters.onnx_adapter import adapter_tensors
 from edgepeft.exporters.onnx_graph import add_base_path, build_decoder
@@ -286,17 +285,3 @@ def test_layer_kinds_states_and_mlp_width_come_from_the_config():
     assert lay.mixers == (SHORT_CONV, SHORT_CONV, "attention", SHORT_CONV)
     assert lay.states == ({"conv": (1024, 2)},) * 2 + ({},) + ({"conv": (1024, 2)},)
     assert lay.attention_layers() == [2]
-
-
-def test_export_of_an_lfm2_bundle_is_refused_in_one_line(lfm2, tmp_path):
-    import subprocess
-    import sys
-
-    base = lfm2[0]
-    with pytest.raises(UnsupportedModel, match=r"lfm2 layers \[0, 2\] carry a conv state instead of a KV cache.*runtime cannot run") as e:
-        export_bundle(str(base), tmp_path / "b", formats="onnx,gguf", onnx_quant="fp32", quiet=True)
-    assert "\n" not in str(e.value)
-    p = subprocess.run([sys.executable, "-m", "edgepeft", "export", str(base), "--out", str(tmp_path / "c")],
-                       capture_output=True, text=True)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
