@@ -133,9 +133,9 @@ class OnnxBackend(Backend):
     def can_batch(self, adapter: OnnxAdapter | None) -> bool:
         """Rows batch on a CPU base exported with row masks and without LongRoPE (one rotary
         table per step), on plain LoRA adapters (a row mask cannot separate what a scale or a
-        prefix does to a whole output), and not on a hybrid base (the batcher keeps KV caches only,
-        no per-row convolution state); everything else runs alone."""
-        return (bool(self.info.get("row_masks")) and not self.states and self.rope_switch is None and self.device == "cpu"
+        prefix does to a whole output); everything else runs alone. A hybrid base's rows carry
+        their convolution states in the batcher (runtime/onnx_batch.py)."""
+        return (bool(self.info.get("row_masks")) and self.rope_switch is None and self.device == "cpu"
                 and (adapter is None or adapter.lora_only))
 
     def batcher(self):

@@ -3,8 +3,8 @@ exported by export_bundle with two LoRA adapters, run by the Engine on both back
 tokens equal PeftModel.generate's with each adapter and the base, switched in any order, a
 second call after the first starting again from zero states; each sequence owns its
 convolution states (ONNX: OnnxSequence, reset to zeros, never trimmed; GGUF: llama.cpp's
-hybrid memory, reset whole); the ONNX batcher refuses a hybrid base (its calls run alone), the
-GGUF batcher decodes mixed adapters as each row alone; int4 ONNX decodes through its states as
+hybrid memory, reset whole); both batchers decode rows on mixed adapters as each row alone
+(the ONNX one carrying each row's convolution states); int4 ONNX decodes through its states as
 it scores; prompt-learning kinds are refused at export; verify and serve run."""
 
 import json
@@ -105,12 +105,13 @@ def test_onnx_sequence_holds_conv_states_beside_the_attention_layers_kv(lfm2):
         assert not np.any(seq.states[0][1].numpy())
 
 
-def test_onnx_batcher_refuses_a_hybrid_and_concurrent_calls_run_alone(lfm2, peft_tokens):
-    e = engine(lfm2[2], "onnx", threads=1)
-    assert e.backend.info.get("row_masks")  # the base could batch, were it not for its states
-    assert not any(e.backend.can_batch(e.adapter_handle(n)) for n in (None, "all", "conv"))
+@pytest.mark.parametrize("backend", ["onnx", "gguf"])
+def test_concurrent_calls_on_mixed_adapters_batch_and_give_peft_generates_tokens(lfm2, peft_tokens, backend):
+    e = engine(lfm2[2], backend, threads=1)
+    assert all(e.backend.can_batch(e.adapter_handle(n)) for n in (None, "all", "conv"))
     got = concurrent(e, ORDER)
-    assert got == [peft_tokens[n] for n in ORDER] and e._scheduler is None
+    assert e._scheduler  # the calls went through the batcher
+    assert got == [peft_tokens[n] for n in ORDER]
 
 
 def concurrent(e, names):
@@ -127,9 +128,11 @@ def concurrent(e, names):
     return out
 
 
-def test_gguf_batcher_rows_on_mixed_adapters_decode_as_each_row_alone(lfm2):
-    """Rows of different lengths and adapters, one joining after the others have decoded."""
-    e = engine(lfm2[2], "gguf", threads=1)
+@pytest.mark.parametrize("backend", ["onnx", "gguf"])
+def test_batcher_rows_on_mixed_adapters_decode_as_each_row_alone(lfm2, backend):
+    """Rows of different lengths and adapters; the first two decode (the second riding along
+    the first's steps with a placeholder token) before the last two join."""
+    e = engine(lfm2[2], backend, threads=1)
     be = e.backend
     rows_of = [(None, PROMPT[:6]), ("all", PROMPT), ("conv", PROMPT[:7]), ("all", PROMPT[2:])]
     batcher = be.batcher()
