@@ -194,3 +194,18 @@ def test_verify_passes_the_lfm2_bundle_on_both_backends(lfm2, capsys):
     assert r["ok"] and {(c["backend"], c["adapter"]) for c in r["checks"]} == {
         (b, a) for b in ("onnx", "gguf") for a in (None, *adapters)}
     assert all(c["top1"] == 1.0 for c in r["checks"])
+
+
+def test_gguf_check_reads_kv_heads_per_layer(lfm2):
+    """llama.cpp's lfm2 writes head_count_kv as one value per layer, 0 for a convolution layer."""
+    from edgepeft.errors import BundleError
+    from edgepeft.runtime.gguf_check import check_base_gguf
+
+    bundle = lfm2[2]
+    path = bundle.file(bundle.backends["gguf"]["model"])
+    assert check_base_gguf(path, bundle.base)[0] == "lfm2"
+    for field, value in (("num_kv_heads", 2), ("num_layers", 3)):
+        other = {**bundle.base, "dims": {**bundle.base["dims"], field: value}}
+        with pytest.raises(BundleError, match="a GGUF of another model") as e:
+            check_base_gguf(path, other)
+        assert "\n" not in str(e.value)
