@@ -5,7 +5,8 @@ second call after the first starting again from zero states; each sequence owns 
 convolution states (ONNX: OnnxSequence, reset to zeros, never trimmed; GGUF: llama.cpp's
 hybrid memory, reset whole); both batchers decode rows on mixed adapters as each row alone
 (the ONNX one carrying each row's convolution states); int4 ONNX decodes through its states as
-it scores; prompt-learning kinds are refused at export; verify and serve run."""
+it scores; --merge bakes an adapter in; prompt-learning kinds are refused at export; verify
+runs (serve: tests/server/test_lfm2_serve.py)."""
 
 import json
 import threading
@@ -171,6 +172,15 @@ def test_int4_bundle_decodes_through_its_states_as_it_scores(lfm2, tmp_path):
         tokens = e.complete(PROMPT, adapter=name, max_new_tokens=NEW).tokens
         scores = e.score(PROMPT + tokens, adapter=name)
         assert tokens == [int(t) for t in scores[len(PROMPT) - 1:-1].argmax(-1)], name
+
+
+def test_a_merged_adapter_runs_as_peft_on_both_backends(lfm2, peft_tokens, tmp_path):
+    """--merge on the lazy base (exporters/merge.py): the convolution blocks' weights as well."""
+    base, adapters, _ = lfm2
+    bundle = export_bundle(str(base), tmp_path / "m", {"all": str(adapters["all"])}, formats="onnx,gguf",
+                           onnx_quant="fp32", gguf_quant="F32", merge="all", quiet=True)
+    for backend in ("onnx", "gguf"):
+        assert engine(bundle, backend).complete(PROMPT, max_new_tokens=NEW).tokens == peft_tokens["all"], backend
 
 
 @pytest.mark.parametrize("kind", ["PROMPT_TUNING", "PREFIX_TUNING"])
