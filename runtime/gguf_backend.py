@@ -63,7 +63,8 @@ class GgufBackend(Backend):
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         # A hybrid (LFM2's convolution layers) or recurrent memory cannot drop a sequence's last
         # positions (llama_memory_seq_rm fails on part of a sequence): its sequences reset whole.
-        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(self.model) or llama_cpp.llama_model_is_hybrid(self.model))
+        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(self.model)
+                              or llama_cpp.llama_model_is_hybrid(self.model))
         # llama.cpp allocates a context's whole KV cache up front: at most 4096 positions by default.
         self.context_length = min(int(info["context_length"]), int(context_length or 4096))
         cparams = self.cparams = llama_cpp.llama_context_default_params()

@@ -71,7 +71,7 @@ class OnnxBatcher(Batcher):
         self.kv: list[np.ndarray] = []  # per attention layer: key, value [capacity, kv_heads, positions, head_dim]
         self.states: list[np.ndarray] = []  # per convolution state (backend.states): [capacity, *shape]
         self.capacity = self.positions = 0
-        self._decode = None  # (key, IOBinding, logits array, arrays it reads) of the last step's layout
+        self._decode = None  # (key, IOBinding, logits array, present states, arrays it reads) of the last step's layout
         self._combined: dict = {}  # adapters (by id) -> their slots side by side, a few kept
 
     def open_row(self, handle, budget: int) -> OnnxRow:
