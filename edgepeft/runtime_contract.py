@@ -21,6 +21,14 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
             f"present.{layer}.key", f"present.{layer}.value")
 
 
+def state_names(layer: int, state: str) -> tuple[str, str]:
+    """A state-carrying layer's per-sequence state (a hybrid family's layer without a KV cache:
+    LFM2's short convolution carries its "conv" state, the last kernel-1 inputs of its
+    convolution, [batch, hidden, kernel - 1]), as graph input and output: past and present.
+    Named as onnxruntime-genai names LFM2's (past_conv.N / present_conv.N)."""
+    return f"past_{state}.{layer}", f"present_{state}.{layer}"
+
+
 # Graph input that picks the path of a base with slots (exporters/onnx_base_path.add_base_path):
 # float [1], default 0 (the base without slot operators); non-zero runs the slots. Adapter
 # files carry it as 1, so onnxruntime's own adapter API (RunOptions.add_active_adapter) selects

@@ -12,6 +12,7 @@ from edgepeft.recovery import recover, replace_dir, staging_dir, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
 from . import heap
+from .archs import ATTENTION_MIXER
 from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, fingerprint_tensors, load_base,
                       read_config, resolve_base_dir)
 from .decode_bytes import gguf_decode_bytes
@@ -84,6 +85,9 @@ def _write_adapter(bundle: Bundle, name: str, spec: AdapterSpec, formats: list[s
     files = {}
     for backend in formats:
         _check_kind(spec, backend, name)
+    if "onnx" in formats:  # add-adapter to a hybrid's bundle: the layers with a state, from its graph's entry
+        _check_hybrid_kinds({name: spec}, sorted({s["layer"] for s in bundle.backends["onnx"]["kv"].get("states", [])}),
+                            None)
     for backend in formats:
         rel = adapter_file(name, backend)
         if backend == "onnx":
@@ -137,12 +141,33 @@ def _read_request(base: str, adapters: dict[str, str], formats, onnx_quant: str,
     local = resolve_base_dir(base)
     config = read_config(local)
     dims, lay = config_layout(config)
+    _check_hybrid_kinds(specs, _stateful_layers(lay), merge)
     if "onnx" in formats:
         check_onnx_shapes(local, dims, lay.rotary_dim)
     if "gguf" in formats:
         check_gguf_layout(local, config, dims, lay)
         gguf_ftype(gguf_quant)
     return formats, specs
+
+
+def _check_hybrid_kinds(specs: dict[str, AdapterSpec], stateful: list[int], merge: str | None) -> None:
+    """Refuse prompt-learning adapters (prompt and prefix tuning) on a base whose layers carry a
+    state other than a KV cache (a hybrid's short convolution): their virtual tokens reach the
+    runtime as a KV-cache prefix of every layer, and a convolution layer has no KV cache (prefix
+    tuning's keys and values have nothing to attach to there; prompt tuning would need each
+    layer's state after the virtual tokens, which no adapter file carries)."""
+    if not stateful:
+        return
+    for name, spec in specs.items():
+        if name != merge and needed_slots(spec) == "none":
+            raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({spec.kind} tuning) cannot run on a base whose "
+                                     f"layers {stateful[:4]}{'...' if len(stateful) > 4 else ''} carry a convolution "
+                                     "state instead of a KV cache; use a LoRA, DoRA or IA3 adapter")
+
+
+def _stateful_layers(lay) -> list[int]:
+    """The layers of a hybrid family that carry a state instead of a KV cache."""
+    return [i for i, m in enumerate(lay.mixers) if m != ATTENTION_MIXER]
 
 
 def _base_entry(source: str, base: BaseModel, merged: dict | None) -> dict:

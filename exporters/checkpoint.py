@@ -147,22 +147,28 @@ def materialized(base, *modules):
 def float32_compute(base):
     """Run base.model with each module's own parameters read in float32 right before its forward
     and dropped after: one module's weights in memory at a time. Nothing to do for a base loaded
-    whole in float32."""
+    whole in float32. A module whose weights its parent reads without calling it (LFM2's
+    depthwise convolution, see _read_directly) is read around the parent's forward instead."""
     if base.tensors is None:
         yield base.model
         return
     hooks, open_ = [], {}
 
-    def before(module, _args):
-        open_[id(module)] = _own_params(base, module)
-        open_[id(module)].__enter__()
+    def enter(key, module):
+        open_[key] = _own_params(base, module)
+        open_[key].__enter__()
 
-    def after(module, _args, _out):
-        open_.pop(id(module)).__exit__(None, None, None)
+    def leave(key):
+        open_.pop(key).__exit__(None, None, None)
 
     for module in base.model.modules():
         if next(iter(module._parameters.values()), None) is not None:
-            hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+            hooks += [module.register_forward_pre_hook(lambda m, _args: enter(id(m), m)),
+                      module.register_forward_hook(lambda m, _args, _out: leave(id(m)))]
+    for parent, child in _read_directly(base):
+        key = ("read by parent", id(child))  # nests with the child's own hooks, should it be called
+        hooks += [parent.register_forward_pre_hook(lambda _m, _args, k=key, c=child: enter(k, c)),
+                  parent.register_forward_hook(lambda _m, _args, _out, k=key: leave(k))]
     try:
         yield base.model
     finally:
@@ -170,6 +176,19 @@ def float32_compute(base):
             h.remove()
         for ctx in open_.values():  # a forward that raised
             ctx.__exit__(None, None, None)
+
+
+def _read_directly(base) -> list:
+    """(block, submodule) of every decoder layer's mixer block whose forward reads a submodule's
+    weights without calling it (ShortConv.direct: transformers' Lfm2ShortConv hands its Conv1d
+    to a function that reads conv.weight), so that no forward hook of the submodule fires."""
+    pairs = []
+    for _, block in base.arch.mixers:
+        for layer in base.model.model.layers:
+            parent = getattr(layer, block.parent, None)
+            if parent is not None:
+                pairs += [(parent, getattr(parent, name)) for name in block.direct]
+    return pairs
 
 
 def stored_model(local: Path, config, **kwargs):

@@ -18,7 +18,7 @@ from edgepeft.errors import EngineError, UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
 from . import mapped_pages
-from .archs import Arch, Layout, arch_of
+from .archs import ATTENTION_MIXER, SHORT_CONV, Arch, Layout, arch_of
 from .gguf_vocab import add_tokenizer, gguf_name
 from .hf_base import BaseModel
 from .hf_config import SLIDING, rope_parameters
@@ -62,14 +62,29 @@ def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} always soft-caps attention scores and "
                                f"logits, this config leaves its {' and '.join(uncapped)} uncapped "
                                "(export --format onnx instead)")
+    conv = fam.block(SHORT_CONV)
+    if conv and getattr(config, conv.bias_field, False):
+        raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} has no biases in its convolution blocks, "
+                               f"this config sets {conv.bias_field} (export --format onnx instead)")
     if fam.gguf_scale_is_head_dim and abs(lay.attention_scale - dims["head_dim"] ** -0.5) > 1e-7:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} scales attention by head_dim ** -0.5, this "
                                f"config by {fam.attention_scale_field} (export --format onnx instead)")
 
 
+def _head_count_kv(d: dict, lay: Layout):
+    """KV heads: one number, or per layer with 0 for the layers without a KV cache (a hybrid's
+    short convolutions), which is how llama.cpp tells its recurrent layers apart."""
+    if all(m == ATTENTION_MIXER for m in lay.mixers):
+        return d["num_kv_heads"]
+    return [d["num_kv_heads"] if m == ATTENTION_MIXER else 0 for m in lay.mixers]
+
+
 def _add_family_keys(writer, base: BaseModel, fam: Arch, lay: Layout) -> None:
     """The keys llama.cpp reads for this family beyond the common ones: sliding window,
-    soft-caps, and LongRoPE's original context and attention factor."""
+    soft-caps, LongRoPE's original context and attention factor, a short convolution's kernel."""
+    conv = fam.block(SHORT_CONV)
+    if conv:
+        writer.add_shortconv_l_cache(conv.kernel(base.config))
     if fam.gguf_sliding_window:
         writer.add_sliding_window(int(base.dims["sliding_window"] or 0))
     if lay.attn_softcap:
@@ -96,7 +111,7 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     writer.add_block_count(d["num_layers"])
     writer.add_feed_forward_length(d["intermediate_size"])
     writer.add_head_count(d["num_heads"])
-    writer.add_head_count_kv(d["num_kv_heads"])
+    writer.add_head_count_kv(_head_count_kv(d, lay))
     writer.add_key_length(d["head_dim"])
     writer.add_value_length(d["head_dim"])
     writer.add_rope_dimension_count(lay.rotary_dim)
@@ -172,12 +187,19 @@ def _weight_tensors(base: BaseModel, names, ftype: str) -> list:
                 continue
             raise UnsupportedModel(f"{base.local_dir}: tensor {name} has no GGUF name")
         shape = tuple(shapes[name].shape)
+        # A depthwise convolution [channels, 1, kernel] is written [channels, kernel], as llama.cpp's
+        # converter squeezes it, and in F32, which ggml's ssm_conv reads (its quantizer skips it).
+        depthwise = suffix == "weight" and _is_depthwise_conv(fam, stem)
+        if depthwise:
+            shape = (shape[0], shape[2])
         # ggml keeps norms and biases in F32 whatever the file type, like llama.cpp's converter.
-        gtype = "F32" if len(shape) == 1 else ftype
+        gtype = "F32" if len(shape) == 1 or depthwise else ftype
         heads = (d["num_heads"] if stem.endswith("q_proj") else d["num_kv_heads"] if stem.endswith("k_proj")
                  else None) if fam.permute_qk else None
 
-        def make(name=name, gtype=gtype, heads=heads):
+        depthwise = shape if depthwise else None
+
+        def make(name=name, gtype=gtype, heads=heads, depthwise=depthwise):
             if gtype == "BF16":
                 w = _bf16_bits(base.stored(name))
             else:
@@ -186,10 +208,18 @@ def _weight_tensors(base: BaseModel, names, ftype: str) -> list:
                     w = w + np.float32(fam.norms.offset)  # llama.cpp multiplies by the stored weight: store 1 + w
             if heads:
                 w = permute_rows(w, heads)
+            if depthwise:
+                w = w.reshape(depthwise)
             return w.astype(_STORAGE[gtype], copy=False)  # no copy of what is already float32
 
         plan.append((f"{target}.{suffix}", shape, gtype, make))
     return plan
+
+
+def _is_depthwise_conv(fam: Arch, stem: str) -> bool:
+    """Whether module `stem` is the depthwise convolution of a short-convolution block."""
+    sc = fam.block(SHORT_CONV)
+    return sc is not None and stem.endswith(f".{sc.parent}.{sc.conv}")
 
 
 def _bf16_bits(t) -> np.ndarray:

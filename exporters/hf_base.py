@@ -95,11 +95,12 @@ class BaseModel:
     def linear_shapes(self) -> dict[str, list[int]]:
         """[in_features, out_features] of every slot-able linear layer, by short name, in the
         family's group order (the checkpoint's own layers: q_proj, ... or Phi-3's qkv_proj)."""
-        layer = self.model.model.layers[0]
-        shapes = {}
+        layers, shapes = self.model.model.layers, {}
         for group in self.arch.groups:
+            # the first layer that has the group's module (a hybrid's layers differ in kind)
+            parent = next(getattr(layer, group.parent) for layer in layers if hasattr(layer, group.parent))
             for member in group.members:
-                m = getattr(getattr(layer, group.parent), member)
+                m = getattr(parent, member)
                 shapes[member] = [int(m.in_features), int(m.out_features)]
         return shapes
 
@@ -120,7 +121,8 @@ def _dims(config) -> dict:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     window = getattr(config, "sliding_window", None)
-    flag = arch_of(config.model_type).sliding_window_flag
+    arch = arch_of(config.model_type)
+    flag = arch.sliding_window_flag
     if flag is not None and not getattr(config, flag, False):
         window = None
     return {
@@ -129,9 +131,9 @@ def _dims(config) -> dict:
         "num_heads": heads,
         "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
         "head_dim": head_dim,
-        "intermediate_size": config.intermediate_size,
+        "intermediate_size": arch.mlp_size(config) if arch.mlp_size else config.intermediate_size,
         "vocab_size": config.vocab_size,
-        "rms_norm_eps": float(config.rms_norm_eps),
+        "rms_norm_eps": float(getattr(config, arch.norm_eps_field)),
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "max_position_embeddings": int(getattr(config, "max_position_embeddings", 2048)),
         "sliding_window": int(window) if window else None,

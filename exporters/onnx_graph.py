@@ -13,7 +13,9 @@ adapter slots, in one pass with onnx.helper:
 
 The bracketed steps, the activation, the norms' weights and each layer's window, rotary table
 and attention scale come from the family's description (exporters/archs: Arch and Layout);
-nothing here branches on the model type.
+nothing here branches on the model type. A hybrid family's layers differ in their token mixer
+(Layout.mixers): attention as above, or a gated short convolution (onnx_conv.py) whose state is
+a graph input and output where an attention layer has its KV cache.
 
 Linear layers that read the same input are packed into one MatMul, as onnxruntime-genai does:
 q/k/v (GroupQueryAttention takes the packed query) and gate/up; each packed group has one adapter
@@ -32,12 +34,13 @@ import numpy as np
 from edgepeft.errors import UnsupportedModel, require
 from edgepeft.runtime_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, kv_names
 
-from .archs import ATTENTION, MLP
+from .archs import ATTENTION, ATTENTION_MIXER, MLP, SHORT_CONV
 from .checkpoint import EMBEDDING as EMBEDDING_WEIGHT
 from .checkpoint import HEAD, checkpoint_name, materialized
 from .hf_base import BaseModel
 from .onnx_base_path import add_base_path
 from .onnx_external import tensor
+from .onnx_conv import add_state_io, short_conv
 from .onnx_rotary import add_rotary_tables
 from .onnx_slots import EMBEDDING, SLOT_SETS, Graph, Projections, slot_names, to_numpy
 
@@ -123,6 +126,7 @@ class _DecoderBuilder:
             raise UnsupportedModel("an exact head top-k needs a tied lm_head and an fp16 embedding table")
         self.proj = Projections(self.g, slot_set)
         self.residual: str | None = None  # the residual stream, from the first norm on
+        self.mixers = {ATTENTION_MIXER: self.attention_block, SHORT_CONV: self.short_conv_block}
 
     def build(self):
         self.inputs()
@@ -134,17 +138,22 @@ class _DecoderBuilder:
         for i, layer in enumerate(self.base.model.model.layers):
             with materialized(self.base, layer):  # one decoder layer's weights at a time
                 x = self.layer(i, layer, x)
-        with materialized(self.base, self.base.model.model.norm, self.base.model.lm_head):
+        with materialized(self.base, getattr(self.base.model.model, self.arch.final_norm), self.base.model.lm_head):
             self.head(x)
         return self.finish()
 
     def inputs(self) -> None:
-        """The token ids, the attention mask, and each layer's KV cache in and out."""
+        """The token ids, the attention mask, and each attention layer's KV cache in and out
+        (each state-carrying layer's states instead, in a hybrid family)."""
         g, TP, d = self.g, self.TP, self.d
         g.add_input(INPUT_IDS, TP.INT64, ["batch", "seq"])
         g.add_input(ATTENTION_MASK, TP.INT64, ["batch", "total_seq"])
         nkv, hd = d["num_kv_heads"], d["head_dim"]
         for i in range(d["num_layers"]):
+            if self.lay.mixers[i] != ATTENTION_MIXER:
+                for state, shape in self.lay.states[i].items():
+                    add_state_io(g, i, state, shape)
+                continue
             pk, pv, ok, ov = kv_names(i)
             for n in (pk, pv):
                 g.add_input(n, g.onnx_dtype, ["batch", nkv, "past_seq", hd])
@@ -255,9 +264,7 @@ class _DecoderBuilder:
         residual stream."""
         g, p, norms = self.g, f"model.layers.{i}", self.arch.norms
         x = self.norm(x, getattr(layer, norms.pre_attention).weight, f"{p}.{norms.pre_attention}")
-        # Packed q/k/v: GroupQueryAttention splits a packed query input itself.
-        qkv = self.group(x, p, "qkv_proj", layer)
-        o = self.group(self.attention(i, qkv, getattr(layer, ATTENTION)), p, "o_proj", layer)
+        o = self.mixers[self.lay.mixers[i]](i, layer, x)
         if norms.post_attention:
             o = self.plain_norm(o, getattr(layer, norms.post_attention).weight, f"{p}.{norms.post_attention}")
         x = self.norm(o, getattr(layer, norms.pre_mlp).weight, f"{p}.{norms.pre_mlp}")
@@ -268,6 +275,18 @@ class _DecoderBuilder:
         if norms.post_mlp:
             out = self.plain_norm(out, getattr(layer, norms.post_mlp).weight, f"{p}.{norms.post_mlp}")
         return out
+
+    def attention_block(self, i: int, layer, x: str) -> str:
+        """Packed q/k/v (GroupQueryAttention splits a packed query input itself), attention, o."""
+        p = f"model.layers.{i}"
+        qkv = self.group(x, p, "qkv_proj", layer)
+        return self.group(self.attention(i, qkv, getattr(layer, ATTENTION)), p, "o_proj", layer)
+
+    def short_conv_block(self, i: int, layer, x: str) -> str:
+        """The gated short convolution (onnx_conv.py), its state in and out."""
+        sc, p = self.arch.block(SHORT_CONV), f"model.layers.{i}"
+        return short_conv(self.g, i, getattr(layer, sc.parent), sc.conv, x, f"{p}.{sc.parent}",
+                          lambda y, group: self.group(y, p, group, layer), sc.in_group, sc.out_group)
 
     def activation(self, x: str, name: str) -> str:
         """The MLP's gate activation: SiLU as x * sigmoid(x), or tanh GELU (FastGelu is
@@ -305,7 +324,7 @@ class _DecoderBuilder:
             self.flat = g.init("const.flat_heads", np.array([0, 0, -1], np.int64), cast=False)
         q, k, v = g.node("Split", [qkv, self.qkv_sizes], 3, f"/{prefix}/qkv/Split", axis=-1)
         normed = []
-        for x, norm in ((q, "q_norm"), (k, "k_norm")):
+        for x, norm in zip((q, k), self.arch.qk_norm_names):
             heads = g.node("Reshape", [x, self.per_head], 1, f"/{prefix}/{norm}/Reshape")
             heads = self.plain_norm(heads, getattr(att, norm).weight, f"{prefix}.{norm}")
             normed.append(g.node("Reshape", [heads, self.flat], 1, f"/{prefix}/{norm}/Flatten"))
@@ -314,14 +333,15 @@ class _DecoderBuilder:
     def head(self, x: str) -> None:
         """The final norm, logits_to_keep's Slice and the lm_head (with its slot) -> logits."""
         g, TP = self.g, self.TP
-        final = self.norm(x, self.base.model.model.norm.weight, "model.norm")
+        final_norm = self.arch.final_norm
+        final = self.norm(x, getattr(self.base.model.model, final_norm).weight, f"model.{final_norm}")
         # logits_to_keep (transformers' argument, same meaning): logits for the last n positions
         # only, 0 (the default) for all. A prompt's prefill needs one row, and each row costs a
         # vocab-wide lm_head row and its output; llama.cpp likewise computes only the logits a
         # batch asks for.
         g.add_input(LOGITS_TO_KEEP, TP.INT64, [1])
         start = g.node("Neg", [g.init(LOGITS_TO_KEEP, np.zeros(1, np.int64), cast=False)], 1, "/logits_to_keep/Neg")
-        end = g.init("const.int64_max", np.array([np.iinfo(np.int64).max]), cast=False)
+        end = g.const("const.int64_max", [np.iinfo(np.int64).max])
         final = g.node("Slice", [final, start, end, self.axes1], 1, "/logits_to_keep/Slice")
         y = self.proj.linear(final, None, "lm_head", self.base.model, ("lm_head",),
                              refine=self.exact_head if self.exact_head_top_k else None)
@@ -367,7 +387,12 @@ class _DecoderBuilder:
             "lora_nodes": g.lora_nodes,
             "base_matmuls": g.base_matmuls,
             "exact_head_top_k": int(self.exact_head_top_k),
-            "kv": {"num_layers": d["num_layers"], "num_kv_heads": d["num_kv_heads"], "head_dim": d["head_dim"]},
+            "kv": {"num_layers": d["num_layers"], "num_kv_heads": d["num_kv_heads"], "head_dim": d["head_dim"],
+                   # a hybrid's layers with a KV cache, and the others' states (state_names)
+                   **({"layers": self.lay.attention_layers(),
+                       "states": [{"layer": i, "name": n, "shape": list(shape)}
+                                  for i, st in enumerate(self.lay.states) for n, shape in st.items()]}
+                      if any(self.lay.states) else {})},
             "projections": g.projections,
             "members": g.members,
             "slot_ops": g.slot_ops,

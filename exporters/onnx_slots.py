@@ -78,12 +78,20 @@ class Graph:
 
     def __post_init__(self):
         self.h = require("onnx", "export").helper
+        self._consts: set[str] = set()
 
     def init(self, name: str, arr: np.ndarray, cast: bool = True) -> str:
         nh = require("onnx", "export").numpy_helper
         if cast:
             arr = arr.astype(self.np_dtype)
         self.inits.append(nh.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def const(self, name: str, values) -> str:
+        """An int64 constant, added once however many operators read it."""
+        if name not in self._consts:
+            self._consts.add(name)
+            self.init(name, np.array(values, np.int64), cast=False)
         return name
 
     def add_input(self, name: str, elem_type: int, shape: list) -> None:

@@ -62,6 +62,10 @@ class GgufBackend(Backend):
         if not self.model:
             raise BundleError(f"{path}: llama.cpp cannot load it (corrupt or unsupported GGUF)")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        # A hybrid (LFM2's convolution layers) or recurrent memory cannot drop a sequence's last
+        # positions (llama_memory_seq_rm fails on part of a sequence): its sequences reset whole.
+        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(self.model)
+                              or llama_cpp.llama_model_is_hybrid(self.model))
         # llama.cpp allocates a context's whole KV cache up front: at most 4096 positions by default.
         self.context_length = min(int(info["context_length"]), int(context_length or 4096))
         cparams = self.cparams = llama_cpp.llama_context_default_params()
@@ -210,11 +214,13 @@ class GgufSequence(SequenceState):
         self.length = 0
 
     def can_trim(self) -> bool:
-        return True
+        return not self.backend.recurrent
 
     def trim(self, n: int) -> None:
         if not 0 <= n <= self.length:
             raise EngineError(f"cannot drop {n} tokens from a sequence of {self.length}")
+        if n and self.backend.recurrent and n != self.length:
+            raise EngineError("a sequence with a convolution or recurrent state cannot drop part of its tokens")
         self._context().forget(0, self.length - n)
         self.length -= n
 

@@ -55,11 +55,13 @@ class GgufRow(SequenceState):
         self.trim(self.length)
 
     def can_trim(self) -> bool:
-        return True
+        return not self.batcher.backend.recurrent
 
     def trim(self, n: int) -> None:
         if not 0 <= n <= self.length:
             raise EngineError(f"cannot drop {n} tokens from a row of {self.length}")
+        if n and self.batcher.backend.recurrent and n != self.length:
+            raise EngineError("a row with a convolution or recurrent state cannot drop part of its tokens")
         self.batcher.check(self, 0).c.forget(self.seq, self.length - n)
         self.length -= n
 

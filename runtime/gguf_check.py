@@ -44,6 +44,7 @@ _SCALARS = {_V.UINT8: "<B", _V.INT8: "<b", _V.UINT16: "<H", _V.INT16: "<h", _V.U
             _V.FLOAT32: "<f", _V.BOOL: "<?", _V.UINT64: "<Q", _V.INT64: "<q", _V.FLOAT64: "<d"}
 _MAX_STRING = 1 << 20
 _MAX_ARRAY = 1 << 24
+_PER_LAYER = 1024  # scalar arrays up to this length are read (per-layer values); longer ones skipped
 
 
 class _Header:
@@ -82,6 +83,9 @@ class _Header:
             etype, n = self.unpack("<I"), self.unpack("<Q")
             if n > _MAX_ARRAY:
                 raise ValueError(f"array of {n} values")
+            if etype in _SCALARS and n <= _PER_LAYER:  # per-layer values (a hybrid's head_count_kv)
+                fmt = _SCALARS[etype]
+                return list(struct.unpack(f"{fmt[0]}{n}{fmt[1:]}", self.take(n * struct.calcsize(fmt))))
             if etype in _SCALARS:
                 self.take(n * struct.calcsize(_SCALARS[etype]))
             elif etype == GGUFValueType.STRING:
@@ -89,7 +93,7 @@ class _Header:
                     self.take(self.unpack("<Q"))
             else:
                 raise ValueError(f"array of value type {etype}")
-            return None  # arrays (vocabularies, scores) are not checked
+            return None  # longer arrays (vocabularies, scores) are not checked
         raise ValueError(f"value type {vtype}")
 
 
@@ -157,6 +161,11 @@ def check_base_gguf(path: Path, base: dict) -> tuple[str, dict[str, list[int]]]:
     want = {Keys.LLM.BLOCK_COUNT: dims["num_layers"], Keys.LLM.EMBEDDING_LENGTH: dims["hidden_size"],
             Keys.Attention.HEAD_COUNT: dims["num_heads"], Keys.Attention.HEAD_COUNT_KV: dims["num_kv_heads"]}
     want = {key.format(arch=arch): value for key, value in want.items()}
+    kv_key = Keys.Attention.HEAD_COUNT_KV.format(arch=arch)
+    per_layer = fields.get(kv_key)
+    if (isinstance(per_layer, list) and len(per_layer) == dims["num_layers"]
+            and set(per_layer) <= {0, dims["num_kv_heads"]} and any(per_layer)):
+        del want[kv_key]  # a hybrid's KV heads per layer: 0 for a layer without attention (LFM2's convolutions)
     for key, value in want.items():
         if fields.get(key) != value:
             raise BundleError(f"{path}: {key} is {str(fields.get(key))[:20]}, the manifest says {value} "

@@ -109,8 +109,9 @@ class GgufContext:
         memory = self.llama_cpp.llama_get_memory(self.ctx)
         if seq < 0 and start < 0:
             self.llama_cpp.llama_memory_clear(memory, True)
-        else:
-            self.llama_cpp.llama_memory_seq_rm(memory, seq, start, -1)
+        elif not self.llama_cpp.llama_memory_seq_rm(memory, seq, start, -1):
+            # a recurrent or hybrid memory refuses to drop part of a sequence
+            raise EngineError(f"llama.cpp could not drop sequence {seq}'s positions from {start} on")
 
     def free(self) -> None:
         if self.ctx:

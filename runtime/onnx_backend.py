@@ -3,7 +3,10 @@
 Ownership: the backend owns the InferenceSession (created once, freed with the backend). Each
 loaded adapter owns its memory-mapped parameters (runtime/onnx_adapter.py; freed when unloaded
 and no call uses it). Each sequence (`OnnxSequence`) owns its IOBinding and its KV cache, freed
-at `close()`, so calls on different threads never share state.
+at `close()`, so calls on different threads never share state. In a hybrid family (LFM2), the
+sequence owns each short-convolution layer's state beside the attention layers' KV cache
+(the graph's entry `kv` says which layers have which: `layers` and `states`); such a state
+cannot drop its last tokens, so those sequences do not trim (a shared prefix is recomputed).
 
 The runtime binds adapter tensors itself because onnxruntime's `RunOptions.add_active_adapter`
 is ignored by `run_with_iobinding`, and IO binding is what lets the KV cache live in one
@@ -23,7 +26,7 @@ from edgepeft.bundle import Bundle
 from edgepeft.errors import BundleError, EngineError, require
 from edgepeft.runtime.devices import pick_onnx
 from edgepeft.runtime_contract import (ADAPTERS_ACTIVE, ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, kv_names,
-                                       slot_params)
+                                       slot_params, state_names)
 
 from .backend import Backend, SequenceState
 from .onnx_adapter import OnnxAdapter, combine, read_adapter
@@ -56,7 +59,11 @@ class OnnxBackend(Backend):
         # Where IO-bound tensors (KV cache, logits) live; other providers copy what they need.
         self.device = "cuda" if choice.device in ("cuda", "tensorrt") else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.dtype = _ORT_TYPES[inputs[kv_names(0)[0]].type]
+        kv = info["kv"]
+        # A hybrid's attention layers have a KV cache, its other layers their states instead.
+        self.kv_layers = list(kv.get("layers", range(kv["num_layers"])))
+        self.states = [(state_names(st["layer"], st["name"]), (1, *st["shape"])) for st in kv.get("states", [])]
+        self.dtype = _ORT_TYPES[inputs[kv_names(self.kv_layers[0])[0]].type]
         self.vocab_size = int(next(o for o in self.session.get_outputs() if o.name == LOGITS).shape[-1])
         # Slots have defaults, so onnxruntime lists them as overridable initializers; the
         # manifest's slots say which modules have one.
@@ -67,7 +74,6 @@ class OnnxBackend(Backend):
         self._active = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.float32))
         self.keeps_logits = LOGITS_TO_KEEP in overridable  # logits for the last n positions only
         self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.array([n], np.int64)) for n in (0, 1)}
-        kv = info["kv"]
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
         self.context_length = min(int(info["context_length"]), int(max_context or info["context_length"]))
         # LongRoPE bases: past this position the long factors apply, and a sequence recomputes
@@ -127,7 +133,8 @@ class OnnxBackend(Backend):
     def can_batch(self, adapter: OnnxAdapter | None) -> bool:
         """Rows batch on a CPU base exported with row masks and without LongRoPE (one rotary
         table per step), on plain LoRA adapters (a row mask cannot separate what a scale or a
-        prefix does to a whole output); everything else runs alone."""
+        prefix does to a whole output); everything else runs alone. A hybrid base's rows carry
+        their convolution states in the batcher (runtime/onnx_batch.py)."""
         return (bool(self.info.get("row_masks")) and self.rope_switch is None and self.device == "cpu"
                 and (adapter is None or adapter.lora_only))
 
@@ -152,7 +159,7 @@ class OnnxSequence(SequenceState):
         self.kv, self.host_kv = [], []
         shape = [1, b.kv_heads, max_len, b.head_dim]
         prefix = adapter.prefix if adapter is not None else []
-        for i in range(b.num_layers):
+        for i in b.kv_layers:
             past_key, past_value, present_key, present_value = kv_names(i)
             for j, (past, present) in enumerate(((past_key, present_key), (past_value, present_value))):
                 if prefix:
@@ -167,6 +174,12 @@ class OnnxSequence(SequenceState):
                 self.io.bind_ortvalue_input(past, v)
                 self.io.bind_ortvalue_output(present, v)
                 self.kv.append(v)
+        # Each state in two buffers, past and present, swapped after every run: the graph reads
+        # the past state while it writes the present one.
+        self.states = [[names, ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, b.dtype), b.device, 0),
+                        ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, b.dtype), b.device, 0)]
+                       for names, shape in b.states]
+        self._bind_states()
         self.mask = np.ones((1, max_len), np.int64)
         self.start = backend.virtual_tokens(adapter)  # real tokens start after the virtual ones
         self.length = self.start
@@ -174,15 +187,32 @@ class OnnxSequence(SequenceState):
         self.keep = 0  # logits_to_keep as bound: unbound, the graph's default 0 (all positions)
 
     def close(self) -> None:
-        self.io = self.kv = self.host_kv = self.step_logits = None  # the buffers go now, not at collection
+        # the buffers go now, not at collection
+        self.io = self.kv = self.host_kv = self.step_logits = self.states = None
 
     def reset(self) -> None:
         self.length, self.ids = self.start, []
+        for _, past, _ in self.states or []:  # a sequence starts from zero states
+            past.update_inplace(np.zeros(past.shape(), self.backend.dtype))
 
     def can_trim(self) -> bool:
-        return True
+        return not self.states  # a convolution state cannot give back the tokens it has taken in
+
+    def _bind_states(self) -> None:
+        for (past_name, present_name), past, present in self.states:
+            self.io.bind_ortvalue_input(past_name, past)
+            self.io.bind_ortvalue_output(present_name, present)
+
+    def _swap_states(self) -> None:
+        """The state a run wrote becomes the next run's past state."""
+        for entry in self.states:
+            entry[1], entry[2] = entry[2], entry[1]
+        if self.states:
+            self._bind_states()
 
     def trim(self, n: int) -> None:
+        if self.states:
+            raise EngineError("a sequence with a convolution state cannot drop tokens once run")
         if not 0 <= n <= len(self.ids):
             raise EngineError(f"cannot drop {n} tokens from a sequence of {len(self.ids)}")
         self.length -= n
@@ -227,6 +257,7 @@ class OnnxSequence(SequenceState):
         self.io.bind_ortvalue_output(LOGITS, value)
         with self.backend.step_lock:
             self.backend.session.run_with_iobinding(self.io)
+        self._swap_states()
         self.length += n
         self.ids.extend(int(t) for t in ids)
         return logits[0].astype(np.float32, copy=False)

@@ -12,6 +12,11 @@ none), in one forward pass.
   one adapter bind it as one call does; rows all on the base run the slot-free path.
 - A newcomer's prompt runs alone over its own row of the buffer (`OnnxRow.forward`), in chunks
   the scheduler interleaves with the others' decode steps.
+- A hybrid base (LFM2): the KV buffers are the attention layers' only, and each convolution
+  layer's state has a buffer of its own, [rows, hidden, kernel - 1], read as the past state; the
+  graph writes the present state to a second array, and only the rows that ran copy theirs back,
+  so a row riding along a step with a placeholder token keeps its state. A row's state is zeroed
+  when it opens or resets; the state cannot drop tokens, so such rows do not trim.
 
 Which calls batch is OnnxBackend.can_batch's one rule; the others run alone.
 """
@@ -41,11 +46,14 @@ class OnnxRow(SequenceState):
 
     def reset(self) -> None:
         self.length = 0
+        self.batcher.zero_states(self)
 
     def can_trim(self) -> bool:
-        return True
+        return not self.batcher.states
 
     def trim(self, n: int) -> None:
+        if self.batcher.states:
+            raise EngineError("a row with a convolution state cannot drop tokens once run")
         if not 0 <= n <= self.length:
             raise EngineError(f"cannot drop {n} tokens from a row of {self.length}")
         self.length -= n
@@ -60,9 +68,10 @@ class OnnxBatcher(Batcher):
     def __init__(self, backend):
         self.b = backend
         self.rows: list[OnnxRow] = []
-        self.kv: list[np.ndarray] = []  # per layer: key, value [capacity, kv_heads, positions, head_dim]
+        self.kv: list[np.ndarray] = []  # per attention layer: key, value [capacity, kv_heads, positions, head_dim]
+        self.states: list[np.ndarray] = []  # per convolution state (backend.states): [capacity, *shape]
         self.capacity = self.positions = 0
-        self._decode = None  # (key, IOBinding, logits array, arrays it reads) of the last step's layout
+        self._decode = None  # (key, IOBinding, logits array, present states, arrays it reads) of the last step's layout
         self._combined: dict = {}  # adapters (by id) -> their slots side by side, a few kept
 
     def open_row(self, handle, budget: int) -> OnnxRow:
@@ -71,6 +80,7 @@ class OnnxBatcher(Batcher):
         n = len(self.rows)
         self._grow(n + 1, budget)
         row = OnnxRow(self, handle, budget, n)
+        self.zero_states(row)
         self.rows.append(row)
         self._decode = None
         return row
@@ -85,6 +95,8 @@ class OnnxBatcher(Batcher):
             moved = self.rows[last]
             for buf in self.kv:
                 buf[i, :, : moved.length] = buf[last, :, : moved.length]
+            for buf in self.states:
+                buf[i] = buf[last]
             moved.index, self.rows[i] = i, moved
         self.rows.pop()
         row.index = -1
@@ -95,7 +107,7 @@ class OnnxBatcher(Batcher):
     def close(self) -> None:
         for row in self.rows:
             row.index = -1
-        self.rows, self.kv, self._decode, self._combined = [], [], None, {}
+        self.rows, self.kv, self.states, self._decode, self._combined = [], [], [], None, {}
         self.capacity = self.positions = 0
 
     def _grow(self, rows: int, budget: int) -> None:
@@ -107,11 +119,18 @@ class OnnxBatcher(Batcher):
         capacity = max(rows, min(2 * self.capacity, rows + 8)) if rows > self.capacity else self.capacity
         positions = max(self.positions, min(-(-budget // POSITION_STEP) * POSITION_STEP, b.context_length))
         shape = (capacity, b.kv_heads, positions, b.head_dim)
-        new = [np.zeros(shape, b.dtype) for _ in range(2 * b.num_layers)]
+        new = [np.zeros(shape, b.dtype) for _ in range(2 * len(b.kv_layers))]
         for old, buf in zip(self.kv, new):
             for row in self.rows:
                 buf[row.index, :, : row.length] = old[row.index, :, : row.length]
-        self.kv, self.capacity, self.positions, self._decode = new, capacity, positions, None
+        states = [np.zeros((capacity, *shape[1:]), b.dtype) for _, shape in b.states]
+        for old, buf in zip(self.states, states):
+            buf[: len(self.rows)] = old[: len(self.rows)]
+        self.kv, self.states, self.capacity, self.positions, self._decode = new, states, capacity, positions, None
+
+    def zero_states(self, row: OnnxRow) -> None:
+        for buf in self.states:
+            buf[row.index] = 0
 
     # ---- running -----------------------------------------------------------------------------------
     def prefill(self, row: OnnxRow, ids: list[int], all_logits: bool = False) -> np.ndarray:
@@ -128,6 +147,7 @@ class OnnxBatcher(Batcher):
         if row.handle is not None:
             b.bind_adapter(io, row.handle)
         self._bind_kv(io, row.index, row.index + 1)
+        present = self._bind_states(io, row.index, row.index + 1)
         io.bind_cpu_input(INPUT_IDS, np.asarray(ids, np.int64).reshape(1, n))
         io.bind_cpu_input(ATTENTION_MASK, np.ones((1, row.length + n), np.int64))
         kept = n if all_logits or not b.keeps_logits else 1
@@ -137,6 +157,8 @@ class OnnxBatcher(Batcher):
         io.bind_ortvalue_output(LOGITS, b.ort.OrtValue.ortvalue_from_numpy(logits))
         with b.step_lock:
             b.session.run_with_iobinding(io)
+        for buf, new in zip(self.states, present):
+            buf[row.index] = new[0]
         row.length += n
         return logits[0].astype(np.float32, copy=False)
 
@@ -155,7 +177,7 @@ class OnnxBatcher(Batcher):
         key = (m, tuple(map(id, handles)))
         if self._decode is None or self._decode[0] != key:
             self._decode = (key, *self._decode_binding(m, handles))
-        _, io, logits, _ = self._decode
+        _, io, logits, present, _ = self._decode
         ids = np.zeros((m, 1), np.int64)
         for row, token in zip(rows, tokens):
             ids[row.index, 0] = token
@@ -164,6 +186,9 @@ class OnnxBatcher(Batcher):
         io.bind_cpu_input(ATTENTION_MASK, (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64))
         with self.b.step_lock:
             self.b.session.run_with_iobinding(io)
+        ran = [r.index for r in rows]
+        for buf, new in zip(self.states, present):
+            buf[ran] = new[ran]  # rows riding along keep their state
         for row in rows:
             row.length += 1
         return logits[[r.index for r in rows], 0].astype(np.float32, copy=False)
@@ -171,20 +196,33 @@ class OnnxBatcher(Batcher):
     def _bind_kv(self, io, start: int, stop: int) -> None:
         """Bind rows start..stop-1 of every layer's buffer as past and present (zero-copy views)."""
         ort = self.b.ort
-        for i in range(self.b.num_layers):
+        for j, i in enumerate(self.b.kv_layers):
             past_key, past_value, present_key, present_value = kv_names(i)
-            for buf, past, present in ((self.kv[2 * i], past_key, present_key),
-                                       (self.kv[2 * i + 1], past_value, present_value)):
+            for buf, past, present in ((self.kv[2 * j], past_key, present_key),
+                                       (self.kv[2 * j + 1], past_value, present_value)):
                 v = ort.OrtValue.ortvalue_from_numpy(buf[start:stop])
                 io.bind_ortvalue_input(past, v)
                 io.bind_ortvalue_output(present, v)
 
+    def _bind_states(self, io, start: int, stop: int) -> list[np.ndarray]:
+        """Bind rows start..stop-1 of every state buffer as the past state (zero-copy views) and
+        a new array per state as the present one; return those arrays."""
+        ort, present = self.b.ort, []
+        for ((past_name, present_name), _), buf in zip(self.b.states, self.states):
+            out = np.empty_like(buf[start:stop])
+            io.bind_ortvalue_input(past_name, ort.OrtValue.ortvalue_from_numpy(buf[start:stop]))
+            io.bind_ortvalue_output(present_name, ort.OrtValue.ortvalue_from_numpy(out))
+            present.append(out)
+        return present
+
     def _decode_binding(self, m: int, handles: tuple):
         """The IOBinding of a decode step over rows 0..m-1 on `handles` (None: the base), the
-        logits array it writes, and the arrays its OrtValues read (CPU OrtValues do not own them)."""
+        logits and present states arrays it writes, and the arrays its OrtValues read (CPU
+        OrtValues do not own them)."""
         b = self.b
         io = b.session.io_binding()
         self._bind_kv(io, 0, m)
+        present = self._bind_states(io, 0, m)
         distinct = list({id(h): h for h in handles if h is not None}.values())
         keep: list = []
         if len(distinct) == 1 and None not in handles:
@@ -196,7 +234,7 @@ class OnnxBatcher(Batcher):
             b.bind_kept_logits(io, 1)
         logits = np.empty((m, 1, b.vocab_size), b.dtype)
         io.bind_ortvalue_output(LOGITS, b.ort.OrtValue.ortvalue_from_numpy(logits))
-        return io, logits, keep
+        return io, logits, present, keep
 
     def _bind_side_by_side(self, io, adapters: list, handles: tuple) -> list:
         """Bind each slot's A and B with the adapters' ranks side by side, and its row mask;

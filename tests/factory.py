@@ -74,6 +74,12 @@ ARCHS = {
     "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", {
         "sliding_window": None, "hidden_size": 128, "partial_rotary_factor": 0.5,
         "original_max_position_embeddings": 32, "rope_scaling": _longrope(16)}),
+    # LFM2: gated short-convolution layers (kernel 5: a state of 4 inputs) between full-attention
+    # layers with q/k norms, 2 heads sharing 1 KV head; the MLP width adjusted from
+    # intermediate_size (block_auto_adjust_ff_dim: 128 -> 96).
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", {
+        "num_hidden_layers": 4, "layer_types": ["conv", "full_attention", "conv", "full_attention"],
+        "conv_L_cache": 5, "num_attention_heads": 2, "num_key_value_heads": 1, "block_multiple_of": 16}),
 }
 
 
@@ -125,6 +131,8 @@ def all_linear(arch: str) -> list[str]:
     """The linear layers of `arch`'s checkpoint, for "LoRA on every linear layer"."""
     if ARCHS[arch][1] == "Phi3ForCausalLM":  # stored fused
         return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    if ARCHS[arch][1] == "Lfm2ForCausalLM":  # out_proj: both the attention's and the convolution's
+        return ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"]
     return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

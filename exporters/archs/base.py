@@ -7,15 +7,27 @@ scale and the local rotary base, and how llama.cpp names and lays out the family
 what a given config makes of that: per-layer attention windows and rotary tables, the
 attention scale, soft-caps. The ONNX graph builder and the GGUF writers read these two and
 nothing else about the family.
+
+Hybrid families (LFM2) mix token mixers: `Arch.mixers` maps a config `layer_types` value to the
+block such a layer has instead of attention (a `ShortConv`), and `Layout.states` gives each
+layer's per-sequence states beside the KV cache, as that block states them (a short
+convolution's last kernel-1 inputs). A new kind of block is a dataclass with a `kind` and a
+`states(config, dims)` like ShortConv's, and a method of the graph builder for its kind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..hf_config import partial_rotary_factor
 
 ATTENTION, MLP = "self_attn", "mlp"
+# A decoder layer's token mixer: attention over the KV cache, or a gated short convolution
+# (ShortConv) that carries its last kernel-1 inputs per sequence instead of a KV cache.
+ATTENTION_MIXER, SHORT_CONV = "attention", "short_conv"
+CONV_STATE = "conv"  # a short convolution's state (Layout.states; runtime_contract.state_names)
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,33 @@ class Norms:
 
 
 @dataclass(frozen=True)
+class ShortConv:
+    """A gated short-convolution block (LFM2's Lfm2ShortConv), by module and config names:
+    `in_group` projects to 3 x hidden, cut into B, C, x in that order; B * x goes through the
+    depthwise causal convolution `conv` (kernel `kernel_field`, no activation); C times its output
+    goes through `out_group`. Its state is the convolution's last kernel-1 inputs."""
+
+    parent: str = "conv"  # the block's module in a decoder layer
+    conv: str = "conv"  # the depthwise Conv1d inside the block
+    in_group: str = "conv_in_proj"  # Group names (Arch.groups) of its two projections
+    out_group: str = "conv_out_proj"
+    kernel_field: str = "conv_L_cache"  # config field of the kernel size
+    kind: ClassVar[str] = SHORT_CONV
+    bias_field: str = "conv_bias"  # config flag: biases on the convolution and both projections
+    # Submodules whose weights the block's forward reads without calling them (transformers'
+    # Lfm2ShortConv passes its Conv1d to a function): checkpoint.float32_compute reads them
+    # around the block's forward, since their own forward hooks never fire.
+    direct: tuple[str, ...] = ("conv",)
+
+    def kernel(self, config) -> int:
+        return int(getattr(config, self.kernel_field))
+
+    def states(self, config, dims: dict) -> dict[str, tuple[int, ...]]:
+        """Per sequence: the convolution's last kernel-1 inputs, [hidden, kernel - 1]."""
+        return {CONV_STATE: (int(dims["hidden_size"]), self.kernel(config) - 1)}
+
+
+@dataclass(frozen=True)
 class Arch:
     """One model family as the exporters see it."""
 
@@ -100,6 +139,20 @@ class Arch:
     gguf_softcaps: bool = False
     # Whether llama.cpp reads attention.sliding_window for this architecture.
     gguf_sliding_window: bool = False
+    # Module names the Llama layout fixes: each head's q/k norms, the final norm.
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
+    final_norm: str = "norm"
+    norm_eps_field: str = "rms_norm_eps"  # the config field of the RMSNorms' epsilon
+    # The gated MLP's width from the config, for families whose config field is not the size
+    # the weights have (LFM2's block_auto_adjust_ff_dim); None: config.intermediate_size.
+    mlp_size: Callable[[object], int] | None = None
+    # Hybrid families: (layer_types value, block) for the layer types whose token mixer is not
+    # attention, the block describing it (ShortConv).
+    mixers: tuple[tuple[str, ShortConv], ...] = ()
+
+    def block(self, kind: str) -> ShortConv | None:
+        """The family's description of its `kind` token mixer (SHORT_CONV), None without one."""
+        return next((b for _, b in self.mixers if b.kind == kind), None)
 
 
 @dataclass(frozen=True)
@@ -113,6 +166,15 @@ class Layout:
     final_softcap: float | None  # tanh soft-cap of the logits
     rotary_dim: int  # leading dimensions of each head that rotate (partial rotary: < head_dim)
     embed_multiplier: float | None
+    # Each layer's token mixer (ATTENTION_MIXER or SHORT_CONV), and the per-sequence states it
+    # carries beside the KV cache: {state name: shape without the batch axis}, empty for
+    # attention layers; a short convolution's "conv" state is [hidden, kernel - 1].
+    mixers: tuple[str, ...]
+    states: tuple[dict, ...]
+
+    def attention_layers(self) -> list[int]:
+        """The layers that have a KV cache."""
+        return [i for i, m in enumerate(self.mixers) if m == ATTENTION_MIXER]
 
 
 def layout(arch: Arch, config, dims: dict) -> Layout:
@@ -127,10 +189,22 @@ def layout(arch: Arch, config, dims: dict) -> Layout:
     rope = tuple("local" if local and w else "global" for w in windows)
     scale_from = getattr(config, arch.attention_scale_field) if arch.attention_scale_field else dims["head_dim"]
     partial = partial_rotary_factor(config)
+    mixers, states = _mixers(arch, config, dims)
     return Layout(
         windows=windows, rope=rope, attention_scale=float(scale_from) ** -0.5,
         attn_softcap=getattr(config, "attn_logit_softcapping", None) or None,
         final_softcap=getattr(config, "final_logit_softcapping", None) or None,
         rotary_dim=int(dims["head_dim"] * partial),
         embed_multiplier=float(dims["hidden_size"]) ** 0.5 if arch.embed_scale else None,
+        mixers=mixers, states=states,
     )
+
+
+def _mixers(arch: Arch, config, dims: dict) -> tuple[tuple[str, ...], tuple[dict, ...]]:
+    """Each layer's mixer (from config.layer_types through arch.mixers; attention where the
+    family has one mixer) and its states."""
+    n, blocks = dims["num_layers"], dict(arch.mixers)
+    types = list(getattr(config, "layer_types", None) or []) if blocks else []
+    per_layer = [blocks.get(types[i]) if i < len(types) else None for i in range(n)]
+    return (tuple(b.kind if b else ATTENTION_MIXER for b in per_layer),
+            tuple(b.states(config, dims) if b else {} for b in per_layer))

@@ -3,13 +3,14 @@ pinned here, so that a change to the contract shows up as a broken format, not a
 
 from edgepeft.runtime_contract import (ADAPTERS_ACTIVE, ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, PATH_TAGS,
                                        is_prefix_param, kv_names, prefix_names, slot_family, slot_inputs,
-                                       slot_params, tagged)
+                                       slot_params, state_names, tagged)
 
 
 def test_graph_inputs_and_outputs_keep_their_names():
     assert (INPUT_IDS, ATTENTION_MASK, LOGITS) == ("input_ids", "attention_mask", "logits")
     assert (ADAPTERS_ACTIVE, LOGITS_TO_KEEP) == ("adapters_active", "logits_to_keep")
     assert kv_names(3) == ("past_key_values.3.key", "past_key_values.3.value", "present.3.key", "present.3.value")
+    assert state_names(2, "conv") == ("past_conv.2", "present_conv.2")  # onnxruntime-genai's LFM2 names
 
 
 def test_slot_inputs_keep_their_names_and_roles():

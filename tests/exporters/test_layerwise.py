@@ -16,8 +16,10 @@ from factory import bf16_copy, make_base
 # embeddings in the model's forward and soft-caps attention (eager); Phi-3: fused projections,
 # partial rotary with LongRoPE, switching to its long factors past 96 positions, which some texts
 # reach and some do not (batched together, the short ones would rotate by the long factors).
+# LFM2: short-convolution layers (their Conv1d's weights read by the block, not through the
+# Conv1d's forward) between attention layers, right-padded texts through both.
 CASES = [("llama", {}), ("gemma3_text", {"tie": True, "hidden": 96}), ("gemma2", {}),
-         ("phi3_longrope", {"original_max_position_embeddings": 96})]
+         ("phi3_longrope", {"original_max_position_embeddings": 96}), ("lfm2", {"tie": True})]
 
 
 def per_text_importance(base, modules):
