@@ -107,6 +107,7 @@ def _dims(config) -> dict:
     flag = arch.sliding_window_flag
     if flag is not None and not getattr(config, flag, False):
         window = None
+    blocks = {k: v for _, block in arch.mixers for k, v in block.manifest_dims(config).items()}
     return {
         "hidden_size": config.hidden_size,
         "num_layers": config.num_hidden_layers,
@@ -119,6 +120,7 @@ def _dims(config) -> dict:
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "max_position_embeddings": int(getattr(config, "max_position_embeddings", 2048)),
         "sliding_window": int(window) if window else None,
+        **blocks,  # a hybrid's mixer blocks' own sizes (DeltaNet: linear_heads)
     }
 
 

@@ -97,6 +97,10 @@ class ShortConv:
     def kernel(self, config) -> int:
         return int(getattr(config, self.kernel_field))
 
+    def manifest_dims(self, config) -> dict:
+        """What the block adds to the manifest's dims: nothing."""
+        return {}
+
     def states(self, config, dims: dict) -> dict[str, tuple[int, ...]]:
         """Per sequence: the convolution's last kernel-1 inputs, [hidden, kernel - 1]."""
         return {CONV_STATE: (int(dims["hidden_size"]), self.kernel(config) - 1)}
@@ -134,6 +138,11 @@ class DeltaNet:
         """(key heads, value heads, key head dim, value head dim)."""
         return tuple(int(getattr(config, f)) for f in (self.key_heads_field, self.value_heads_field,
                                                        self.key_dim_field, self.value_dim_field))
+
+    def manifest_dims(self, config) -> dict:
+        """What the block adds to the manifest's dims: its head counts and sizes (GGUF LoRA files
+        reorder value heads by them: gguf_deltanet.py)."""
+        return {"linear_heads": list(self.heads(config))}
 
     def conv_channels(self, config) -> int:
         """The convolution's channels: q, k (key heads x key dim each) and v."""

@@ -5,8 +5,10 @@ a prompt far longer than the convolution kernel and than LinearAttention's chunk
 followed by single-token decode steps, carrying each DeltaNet layer's convolution and recurrent
 states and each attention layer's KV cache, gives the logits of scoring the whole text. A
 vision-language checkpoint's text weights (model.language_model.) export as the text model.
-Both run on onnxruntime directly: edgepeft's runtime does not carry per-sequence states yet,
-and export refuses Qwen3.5 bundles until it does (tested below)."""
+The F32 GGUF base and GGUF LoRA files load in stock llama-cpp-python (llama.cpp's qwen35, value
+heads reordered for its tiled key-head repeat) and match PyTorch+PEFT, logits and greedy
+tokens. Both run on onnxruntime and llama-cpp-python directly: edgepeft's runtime does not carry
+per-sequence states yet, and export refuses Qwen3.5 bundles until it does (tested below)."""
 
 import numpy as np
 import pytest
@@ -19,13 +21,14 @@ from edgepeft.exporters.onnx_graph import add_base_path, build_decoder
 from edgepeft.kinds import read_peft_adapter
 from edgepeft.runtime_contract import kv_names, state_names
 from factory import all_linear, make_base, make_lora, reference_logits
-from test_lfm2 import empty_cache, ort_session, run
+from test_lfm2 import empty_cache, ort_session, run, stock_llama
 
 TOL = 1e-3
 ARCH = "qwen3_5_text"
 KERNEL, CHANNELS = 4, 2 * 2 * 16 + 4 * 16  # tests/factory.py's config: q and k of 2 key heads, v of 4 value heads
 # Far longer than the kernel and than LinearAttention's default chunk (64).
 PROMPT_IDS = [int(i) for i in np.random.default_rng(3).integers(3, 260, 150)]
+GGUF_REL = 1e-3  # max abs error over the logit range: the bound tests/exporters/test_families.py uses
 
 
 def perturb_vectors(base_dir, seed: int):
@@ -63,6 +66,25 @@ def qwen35(tmp_path_factory):
     session = ort_session(add_base_path(proto, info))
     feeds = {name: adapter_tensors(read_peft_adapter(path), info, loaded) for name, path in adapters.items()}
     return base, adapters, session, info, feeds
+
+
+@pytest.fixture(scope="module")
+def qwen35_gguf(qwen35, tmp_path_factory):
+    """The F32 GGUF base and the GGUF LoRA files of the adapters that have one (DoRA has not)."""
+    from edgepeft.exporters.gguf_adapter import export_adapter_gguf
+    from edgepeft.exporters.gguf_base import write_base_gguf
+
+    base, adapters = qwen35[:2]
+    root = tmp_path_factory.mktemp("qwen35_gguf")
+    loaded = load_base(str(base))
+    write_base_gguf(loaded, root / "base.gguf", "F32")
+    manifest_base = {"linear_shapes": loaded.linear_shapes(), "model_type": ARCH, "dims": loaded.dims,
+                     "fingerprint": loaded.fingerprint}
+    files = {None: None}
+    for name in ("all", "pattern"):
+        files[name] = root / f"{name}.gguf"
+        export_adapter_gguf(read_peft_adapter(adapters[name]), manifest_base, files[name])
+    return root / "base.gguf", files
 
 
 def test_graph_carries_deltanet_states_and_a_kv_cache_for_attention_layers(qwen35):
@@ -105,6 +127,74 @@ def test_prefill_then_single_token_decode_matches_scoring_the_whole_text(qwen35,
     assert err <= TOL, f"adapter={adapter}: max abs {err}"
     for state in ("conv", "recurrent"):
         assert np.abs(cache[state_names(0, state)[0]]).max() > 0
+
+
+def test_gguf_base_has_llama_cpps_qwen35_layout(qwen35_gguf):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(qwen35_gguf[0])
+    fields = {f.name: f.contents() for f in reader.fields.values()}
+    assert fields["general.architecture"] == "qwen35"
+    assert fields["qwen35.ssm.conv_kernel"] == KERNEL and fields["qwen35.ssm.state_size"] == 16
+    assert fields["qwen35.ssm.group_count"] == 2 and fields["qwen35.ssm.time_step_rank"] == 4
+    assert fields["qwen35.full_attention_interval"] == 4 and fields["qwen35.rope.dimension_count"] == 16
+    tensors = {t.name: t for t in reader.tensors}
+    conv = tensors["blk.0.ssm_conv1d.weight"]
+    assert list(conv.shape) == [KERNEL, CHANNELS] and conv.tensor_type.name == "F32"  # ggml order: [kernel, channels]
+    assert list(tensors["blk.3.attn_q.weight"].shape) == [64, 2 * 4 * 64]  # query and gate per head
+    for name in ("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha", "ssm_out", "ssm_norm"):
+        assert f"blk.0.{name}.weight" in tensors, name
+    assert "blk.0.ssm_a" in tensors and "blk.0.ssm_dt.bias" in tensors and "output.weight" not in tensors
+
+
+def test_f32_gguf_with_lora_in_stock_llama_cpp_matches_peft(qwen35, qwen35_gguf):
+    base, adapters = qwen35[:2]
+    model, files = qwen35_gguf
+    for name in [None, "all", "pattern"]:
+        llm = stock_llama(model, files[name], logits_all=True)
+        llm.eval(PROMPT_IDS)
+        got = np.array(llm.scores[:len(PROMPT_IDS)])
+        llm.close()
+        ref = reference_logits(base, adapters.get(name), PROMPT_IDS)
+        rel = np.abs(got - ref).max() / (ref.max() - ref.min())
+        assert rel <= GGUF_REL, f"adapter={name}: {rel}"
+
+
+@pytest.mark.parametrize("adapter", [None, "all"])
+def test_stock_llama_cpp_greedy_tokens_are_peft_generates(qwen35, qwen35_gguf, adapter):
+    """70 new tokens: llama.cpp carries each DeltaNet layer's states from step to step."""
+    import torch
+    from peft import PeftModel
+
+    from factory import load_reference
+
+    base, adapters = qwen35[:2]
+    model, files = qwen35_gguf
+    prompt = PROMPT_IDS[:9]
+    ref = load_reference(base)
+    if adapter:
+        ref = PeftModel.from_pretrained(ref, adapters[adapter]).eval()
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=70, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(prompt):].tolist()
+    llm = stock_llama(model, files[adapter])
+    got = []
+    for tok in llm.generate(prompt, top_k=1, temp=0.0):
+        got.append(tok)
+        if len(got) == 70:
+            break
+    llm.close()
+    assert got == want
+
+
+def test_gguf_refuses_layer_types_llama_cpp_would_run_otherwise(tmp_path):
+    """llama.cpp's qwen35 reads the layer kinds from full_attention_interval, not layer_types."""
+    from edgepeft.exporters.gguf_base import write_base_gguf
+
+    types = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+    base = make_base(tmp_path / "base", ARCH, seed=8, layer_types=types)
+    with pytest.raises(UnsupportedModel, match="every 4th layer as attention.*--format onnx"):
+        write_base_gguf(load_base(str(base)), tmp_path / "b.gguf", "F32")
 
 
 def make_vlm(out, seed: int = 9):
