@@ -265,3 +265,58 @@ def test_export_of_a_qwen35_bundle_is_refused_in_one_line(qwen35, tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_lazy_base_computes_what_the_float32_model_computes(qwen35):
+    """Calibration runs the lazy base (checkpoint.float32_compute): the DeltaNet's convolution
+    weights, which transformers reads without calling its Conv1d, and its A_log and dt_bias,
+    which it reads as parameters of the block, must be read too."""
+    import torch
+
+    from edgepeft.exporters.checkpoint import float32_compute
+    from factory import load_reference
+
+    base = qwen35[0]
+    lazy = load_base(str(base))
+    with torch.no_grad(), float32_compute(lazy):
+        got = lazy.model(torch.tensor([PROMPT_IDS])).logits
+    with torch.no_grad():
+        want = load_reference(base)(torch.tensor([PROMPT_IDS])).logits
+    assert torch.equal(got, want)
+
+
+def test_int4_graph_as_export_builds_it_decodes_with_its_states_and_stays_close(qwen35, tmp_path):
+    """The int4 path export takes (calibration, importance-weighted 4-bit blocks, MatMulNBits,
+    the exact head of a tied lm_head), written and read back: decoding through the states gives
+    the graph's own scoring, and its KL from PyTorch is small. The exact head recomputes the k
+    largest 4-bit logits of each position, and a logit at the k-th rank can be in that set on
+    one path and not the other: the top half of the k are compared."""
+    import onnxruntime as ort
+
+    from edgepeft.bundle import Bundle, new_manifest
+    from edgepeft.exporters.onnx_export import export_onnx
+    from edgepeft.exporters.onnx_quant import EXACT_HEAD_TOP_K
+    from edgepeft.exporters.progress import QUIET
+
+    base = qwen35[0]
+    entry = export_onnx(Bundle(tmp_path, new_manifest(base={}, tokenizer={})), load_base(str(base)), "int4", "lora",
+                        32, 4, None, QUIET)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(tmp_path / entry["model"]), options, providers=["CPUExecutionProvider"])
+    full, _ = run(session, entry, PROMPT_IDS, 0, empty_cache(entry))
+    logits, cache = run(session, entry, PROMPT_IDS[:7], 0, empty_cache(entry))
+    steps = [logits]
+    for t in range(7, 80):
+        logits, cache = run(session, entry, PROMPT_IDS[t:t + 1], t, cache)
+        steps.append(logits)
+    steps, top = np.concatenate(steps), EXACT_HEAD_TOP_K // 2
+    assert (steps.argmax(-1) == full[:80].argmax(-1)).all()
+    assert np.abs(np.sort(steps, -1)[:, -top:] - np.sort(full[:80], -1)[:, -top:]).max() <= TOL
+    ref = reference_logits(base, None, PROMPT_IDS)
+    p = np.exp(ref - ref.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    log_q = full - full.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    kl = (p * (np.log(p) - log_q)).sum(-1).mean()
+    assert kl < 0.05, kl
