@@ -320,3 +320,37 @@ def test_int4_graph_as_export_builds_it_decodes_with_its_states_and_stays_close(
     log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
     kl = (p * (np.log(p) - log_q)).sum(-1).mean()
     assert kl < 0.05, kl
+
+
+def test_an_adapter_trained_on_the_vision_language_model_exports_on_its_text(tmp_path):
+    """PEFT on Qwen3_5ForConditionalGeneration names modules model.language_model.layers.N...:
+    read as the text model's; logits match PeftModel on the VLM. One that adapts the vision
+    tower is refused in one line."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from edgepeft.errors import UnsupportedAdapter
+
+    base, vlm = make_vlm(tmp_path / "vlm")
+    text = r".*language_model.*\.(in_proj_qkv|in_proj_z|out_proj|q_proj|v_proj|down_proj)"
+    for name, targets in (("text", text), ("vision", r".*visual.*\.qkv")):
+        peft = get_peft_model(vlm, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        peft.save_pretrained(tmp_path / name, safe_serialization=True)
+        vlm = peft.unload()
+    with pytest.raises(UnsupportedAdapter, match="adapts the vision tower") as e:
+        read_peft_adapter(tmp_path / "vision")
+    assert "\n" not in str(e.value)
+    spec = read_peft_adapter(tmp_path / "text")
+    assert "model.layers.0.linear_attn.in_proj_qkv" in spec.modules
+    loaded = load_base(str(base))
+    proto, info = build_decoder(loaded, "fp32")
+    feeds = adapter_tensors(spec, info, loaded)
+    got, _ = run(ort_session(add_base_path(proto, info)), info, PROMPT_IDS, 0, empty_cache(info), feeds)
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(vlm, tmp_path / "text").eval()
+        ref = peft(input_ids=torch.tensor([PROMPT_IDS])).logits[0].numpy()
+        with peft.disable_adapter():
+            plain = peft(input_ids=torch.tensor([PROMPT_IDS])).logits[0].numpy()
+    err = np.abs(got - ref).max()
+    assert err <= TOL, f"max abs {err}"
+    assert np.abs(ref - plain).max() > 0.05  # the adapter really changes the model
