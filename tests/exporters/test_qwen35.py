@@ -1,6 +1,7 @@
 """Qwen3.5 (gated DeltaNet layers beside gated full attention) in the fp32 ONNX graph: logits
 match PyTorch+PEFT with LoRA on every linear layer (the DeltaNet's in_proj_qkv/z/b/a and
-out_proj, q/k/v/o, gate/up/down), rank and alpha patterns and DoRA, switched in any order, over
+out_proj, q/k/v/o, gate/up/down), rank and alpha patterns, DoRA, IA3 and lora_bias, switched in
+any order, over
 a prompt far longer than the convolution kernel and than LinearAttention's chunk; a prefill
 followed by single-token decode steps, carrying each DeltaNet layer's convolution and recurrent
 states and each attention layer's KV cache, gives the logits of scoring the whole text. A
@@ -21,6 +22,7 @@ from edgepeft.exporters.onnx_graph import add_base_path, build_decoder
 from edgepeft.kinds import read_peft_adapter
 from edgepeft.runtime_contract import kv_names, state_names
 from factory import all_linear, make_base, make_lora, reference_logits
+from test_families import make_ia3
 from test_lfm2 import empty_cache, ort_session, run, stock_llama
 
 TOL = 1e-3
@@ -60,6 +62,10 @@ def qwen35(tmp_path_factory):
                              rank_pattern={"in_proj_qkv": 6}, alpha_pattern={"out_proj": 9}),
         "dora": make_lora(base, root / "dora", seed=4, r=4, lora_alpha=8, use_dora=True,
                           target_modules=["in_proj_qkv", "in_proj_a", "out_proj", "q_proj"]),
+        "ia3": make_ia3(base, root / "ia3", seed=5, target_modules=["in_proj_z", "out_proj", "v_proj", "down_proj"],
+                        feedforward_modules=["down_proj"]),
+        "bias": make_lora(base, root / "bias", seed=6, r=4, lora_alpha=8, lora_bias=True,
+                          target_modules=["in_proj_qkv", "in_proj_b", "o_proj"]),
     }
     loaded = load_base(str(base))
     proto, info = build_decoder(loaded, "fp32")
@@ -104,7 +110,7 @@ def test_graph_carries_deltanet_states_and_a_kv_cache_for_attention_layers(qwen3
 def test_fp32_onnx_scores_like_peft_with_every_adapter_in_any_order(qwen35):
     base, adapters, session, info, feeds = qwen35
     refs = {name: reference_logits(base, path, PROMPT_IDS) for name, path in [(None, None), *adapters.items()]}
-    for name in ["all", None, "dora", "pattern", "all", None, "dora"]:
+    for name in ["all", None, "dora", "ia3", "pattern", "bias", "all", None, "dora"]:
         got, _ = run(session, info, PROMPT_IDS, 0, empty_cache(info), feeds.get(name))
         err = np.abs(got - refs[name]).max()
         assert err <= TOL, f"adapter={name}: max abs {err}"
@@ -221,9 +227,11 @@ def make_vlm(out, seed: int = 9):
 
 def test_a_vision_language_checkpoints_text_exports_as_the_text_model(tmp_path):
     """Qwen3.5's released checkpoints: the text config and model.language_model.* weights are
-    read (the vision tower left out), lazily and whole, and the graph scores as the VLM does on
-    text."""
+    read (the vision tower left out), lazily and whole, and the graph and the GGUF file score as
+    the VLM does on text."""
     import torch
+
+    from edgepeft.exporters.gguf_base import write_base_gguf
 
     base, vlm = make_vlm(tmp_path / "vlm")
     assert any(k.startswith("model.visual.") for k in vlm.state_dict())
@@ -236,6 +244,12 @@ def test_a_vision_language_checkpoints_text_exports_as_the_text_model(tmp_path):
         got, _ = run(ort_session(proto), info, PROMPT_IDS, 0, empty_cache(info))
         err = np.abs(got - ref).max()
         assert err <= TOL, f"lazy={lazy}: max abs {err}"
+    write_base_gguf(loaded, tmp_path / "vlm.gguf", "F32")
+    llm = stock_llama(tmp_path / "vlm.gguf", None, logits_all=True)
+    llm.eval(PROMPT_IDS)
+    got = np.array(llm.scores[:len(PROMPT_IDS)])
+    llm.close()
+    assert np.abs(got - ref).max() / (ref.max() - ref.min()) <= GGUF_REL
 
 
 def test_layer_kinds_and_states_come_from_the_config():
