@@ -24,8 +24,9 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
 def state_names(layer: int, state: str) -> tuple[str, str]:
     """A state-carrying layer's per-sequence state (a hybrid family's layer without a KV cache:
     LFM2's short convolution carries its "conv" state, the last kernel-1 inputs of its
-    convolution, [batch, hidden, kernel - 1]), as graph input and output: past and present.
-    Named as onnxruntime-genai names LFM2's (past_conv.N / present_conv.N)."""
+    convolution, [batch, hidden, kernel - 1]; Qwen3.5's gated DeltaNet its "conv" and
+    "recurrent" states), as graph input and output: past and present. Named as onnxruntime-genai
+    names LFM2's (past_conv.N / present_conv.N), one scheme for every state."""
     return f"past_{state}.{layer}", f"present_{state}.{layer}"
 
 

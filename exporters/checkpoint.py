@@ -22,6 +22,8 @@ from pathlib import Path
 from edgepeft.errors import UnsupportedModel, require
 
 HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+# A vision-language checkpoint's text weights (Qwen3.5's): read under the text model's names.
+TEXT_PREFIX, TEXT_MODEL = "model.language_model.", "model."
 
 
 class CheckpointTensors:
@@ -29,16 +31,18 @@ class CheckpointTensors:
 
     Each read opens its file anew: a tensor is a view of the library's memory map, whose touched
     pages stay resident (and count in RSS) while the map is open, so a map held for the whole
-    export would bring the whole checkpoint back into memory. A read's map closes with its tensor."""
+    export would bring the whole checkpoint back into memory. A read's map closes with its tensor.
+    A vision-language checkpoint's `model.language_model.X` is read as the text model's `model.X`."""
 
     def __init__(self, local: Path):
-        self.local, self.where, self.shapes, self.dtypes = local, {}, {}, {}
+        self.local, self.where, self.shapes, self.dtypes, self.stored_as = local, {}, {}, {}, {}
         for path in sorted(local.glob("*.safetensors")):
             with self._open(path) as handle:
-                for name in handle.keys():
-                    self.where[name] = path
-                    self.shapes[name] = tuple(handle.get_slice(name).get_shape())
-                    self.dtypes[name] = handle.get_slice(name).get_dtype()  # safetensors' spelling: BF16, F32, ...
+                for stored in handle.keys():
+                    name = TEXT_MODEL + stored[len(TEXT_PREFIX):] if stored.startswith(TEXT_PREFIX) else stored
+                    self.where[name], self.stored_as[name] = path, stored
+                    self.shapes[name] = tuple(handle.get_slice(stored).get_shape())
+                    self.dtypes[name] = handle.get_slice(stored).get_dtype()  # safetensors' spelling: BF16, F32, ...
         if not self.where:
             raise UnsupportedModel(f"{local}: no .safetensors weights (edgepeft reads safetensors only, "
                                    "not pickled .bin files)")
@@ -57,7 +61,7 @@ class CheckpointTensors:
     def get(self, name: str):
         """Tensor `name` in its stored dtype."""
         with self._open(self.where[name]) as handle:
-            return handle.get_tensor(name)
+            return handle.get_tensor(self.stored_as[name])
 
     def rows(self, name: str, start: int, stop: int):
         """Rows start:stop of tensor `name` in its stored dtype (a slice: the rest is not read)."""

@@ -8,7 +8,8 @@ adapter.type = "lora", adapter.lora.alpha; per module `<gguf name>.weight.lora_a
 user scale alone when alpha is 0.
 
 - q_proj/k_proj B rows get the same rotary permutation as the base weights (else the adapter is
-  silently wrong on llama-architecture models).
+  silently wrong on llama-architecture models); a gated DeltaNet's projections get the value
+  head order of its base tensors (gguf_deltanet.py).
 - When every module's PEFT scale equals alpha / rank for one alpha, that alpha is written and B
   kept as trained; otherwise each module's exact scale is folded into its B and alpha is 0
   (edgepeft/kinds/lora.py, gguf_tensors).
@@ -25,7 +26,9 @@ from edgepeft.bundle import GGUF_FINGERPRINT_KEY
 from edgepeft.files import atomic_path
 from edgepeft.kinds import KINDS, AdapterSpec
 
+from .archs import arch_of
 from .gguf_base import gguf_arch, needs_permutation, permute_rows
+from .gguf_deltanet import reorder_lora
 
 _ATTN = {"q_proj": "num_heads", "k_proj": "num_kv_heads"}
 
@@ -50,6 +53,7 @@ def export_adapter_gguf(spec: AdapterSpec, manifest_base: dict, dest: Path) -> N
         short = module.rsplit(".", 1)[-1]
         if needs_permutation(model_type) and short in _ATTN:
             b = permute_rows(b, dims[_ATTN[short]])
+        a, b = reorder_lora(arch_of(model_type), dims.get("linear_heads"), module, a, b)
         writer.add_tensor(f"{target}.weight.lora_a", np.ascontiguousarray(a, np.float32))
         writer.add_tensor(f"{target}.weight.lora_b", np.ascontiguousarray(b, np.float32))
     with atomic_path(dest) as tmp:

@@ -18,7 +18,8 @@ from edgepeft.errors import EngineError, UnsupportedModel, require
 from edgepeft.llama_log import quiet_llama_cpp
 
 from . import mapped_pages
-from .archs import ATTENTION_MIXER, SHORT_CONV, Arch, Layout, arch_of
+from .archs import ATTENTION_MIXER, DELTA_NET, SHORT_CONV, Arch, Layout, arch_of
+from .gguf_deltanet import add_deltanet_keys, deltanet_tensor, recurrent_pattern_problem
 from .gguf_vocab import add_tokenizer, gguf_name
 from .hf_base import BaseModel
 from .hf_config import SLIDING, rope_parameters
@@ -66,25 +67,33 @@ def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
     if conv and getattr(config, conv.bias_field, False):
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} has no biases in its convolution blocks, "
                                f"this config sets {conv.bias_field} (export --format onnx instead)")
+    problem = recurrent_pattern_problem(fam, config, lay.mixers)
+    if problem:
+        raise UnsupportedModel(f"{where}: {problem}; this config's layer_types differ (export --format onnx instead)")
     if fam.gguf_scale_is_head_dim and abs(lay.attention_scale - dims["head_dim"] ** -0.5) > 1e-7:
         raise UnsupportedModel(f"{where}: llama.cpp's {fam.gguf_arch.lower()} scales attention by head_dim ** -0.5, this "
                                f"config by {fam.attention_scale_field} (export --format onnx instead)")
 
 
-def _head_count_kv(d: dict, lay: Layout):
+def _head_count_kv(d: dict, fam: Arch, lay: Layout):
     """KV heads: one number, or per layer with 0 for the layers without a KV cache (a hybrid's
-    short convolutions), which is how llama.cpp tells its recurrent layers apart."""
-    if all(m == ATTENTION_MIXER for m in lay.mixers):
+    short convolutions), which is how llama.cpp's lfm2 tells its recurrent layers apart. Its
+    qwen35 takes them from full_attention_interval instead and sizes every layer's KV from the
+    first layer's count, so it gets one number."""
+    if all(m == ATTENTION_MIXER for m in lay.mixers) or fam.block(DELTA_NET):
         return d["num_kv_heads"]
     return [d["num_kv_heads"] if m == ATTENTION_MIXER else 0 for m in lay.mixers]
 
 
 def _add_family_keys(writer, base: BaseModel, fam: Arch, lay: Layout) -> None:
     """The keys llama.cpp reads for this family beyond the common ones: sliding window,
-    soft-caps, LongRoPE's original context and attention factor, a short convolution's kernel."""
+    soft-caps, LongRoPE's original context and attention factor, a short convolution's kernel,
+    a gated DeltaNet's sizes (gguf_deltanet.py)."""
     conv = fam.block(SHORT_CONV)
     if conv:
         writer.add_shortconv_l_cache(conv.kernel(base.config))
+    if fam.block(DELTA_NET):
+        add_deltanet_keys(writer, fam, base.config)
     if fam.gguf_sliding_window:
         writer.add_sliding_window(int(base.dims["sliding_window"] or 0))
     if lay.attn_softcap:
@@ -111,7 +120,7 @@ def write_base_gguf(base: BaseModel, dest: Path, ftype: str = "F32") -> None:
     writer.add_block_count(d["num_layers"])
     writer.add_feed_forward_length(d["intermediate_size"])
     writer.add_head_count(d["num_heads"])
-    writer.add_head_count_kv(_head_count_kv(d, lay))
+    writer.add_head_count_kv(_head_count_kv(d, fam, lay))
     writer.add_key_length(d["head_dim"])
     writer.add_value_length(d["head_dim"])
     writer.add_rope_dimension_count(lay.rotary_dim)
@@ -180,6 +189,10 @@ def _weight_tensors(base: BaseModel, names, ftype: str) -> list:
     for name in sorted(shapes, key=_tensor_order):
         if name == "lm_head.weight" and d["tie_word_embeddings"]:
             continue  # llama.cpp reuses token_embd when output.weight is absent
+        block = deltanet_tensor(fam, d.get("linear_heads"), name, tuple(shapes[name].shape))
+        if block is not None:
+            plan.append(_block_entry(base, name, ftype, *block))
+            continue
         stem, _, suffix = name.rpartition(".")
         target = names.get_name(stem)
         if target is None:
@@ -214,6 +227,18 @@ def _weight_tensors(base: BaseModel, names, ftype: str) -> list:
 
         plan.append((f"{target}.{suffix}", shape, gtype, make))
     return plan
+
+
+def _block_entry(base: BaseModel, name: str, ftype: str, target: str, shape: tuple, f32: bool, transform) -> tuple:
+    """The write plan entry of a tensor a mixer block names and transforms itself
+    (gguf_deltanet.py); `f32`: kept in F32 whatever the file type (vectors, the convolution)."""
+    gtype = "F32" if f32 else ftype
+
+    def make():
+        w = _bf16_bits(base.stored(name)) if gtype == "BF16" else base.tensor(name).numpy()
+        return np.ascontiguousarray(transform(w)).astype(_STORAGE[gtype], copy=False)
+
+    return target, shape, gtype, make
 
 
 def _is_depthwise_conv(fam: Arch, stem: str) -> bool:

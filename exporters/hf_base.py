@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgepeft.errors import UnsupportedModel, require
 
-from .archs import Arch, Layout, arch_of, layout
+from .archs import VLM_TEXT, Arch, Layout, arch_of, layout
 from .checkpoint import CheckpointTensors, check_names, checkpoint_name, skeleton
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -125,6 +125,7 @@ def _dims(config) -> dict:
     flag = arch.sliding_window_flag
     if flag is not None and not getattr(config, flag, False):
         window = None
+    blocks = {k: v for _, block in arch.mixers for k, v in block.manifest_dims(config).items()}
     return {
         "hidden_size": config.hidden_size,
         "num_layers": config.num_hidden_layers,
@@ -137,6 +138,7 @@ def _dims(config) -> dict:
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "max_position_embeddings": int(getattr(config, "max_position_embeddings", 2048)),
         "sliding_window": int(window) if window else None,
+        **blocks,  # a hybrid's mixer blocks' own sizes (DeltaNet: linear_heads)
     }
 
 
@@ -167,10 +169,26 @@ def read_config(local: Path):
         config = transformers.AutoConfig.from_pretrained(local, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UnsupportedModel(f"{local}/config.json: cannot be read ({str(e).splitlines()[0]})") from None
+    config = text_config(config, local)
     arch_of(config.model_type, local)
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModel(f"{local}: mlp_bias=True is not supported yet")
     return config
+
+
+def text_config(config, local):
+    """A vision-language checkpoint's text config (VLM_TEXT), which the exporters export (its
+    text weights under model.language_model., checkpoint.CheckpointTensors; the vision tower is
+    left out); any other config as it is. The head's tie is the outer config's, as the VLM ties."""
+    text_type = VLM_TEXT.get(config.model_type)
+    if text_type is None:
+        return config
+    inner = getattr(config, "text_config", None)
+    if getattr(inner, "model_type", None) != text_type:
+        raise UnsupportedModel(f"{local}/config.json: a {config.model_type} config without its {text_type} "
+                               "text_config")
+    inner.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+    return inner
 
 
 def config_layout(config) -> tuple[dict, Layout]:
@@ -221,8 +239,8 @@ def load_base(source: str, lazy: bool = True) -> BaseModel:
         # use_safetensors: a base with only pickled weights (pytorch_model.bin) is refused, not unpickled.
         with quiet_loading():
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                local, dtype=torch.float32, local_files_only=True, use_safetensors=True, **reference_kwargs(config)
-            ).eval()
+                local, config=config, dtype=torch.float32, local_files_only=True, use_safetensors=True,
+                **reference_kwargs(config)).eval()
     except OSError as e:
         raise UnsupportedModel(f"{local}: cannot load its weights; edgepeft reads safetensors only, not "
                                f"pickled .bin files ({str(e).splitlines()[0][:160]})") from None

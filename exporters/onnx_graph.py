@@ -14,8 +14,10 @@ adapter slots, in one pass with onnx.helper:
 The bracketed steps, the activation, the norms' weights and each layer's window, rotary table
 and attention scale come from the family's description (exporters/archs: Arch and Layout);
 nothing here branches on the model type. A hybrid family's layers differ in their token mixer
-(Layout.mixers): attention as above, or a gated short convolution (onnx_conv.py) whose state is
-a graph input and output where an attention layer has its KV cache.
+(Layout.mixers): attention as above (with Qwen3.5's output gate: o_proj reads the attention
+times sigmoid of q_proj's second half per head), a gated short convolution (onnx_conv.py) or a
+gated DeltaNet (onnx_deltanet.py), whose states are graph inputs and outputs where an attention
+layer has its KV cache.
 
 Linear layers that read the same input are packed into one MatMul, as onnxruntime-genai does:
 q/k/v (GroupQueryAttention takes the packed query) and gate/up; each packed group has one adapter
@@ -34,13 +36,14 @@ import numpy as np
 from edgepeft.errors import UnsupportedModel, require
 from edgepeft.runtime_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, kv_names
 
-from .archs import ATTENTION, ATTENTION_MIXER, MLP, SHORT_CONV
+from .archs import ATTENTION, ATTENTION_MIXER, DELTA_NET, MLP, SHORT_CONV
 from .checkpoint import EMBEDDING as EMBEDDING_WEIGHT
 from .checkpoint import HEAD, checkpoint_name, materialized
 from .hf_base import BaseModel
 from .onnx_base_path import add_base_path
 from .onnx_external import tensor
 from .onnx_conv import add_state_io, short_conv
+from .onnx_deltanet import gated_deltanet
 from .onnx_rotary import add_rotary_tables
 from .onnx_slots import EMBEDDING, SLOT_SETS, Graph, Projections, slot_names, to_numpy
 
@@ -126,7 +129,8 @@ class _DecoderBuilder:
             raise UnsupportedModel("an exact head top-k needs a tied lm_head and an fp16 embedding table")
         self.proj = Projections(self.g, slot_set)
         self.residual: str | None = None  # the residual stream, from the first norm on
-        self.mixers = {ATTENTION_MIXER: self.attention_block, SHORT_CONV: self.short_conv_block}
+        self.mixers = {ATTENTION_MIXER: self.attention_block, SHORT_CONV: self.short_conv_block,
+                       DELTA_NET: self.deltanet_block}
 
     def build(self):
         self.inputs()
@@ -280,13 +284,23 @@ class _DecoderBuilder:
         """Packed q/k/v (GroupQueryAttention splits a packed query input itself), attention, o."""
         p = f"model.layers.{i}"
         qkv = self.group(x, p, "qkv_proj", layer)
-        return self.group(self.attention(i, qkv, getattr(layer, ATTENTION)), p, "o_proj", layer)
+        out, gate = self.attention(i, qkv, getattr(layer, ATTENTION))
+        if gate is not None:  # Qwen3.5: the attention output times sigmoid(gate)
+            sig = self.g.node("Sigmoid", [gate], 1, f"/{p}/attn/gate/Sigmoid")
+            out = self.g.node("Mul", [out, sig], 1, f"/{p}/attn/gate/Mul")
+        return self.group(out, p, "o_proj", layer)
 
     def short_conv_block(self, i: int, layer, x: str) -> str:
         """The gated short convolution (onnx_conv.py), its state in and out."""
         sc, p = self.arch.block(SHORT_CONV), f"model.layers.{i}"
         return short_conv(self.g, i, getattr(layer, sc.parent), sc.conv, x, f"{p}.{sc.parent}",
                           lambda y, group: self.group(y, p, group, layer), sc.in_group, sc.out_group)
+
+    def deltanet_block(self, i: int, layer, x: str) -> str:
+        """The gated DeltaNet (onnx_deltanet.py), its convolution and recurrent states in and out."""
+        spec, p = self.arch.block(DELTA_NET), f"model.layers.{i}"
+        return gated_deltanet(self.g, i, getattr(layer, spec.parent), spec, self.base.config, x, f"{p}.{spec.parent}",
+                              lambda y, group: self.group(y, p, group, layer))
 
     def activation(self, x: str, name: str) -> str:
         """The MLP's gate activation: SiLU as x * sigmoid(x), or tanh GELU (FastGelu is
@@ -296,14 +310,15 @@ class _DecoderBuilder:
         sig = self.g.node("Sigmoid", [x], 1, f"{name}/Sigmoid")
         return self.g.node("Mul", [x, sig], 1, f"{name}/Mul")
 
-    def attention(self, i: int, qkv: str, att) -> str:
+    def attention(self, i: int, qkv: str, att) -> tuple[str, str | None]:
         """GroupQueryAttention over layer i's packed q/k/v (split and normalised per head first
-        for families with q/k norms), rotary inside, its KV cache in and out."""
+        for families with q/k norms), rotary inside, its KV cache in and out. Returns its output
+        and, for families with an output gate, the gate [batch, seq, heads * head_dim]."""
         d, lay, p = self.d, self.lay, f"model.layers.{i}"
         pk, pv, ok, ov = kv_names(i)
-        qkv_in = [qkv, "", ""]
+        qkv_in, gate = [qkv, "", ""], None
         if self.arch.qk_norm:
-            qkv_in = self.head_norms(qkv, att, f"{p}.{ATTENTION}")
+            qkv_in, gate = self.head_norms(qkv, att, f"{p}.{ATTENTION}")
         cos, sin = self.rotary[lay.rope[i]]
         attrs = {"softcap": float(lay.attn_softcap)} if lay.attn_softcap else {}
         out = f"/{p}/attn/GQA/out"
@@ -311,24 +326,30 @@ class _DecoderBuilder:
                     [out, ok, ov], f"/{p}/attn/GQA", domain=MS,
                     num_heads=d["num_heads"], kv_num_heads=d["num_kv_heads"], scale=float(lay.attention_scale),
                     do_rotary=1, rotary_interleaved=0, local_window_size=int(lay.windows[i] or -1), **attrs)
-        return out
+        return out, gate
 
-    def head_norms(self, qkv: str, att, prefix: str) -> list[str]:
+    def head_norms(self, qkv: str, att, prefix: str) -> tuple[list[str], str | None]:
         """q, k, v from the packed projection, q and k each RMS-normalised over every head
-        (Qwen3's and Gemma 3's q_norm / k_norm), as GroupQueryAttention's three inputs."""
-        g, d = self.g, self.d
+        (Qwen3's and Gemma 3's q_norm / k_norm), as GroupQueryAttention's three inputs; with an
+        output gate (Qwen3.5), q_proj's heads are [query, gate] each, and the gate is returned."""
+        g, d, gated = self.g, self.d, self.arch.attn_output_gate
         hd, q_size, kv_size = d["head_dim"], d["num_heads"] * d["head_dim"], d["num_kv_heads"] * d["head_dim"]
         if not hasattr(self, "qkv_sizes"):
-            self.qkv_sizes = g.init("const.qkv_split", np.array([q_size, kv_size, kv_size], np.int64), cast=False)
-            self.per_head = g.init("const.per_head", np.array([0, 0, -1, hd], np.int64), cast=False)
-            self.flat = g.init("const.flat_heads", np.array([0, 0, -1], np.int64), cast=False)
+            self.qkv_sizes = g.const("const.qkv_split", [q_size * (2 if gated else 1), kv_size, kv_size])
+            self.per_head = g.const("const.per_head", [0, 0, -1, hd])
+            self.flat = g.const("const.flat_heads", [0, 0, -1])
         q, k, v = g.node("Split", [qkv, self.qkv_sizes], 3, f"/{prefix}/qkv/Split", axis=-1)
+        gate = None
+        if gated:
+            q = g.node("Reshape", [q, g.const("const.gated_heads", [0, 0, -1, 2 * hd])], 1, f"/{prefix}/q/Reshape")
+            q, gate = g.node("Split", [q, g.const("const.query_gate", [hd, hd])], 2, f"/{prefix}/q/Split", axis=-1)
+            gate = g.node("Reshape", [gate, self.flat], 1, f"/{prefix}/gate/Flatten")
         normed = []
         for x, norm in zip((q, k), self.arch.qk_norm_names):
             heads = g.node("Reshape", [x, self.per_head], 1, f"/{prefix}/{norm}/Reshape")
             heads = self.plain_norm(heads, getattr(att, norm).weight, f"{prefix}.{norm}")
             normed.append(g.node("Reshape", [heads, self.flat], 1, f"/{prefix}/{norm}/Flatten"))
-        return [*normed, v]
+        return [*normed, v], gate
 
     def head(self, x: str) -> None:
         """The final norm, logits_to_keep's Slice and the lm_head (with its slot) -> logits."""

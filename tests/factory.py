@@ -80,6 +80,12 @@ ARCHS = {
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", {
         "num_hidden_layers": 4, "layer_types": ["conv", "full_attention", "conv", "full_attention"],
         "conv_L_cache": 5, "num_attention_heads": 2, "num_key_value_heads": 1, "block_multiple_of": 16}),
+    # Qwen3.5 (text): three gated DeltaNet layers (2 key heads each serving 2 of 4 value heads,
+    # convolution kernel 4) then a gated full-attention layer (head_dim 64 of which a quarter
+    # rotates, the released models' factor; 4 heads sharing 2 KV heads).
+    "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", {
+        "num_hidden_layers": 4, "head_dim": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4}),
 }
 
 
@@ -133,6 +139,9 @@ def all_linear(arch: str) -> list[str]:
         return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     if ARCHS[arch][1] == "Lfm2ForCausalLM":  # out_proj: both the attention's and the convolution's
         return ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"]
+    if ARCHS[arch][1] == "Qwen3_5ForCausalLM":  # out_proj: the DeltaNet's
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
+                "out_proj", "gate_proj", "up_proj", "down_proj"]
     return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

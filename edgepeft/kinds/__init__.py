@@ -47,7 +47,26 @@ def read_peft_adapter(path: str | Path) -> AdapterSpec:
             f"{cfg_path}: PEFT type {peft_type or '(missing)'} is not supported; "
             f"supported: {', '.join(sorted(_BY_PEFT_TYPE))}"
         )
-    return kind.read(path, config)
+    return _text_model_names(kind.read(path, config), path)
+
+
+# An adapter trained on a vision-language model (Qwen3.5's released class) names the text
+# model's modules under model.language_model.: they are read under the text model's names, which
+# is what edgepeft exports; one that adapts the vision tower (model.visual.) is refused.
+_VLM_TEXT, _VLM_VISION, _TEXT = "model.language_model.", "model.visual.", "model."
+
+
+def _text_model_names(spec: AdapterSpec, path: Path) -> AdapterSpec:
+    names = [*spec.modules, *spec.biases, *spec.saved_base]
+    vision = next((n for n in names if n.startswith(_VLM_VISION)), None)
+    if vision is not None:
+        raise UnsupportedAdapter(f"{path}: adapts the vision tower ({vision}); edgepeft exports a vision-language "
+                                 "model's text model only")
+    for field in ("modules", "biases", "saved_base"):
+        table = getattr(spec, field)
+        setattr(spec, field, {_TEXT + k[len(_VLM_TEXT):] if k.startswith(_VLM_TEXT) else k: v
+                              for k, v in table.items()})
+    return spec
 
 
 def read_checked_adapter(path: str | Path) -> AdapterSpec:

@@ -1,6 +1,6 @@
 """What the exporters need to know of each model family, as data.
 
-One module per family (llama.py, qwen2.py, qwen3.py, gemma.py, phi3.py, lfm2.py) declares an `Arch`
+One module per family (llama.py, qwen2.py, qwen3.py, gemma.py, phi3.py, lfm2.py, qwen35.py) declares an `Arch`
 (base.py says what each field means); `ARCHS` maps Hugging Face's `model_type` to it. Callers
 look the base's row up here instead of branching on the type. Adding a family is its module,
 one row below, and a config in tests/factory.py (docs/design.md, "Adding an architecture").
@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from edgepeft.errors import UnsupportedModel
 
-from .base import ATTENTION, ATTENTION_MIXER, MLP, SHORT_CONV, Arch, Group, Layout, Norms, ShortConv, layout
+from .base import (ATTENTION, ATTENTION_MIXER, DELTA_NET, MLP, SHORT_CONV, Arch, DeltaNet, Group, Layout, Norms,
+                   ShortConv, layout)
 from .gemma import GEMMA2, GEMMA3
 from .lfm2 import LFM2
 from .llama import LLAMA, MISTRAL
 from .phi3 import PHI3
 from .qwen2 import QWEN2
 from .qwen3 import QWEN3
+from .qwen35 import QWEN35, VLM_TEXT
 
-__all__ = ["ARCHS", "ATTENTION", "ATTENTION_MIXER", "MLP", "SHORT_CONV", "Arch", "Group", "Layout", "Norms",
-           "ShortConv", "arch_of", "layout"]
+__all__ = ["ARCHS", "ATTENTION", "ATTENTION_MIXER", "DELTA_NET", "MLP", "SHORT_CONV", "VLM_TEXT", "Arch",
+           "DeltaNet", "Group", "Layout", "Norms", "ShortConv", "arch_of", "layout"]
 
 ARCHS: dict[str, Arch] = {
     "llama": LLAMA,
@@ -31,6 +33,7 @@ ARCHS: dict[str, Arch] = {
     "gemma3_text": GEMMA3,
     "phi3": PHI3,
     "lfm2": LFM2,
+    "qwen3_5_text": QWEN35,
 }
 
 

@@ -8,10 +8,11 @@ what a given config makes of that: per-layer attention windows and rotary tables
 attention scale, soft-caps. The ONNX graph builder and the GGUF writers read these two and
 nothing else about the family.
 
-Hybrid families (LFM2) mix token mixers: `Arch.mixers` maps a config `layer_types` value to the
-block such a layer has instead of attention (a `ShortConv`), and `Layout.states` gives each
-layer's per-sequence states beside the KV cache, as that block states them (a short
-convolution's last kernel-1 inputs). A new kind of block is a dataclass with a `kind` and a
+Hybrid families (LFM2, Qwen3.5) mix token mixers: `Arch.mixers` maps a config `layer_types`
+value to the block such a layer has instead of attention (a `ShortConv`, a `DeltaNet`), and
+`Layout.states` gives each layer's per-sequence states beside the KV cache, as that block states
+them (a short convolution's last kernel-1 inputs; a gated DeltaNet's convolution inputs and its
+recurrent matrix per value head). A new kind of block is a dataclass with a `kind` and a
 `states(config, dims)` like ShortConv's, and a method of the graph builder for its kind.
 """
 
@@ -26,8 +27,11 @@ from ..hf_config import partial_rotary_factor
 ATTENTION, MLP = "self_attn", "mlp"
 # A decoder layer's token mixer: attention over the KV cache, or a gated short convolution
 # (ShortConv) that carries its last kernel-1 inputs per sequence instead of a KV cache.
-ATTENTION_MIXER, SHORT_CONV = "attention", "short_conv"
-CONV_STATE = "conv"  # a short convolution's state (Layout.states; runtime_contract.state_names)
+# Qwen3.5's gated DeltaNet (DeltaNet) carries the inputs of its causal convolution and a
+# recurrent [key_dim, value_dim] matrix per value head.
+ATTENTION_MIXER, SHORT_CONV, DELTA_NET = "attention", "short_conv", "gated_deltanet"
+CONV_STATE = "conv"  # a causal convolution's last kernel-1 inputs (Layout.states; runtime_contract.state_names)
+RECURRENT_STATE = "recurrent"  # a linear-attention block's recurrent matrices
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,63 @@ class ShortConv:
     def kernel(self, config) -> int:
         return int(getattr(config, self.kernel_field))
 
+    def manifest_dims(self, config) -> dict:
+        """What the block adds to the manifest's dims: nothing."""
+        return {}
+
     def states(self, config, dims: dict) -> dict[str, tuple[int, ...]]:
         """Per sequence: the convolution's last kernel-1 inputs, [hidden, kernel - 1]."""
         return {CONV_STATE: (int(dims["hidden_size"]), self.kernel(config) - 1)}
+
+
+@dataclass(frozen=True)
+class DeltaNet:
+    """A gated DeltaNet block (Qwen3.5's Qwen3_5GatedDeltaNet), by module and config names.
+    `in_group` packs in_proj_qkv, in_proj_z, in_proj_b, in_proj_a (one input, one slot); the qkv
+    stream goes through the depthwise causal convolution `conv` (SiLU after), q and k are
+    L2-normalised per head, and the gated delta rule runs per value head with decay
+    -exp(A_log) * softplus(a + dt_bias) and rate sigmoid(b); its output goes through an RMSNorm
+    per value head (weight `norm`, no offset) gated by silu(z), then `out_group`. Each key head
+    serves value_heads / key_heads consecutive value heads."""
+
+    parent: str = "linear_attn"
+    conv: str = "conv1d"
+    norm: str = "norm"
+    in_group: str = "linear_in_proj"
+    out_group: str = "linear_out_proj"
+    kernel_field: str = "linear_conv_kernel_dim"
+    key_heads_field: str = "linear_num_key_heads"
+    value_heads_field: str = "linear_num_value_heads"
+    key_dim_field: str = "linear_key_head_dim"
+    value_dim_field: str = "linear_value_head_dim"
+    kind: ClassVar[str] = DELTA_NET
+    # transformers' causal_conv1d_forward reads conv1d.weight without calling the Conv1d
+    # (ShortConv.direct says why that matters).
+    direct: tuple[str, ...] = ("conv1d",)
+
+    def kernel(self, config) -> int:
+        return int(getattr(config, self.kernel_field))
+
+    def heads(self, config) -> tuple[int, int, int, int]:
+        """(key heads, value heads, key head dim, value head dim)."""
+        return tuple(int(getattr(config, f)) for f in (self.key_heads_field, self.value_heads_field,
+                                                       self.key_dim_field, self.value_dim_field))
+
+    def manifest_dims(self, config) -> dict:
+        """What the block adds to the manifest's dims: its head counts and sizes (GGUF LoRA files
+        reorder value heads by them: gguf_deltanet.py)."""
+        return {"linear_heads": list(self.heads(config))}
+
+    def conv_channels(self, config) -> int:
+        """The convolution's channels: q, k (key heads x key dim each) and v."""
+        nk, nv, dk, dv = self.heads(config)
+        return 2 * nk * dk + nv * dv
+
+    def states(self, config, dims: dict) -> dict[str, tuple[int, ...]]:
+        """Per sequence: the convolution's last kernel-1 inputs [channels, kernel - 1], and the
+        recurrent matrix of each value head [value heads, key dim, value dim]."""
+        _, nv, dk, dv = self.heads(config)
+        return {CONV_STATE: (self.conv_channels(config), self.kernel(config) - 1), RECURRENT_STATE: (nv, dk, dv)}
 
 
 @dataclass(frozen=True)
@@ -147,11 +205,14 @@ class Arch:
     # the weights have (LFM2's block_auto_adjust_ff_dim); None: config.intermediate_size.
     mlp_size: Callable[[object], int] | None = None
     # Hybrid families: (layer_types value, block) for the layer types whose token mixer is not
-    # attention, the block describing it (ShortConv).
-    mixers: tuple[tuple[str, ShortConv], ...] = ()
+    # attention, the block describing it (ShortConv, DeltaNet).
+    mixers: tuple[tuple[str, ShortConv | DeltaNet], ...] = ()
+    # Qwen3.5's gated attention: q_proj gives each head's query and then its output gate
+    # (2 x head_dim per head); the attention output times sigmoid(gate) goes into o_proj.
+    attn_output_gate: bool = False
 
-    def block(self, kind: str) -> ShortConv | None:
-        """The family's description of its `kind` token mixer (SHORT_CONV), None without one."""
+    def block(self, kind: str) -> ShortConv | DeltaNet | None:
+        """The family's description of its `kind` token mixer (SHORT_CONV, DELTA_NET), None without one."""
         return next((b for _, b in self.mixers if b.kind == kind), None)
 
 
@@ -166,9 +227,9 @@ class Layout:
     final_softcap: float | None  # tanh soft-cap of the logits
     rotary_dim: int  # leading dimensions of each head that rotate (partial rotary: < head_dim)
     embed_multiplier: float | None
-    # Each layer's token mixer (ATTENTION_MIXER or SHORT_CONV), and the per-sequence states it
-    # carries beside the KV cache: {state name: shape without the batch axis}, empty for
-    # attention layers; a short convolution's "conv" state is [hidden, kernel - 1].
+    # Each layer's token mixer (ATTENTION_MIXER, SHORT_CONV, DELTA_NET), and the per-sequence
+    # states it carries beside the KV cache: {state name: shape without the batch axis}, empty
+    # for attention layers; a short convolution's "conv" state is [hidden, kernel - 1].
     mixers: tuple[str, ...]
     states: tuple[dict, ...]
 

@@ -11,6 +11,7 @@ def test_graph_inputs_and_outputs_keep_their_names():
     assert (ADAPTERS_ACTIVE, LOGITS_TO_KEEP) == ("adapters_active", "logits_to_keep")
     assert kv_names(3) == ("past_key_values.3.key", "past_key_values.3.value", "present.3.key", "present.3.value")
     assert state_names(2, "conv") == ("past_conv.2", "present_conv.2")  # onnxruntime-genai's LFM2 names
+    assert state_names(0, "recurrent") == ("past_recurrent.0", "present_recurrent.0")  # Qwen3.5's DeltaNet
 
 
 def test_slot_inputs_keep_their_names_and_roles():
