@@ -1,0 +1,89 @@
+"""Qwen3.5 (Gated DeltaNet layers, each with a convolution and a recurrent state, between gated
+attention layers) through edgepeft's runtime: a bundle exported by export_bundle with two LoRA
+adapters, run by the Engine on both backends. Greedy tokens equal PeftModel.generate's with each
+adapter and the base, switched in any order, on one engine (each call starts from zero states),
+one by one and as concurrent calls that the batcher decodes together."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from edgepeft.exporters import export_bundle
+from edgepeft.runtime import Engine
+from factory import all_linear, load_reference, make_base, make_lora
+
+ARCH = "qwen3_5_text"
+PROMPT = [int(i) for i in np.random.default_rng(5).integers(3, 260, 11)]  # longer than the kernel (4)
+NEW = 70  # past 64 new tokens
+ORDER = ["all", None, "deltanet", "all", None, "deltanet"]
+
+
+@pytest.fixture(scope="module")
+def qwen35(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen35rt")
+    base = make_base(root / "base", ARCH, seed=7, tie=True)
+    adapters = {
+        "all": make_lora(base, root / "all", seed=2, r=8, lora_alpha=16, use_rslora=True,
+                         target_modules=all_linear(ARCH)),
+        "deltanet": make_lora(base, root / "deltanet", seed=3, r=4, lora_alpha=8,
+                              target_modules=["in_proj_qkv", "in_proj_z", "out_proj"], rank_pattern={"out_proj": 6}),
+    }
+    bundle = export_bundle(str(base), root / "bundle", {n: str(p) for n, p in adapters.items()}, formats="onnx,gguf",
+                           onnx_quant="fp32", gguf_quant="F32", quiet=True)
+    return base, adapters, bundle
+
+
+@pytest.fixture(scope="module")
+def peft_tokens(qwen35):
+    import torch
+    from peft import PeftModel
+
+    base, adapters, _ = qwen35
+    want = {}
+    for name in (None, *adapters):
+        model = load_reference(base)
+        if name:
+            model = PeftModel.from_pretrained(model, str(adapters[name])).eval()
+        with torch.no_grad():
+            out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        want[name] = out[0, len(PROMPT):].tolist()
+    assert len({tuple(t) for t in want.values()}) == 3  # the adapters change the answer
+    return want
+
+
+def engine(bundle, backend: str, **kwargs) -> Engine:
+    e = Engine.open(bundle.root, backend=backend, **kwargs)
+    e.tokenizer.eos_ids = set()  # as generate(eos_token_id=None): every call runs NEW tokens
+    return e
+
+
+def test_the_onnx_sequence_carries_conv_and_recurrent_states_and_no_kv_for_deltanet_layers(qwen35):
+    kv = qwen35[2].backends["onnx"]["kv"]
+    assert kv["layers"] == [3]
+    assert {(s["layer"], s["name"]) for s in kv["states"]} == {(i, n) for i in (0, 1, 2) for n in ("conv", "recurrent")}
+
+
+@pytest.mark.parametrize("backend", ["onnx", "gguf"])
+def test_engine_greedy_tokens_are_peft_generates_switching_adapters_in_any_order(qwen35, peft_tokens, backend):
+    e = engine(qwen35[2], backend)
+    for name in ORDER:
+        assert e.complete(PROMPT, adapter=name, max_new_tokens=NEW).tokens == peft_tokens[name], (backend, name)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "gguf"])
+def test_concurrent_calls_on_mixed_adapters_batch_and_give_peft_generates_tokens(qwen35, peft_tokens, backend):
+    e = engine(qwen35[2], backend, threads=1)
+    out = [None] * len(ORDER)
+
+    def call(i):
+        out[i] = e.complete(PROMPT, adapter=ORDER[i], max_new_tokens=NEW).tokens
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(ORDER))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert e._scheduler  # the calls went through the batcher
+    assert out == [peft_tokens[n] for n in ORDER]
