@@ -22,7 +22,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peak_rss import LAUNCHER  # noqa: E402
+from peak_rss import LAUNCHER, tree_rss  # noqa: E402
 
 DONE = re.compile(r"^edgepeft: \[\d+/\d+\] (.+): ([0-9.]+) s \(elapsed [0-9:]+\)$")
 
@@ -32,13 +32,7 @@ def _sample(pid: int, stop: threading.Event, samples: list) -> None:
     try:
         root = psutil.Process(pid)
         while not stop.wait(0.1):
-            total = 0
-            for p in root.children(recursive=True):
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            samples.append((time.perf_counter(), total))
+            samples.append((time.perf_counter(), tree_rss(root)))
     except psutil.Error:
         pass
 

@@ -24,6 +24,19 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
+def tree_rss(root) -> int:
+    """The summed RSS of a psutil.Process's descendants (those that end while read count 0)."""
+    import psutil
+
+    total = 0
+    for p in root.children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
 def _tree_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
     """Sample the summed RSS of `pid`'s descendants every 0.2 s into peak[0] (psutil; without it,
     peak[0] stays 0 and only ru_maxrss is measured)."""
@@ -35,13 +48,7 @@ def _tree_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
     try:
         root = psutil.Process(pid)
         while not stop.wait(0.2):
-            total = 0
-            for p in root.children(recursive=True):
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            peak[0] = max(peak[0], total)
+            peak[0] = max(peak[0], tree_rss(root))
     except psutil.Error:  # the process ended between samples
         pass
 

@@ -14,17 +14,15 @@ import pytest
 
 from edgepeft.errors import UnsupportedModel
 from edgepeft.exporters.hf_base import load_base
-from edgepeft.exporters.onnx_adapter import adapter_tensors
-from edgepeft.exporters.onnx_graph import add_base_path, build_decoder
-from edgepeft.kinds import read_peft_adapter
-from edgepeft.runtime_contract import ADAPTERS_ACTIVE, kv_names, state_names
+from edgepeft.exporters.onnx_graph import build_decoder
+from edgepeft.runtime_contract import kv_names, state_names
 from factory import all_linear, make_base, make_lora, reference_logits
+from hybrid_checks import (f32_gguf_files, fp32_graph, TOL, assert_decode_steps_are_peft, assert_onnx_scores_are_peft, assert_stock_logits_are_peft,
+                           empty_cache, ort_session, peft_greedy, run, stock_greedy)
 from test_families import make_ia3
 
-TOL = 1e-3
 KERNEL = 5  # tests/factory.py's lfm2 config: conv_L_cache
 PROMPT_IDS = [int(i) for i in np.random.default_rng(3).integers(3, 260, 80)]  # far longer than the kernel
-GGUF_REL = 1e-3  # max abs error over the logit range: the bound tests/exporters/test_families.py uses
 
 
 @pytest.fixture(scope="module")
@@ -45,70 +43,13 @@ def lfm2(tmp_path_factory):
         "bias": make_lora(base, root / "bias", seed=6, r=4, lora_alpha=8, lora_bias=True,
                           target_modules=["in_proj", "out_proj"]),
     }
-    loaded = load_base(str(base))
-    proto, info = build_decoder(loaded, "fp32")
-    session = ort_session(add_base_path(proto, info))
-    feeds = {name: adapter_tensors(read_peft_adapter(path), info, loaded) for name, path in adapters.items()}
-    return base, adapters, session, info, feeds
+    return (base, adapters, *fp32_graph(base, adapters))
 
 
 @pytest.fixture(scope="module")
 def lfm2_gguf(lfm2, tmp_path_factory):
     """The F32 GGUF base and the GGUF LoRA files of the adapters that have one (DoRA has not)."""
-    from edgepeft.exporters.gguf_adapter import export_adapter_gguf
-    from edgepeft.exporters.gguf_base import write_base_gguf
-
-    base, adapters = lfm2[:2]
-    root = tmp_path_factory.mktemp("lfm2_gguf")
-    loaded = load_base(str(base))
-    write_base_gguf(loaded, root / "base.gguf", "F32")
-    manifest_base = {"linear_shapes": loaded.linear_shapes(), "model_type": "lfm2", "dims": loaded.dims,
-                     "fingerprint": loaded.fingerprint}
-    files = {None: None}
-    for name in ("all", "pattern"):
-        files[name] = root / f"{name}.gguf"
-        export_adapter_gguf(read_peft_adapter(adapters[name]), manifest_base, files[name])
-    return root / "base.gguf", files
-
-
-def stock_llama(model, lora, **kwargs):
-    """Stock llama-cpp-python on the F32 file with an F32 KV cache, flash attention off (as the
-    runtime runs F32 bases: docs/design.md)."""
-    from llama_cpp import GGML_TYPE_F32, Llama
-
-    return Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=256, verbose=False, seed=0,
-                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, **kwargs)
-
-
-def ort_session(proto):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # slot inputs with defaults are meant to be overridable: no warnings
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def empty_cache(info) -> dict:
-    """Each attention layer's empty KV cache and each convolution layer's zero state."""
-    kv, cache = info["kv"], {}
-    for i in kv["layers"]:
-        for name in kv_names(i)[:2]:
-            cache[name] = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
-    for st in kv["states"]:
-        cache[state_names(st["layer"], st["name"])[0]] = np.zeros((1, *st["shape"]), np.float32)
-    return cache
-
-
-def run(session, info, ids, past_len, cache, adapter_feeds=None):
-    """One call over `ids` after `past_len` tokens: (logits [len(ids), vocab], the next cache)."""
-    feeds = {"input_ids": np.array([ids], np.int64),
-             "attention_mask": np.ones((1, past_len + len(ids)), np.int64), **cache}
-    if adapter_feeds:
-        feeds.update(adapter_feeds)
-        feeds[ADAPTERS_ACTIVE] = np.ones(1, np.float32)
-    pasts = list(cache)
-    presents = [n.replace("past_key_values.", "present.") if n.startswith("past_key_values.")
-                else n.replace("past_", "present_", 1) for n in pasts]
-    out = session.run(["logits", *presents], feeds)
-    return out[0][0], dict(zip(pasts, out[1:]))
+    return f32_gguf_files(*lfm2[:2], tmp_path_factory.mktemp("lfm2_gguf"))
 
 
 def test_graph_carries_a_state_for_conv_layers_and_a_kv_cache_for_attention_layers(lfm2):
@@ -126,29 +67,14 @@ def test_graph_carries_a_state_for_conv_layers_and_a_kv_cache_for_attention_laye
 
 
 def test_fp32_onnx_scores_like_peft_with_every_adapter_in_any_order(lfm2):
-    base, adapters, session, info, feeds = lfm2
-    refs = {name: reference_logits(base, path, PROMPT_IDS) for name, path in [(None, None), *adapters.items()]}
-    for name in ["all", None, "dora", "ia3", "pattern", "bias", "all", None, "dora"]:
-        got, _ = run(session, info, PROMPT_IDS, 0, empty_cache(info), feeds.get(name))
-        err = np.abs(got - refs[name]).max()
-        assert err <= TOL, f"adapter={name}: max abs {err}"
-    for name in adapters:  # the adapters really change the model
-        assert np.abs(refs[name] - refs[None]).max() > 0.05, name
+    assert_onnx_scores_are_peft(*lfm2, PROMPT_IDS, ["all", None, "dora", "ia3", "pattern", "bias", "all", None, "dora"])
 
 
 @pytest.mark.parametrize("adapter", [None, "all"])
 def test_prefill_then_single_token_decode_matches_scoring_the_whole_text(lfm2, adapter):
     """A prefill of 7 tokens (past the kernel), then 73 steps of one token each (past 64 new
     tokens), each step reading the state and KV cache the previous one wrote."""
-    base, adapters, session, info, feeds = lfm2
-    ref = reference_logits(base, adapters.get(adapter), PROMPT_IDS)
-    logits, cache = run(session, info, PROMPT_IDS[:7], 0, empty_cache(info), feeds.get(adapter))
-    steps = [logits]
-    for t in range(7, len(PROMPT_IDS)):
-        logits, cache = run(session, info, PROMPT_IDS[t:t + 1], t, cache, feeds.get(adapter))
-        steps.append(logits)
-    err = np.abs(np.concatenate(steps) - ref).max()
-    assert err <= TOL, f"adapter={adapter}: max abs {err}"
+    cache = assert_decode_steps_are_peft(*lfm2, adapter, PROMPT_IDS, 7)
     state = cache[state_names(0, "conv")[0]]
     assert state.shape == (1, 64, KERNEL - 1) and np.abs(state).max() > 0
 
@@ -171,42 +97,16 @@ def test_gguf_base_has_llama_cpps_lfm2_layout(lfm2_gguf):
 
 def test_f32_gguf_with_lora_in_stock_llama_cpp_matches_peft(lfm2, lfm2_gguf):
     base, adapters = lfm2[:2]
-    model, files = lfm2_gguf
-    for name in [None, "all", "pattern"]:
-        llm = stock_llama(model, files[name], logits_all=True)
-        llm.eval(PROMPT_IDS)
-        got = np.array(llm.scores[:len(PROMPT_IDS)])
-        llm.close()
-        ref = reference_logits(base, adapters.get(name), PROMPT_IDS)
-        rel = np.abs(got - ref).max() / (ref.max() - ref.min())
-        assert rel <= GGUF_REL, f"adapter={name}: {rel}"
+    assert_stock_logits_are_peft(base, adapters, *lfm2_gguf, [None, "all", "pattern"], PROMPT_IDS)
 
 
 @pytest.mark.parametrize("adapter", [None, "all"])
 def test_stock_llama_cpp_greedy_tokens_are_peft_generates(lfm2, lfm2_gguf, adapter):
     """70 new tokens: llama.cpp carries each convolution layer's state from step to step."""
-    import torch
-    from peft import PeftModel
-
-    from factory import load_reference
-
     base, adapters = lfm2[:2]
     model, files = lfm2_gguf
     prompt = PROMPT_IDS[:9]
-    ref = load_reference(base)
-    if adapter:
-        ref = PeftModel.from_pretrained(ref, adapters[adapter]).eval()
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([prompt]), max_new_tokens=70, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, len(prompt):].tolist()
-    llm = stock_llama(model, files[adapter])
-    got = []
-    for tok in llm.generate(prompt, top_k=1, temp=0.0):
-        got.append(tok)
-        if len(got) == 70:
-            break
-    llm.close()
-    assert got == want
+    assert stock_greedy(model, files[adapter], prompt, 70) == peft_greedy(base, adapters.get(adapter), prompt, 70)
 
 
 def test_convolution_biases_run_on_onnx_and_are_refused_for_gguf(tmp_path):

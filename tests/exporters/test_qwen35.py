@@ -22,14 +22,13 @@ from edgepeft.kinds import read_peft_adapter
 from edgepeft.runtime_contract import kv_names, state_names
 from factory import all_linear, make_base, make_lora, reference_logits
 from test_families import make_ia3
-from test_lfm2 import empty_cache, ort_session, run, stock_llama
+from hybrid_checks import (f32_gguf_files, fp32_graph, GGUF_REL, TOL, assert_decode_steps_are_peft, assert_onnx_scores_are_peft,
+                           assert_stock_logits_are_peft, empty_cache, ort_session, peft_greedy, run, stock_greedy, stock_llama)
 
-TOL = 1e-3
 ARCH = "qwen3_5_text"
 KERNEL, CHANNELS = 4, 2 * 2 * 16 + 4 * 16  # tests/factory.py's config: q and k of 2 key heads, v of 4 value heads
 # Far longer than the kernel and than LinearAttention's default chunk (64).
 PROMPT_IDS = [int(i) for i in np.random.default_rng(3).integers(3, 260, 150)]
-GGUF_REL = 1e-3  # max abs error over the logit range: the bound tests/exporters/test_families.py uses
 
 
 def perturb_vectors(base_dir, seed: int):
@@ -66,30 +65,13 @@ def qwen35(tmp_path_factory):
         "bias": make_lora(base, root / "bias", seed=6, r=4, lora_alpha=8, lora_bias=True,
                           target_modules=["in_proj_qkv", "in_proj_b", "o_proj"]),
     }
-    loaded = load_base(str(base))
-    proto, info = build_decoder(loaded, "fp32")
-    session = ort_session(add_base_path(proto, info))
-    feeds = {name: adapter_tensors(read_peft_adapter(path), info, loaded) for name, path in adapters.items()}
-    return base, adapters, session, info, feeds
+    return (base, adapters, *fp32_graph(base, adapters))
 
 
 @pytest.fixture(scope="module")
 def qwen35_gguf(qwen35, tmp_path_factory):
     """The F32 GGUF base and the GGUF LoRA files of the adapters that have one (DoRA has not)."""
-    from edgepeft.exporters.gguf_adapter import export_adapter_gguf
-    from edgepeft.exporters.gguf_base import write_base_gguf
-
-    base, adapters = qwen35[:2]
-    root = tmp_path_factory.mktemp("qwen35_gguf")
-    loaded = load_base(str(base))
-    write_base_gguf(loaded, root / "base.gguf", "F32")
-    manifest_base = {"linear_shapes": loaded.linear_shapes(), "model_type": ARCH, "dims": loaded.dims,
-                     "fingerprint": loaded.fingerprint}
-    files = {None: None}
-    for name in ("all", "pattern"):
-        files[name] = root / f"{name}.gguf"
-        export_adapter_gguf(read_peft_adapter(adapters[name]), manifest_base, files[name])
-    return root / "base.gguf", files
+    return f32_gguf_files(*qwen35[:2], tmp_path_factory.mktemp("qwen35_gguf"))
 
 
 def test_graph_carries_deltanet_states_and_a_kv_cache_for_attention_layers(qwen35):
@@ -107,29 +89,14 @@ def test_graph_carries_deltanet_states_and_a_kv_cache_for_attention_layers(qwen3
 
 
 def test_fp32_onnx_scores_like_peft_with_every_adapter_in_any_order(qwen35):
-    base, adapters, session, info, feeds = qwen35
-    refs = {name: reference_logits(base, path, PROMPT_IDS) for name, path in [(None, None), *adapters.items()]}
-    for name in ["all", None, "dora", "ia3", "pattern", "bias", "all", None, "dora"]:
-        got, _ = run(session, info, PROMPT_IDS, 0, empty_cache(info), feeds.get(name))
-        err = np.abs(got - refs[name]).max()
-        assert err <= TOL, f"adapter={name}: max abs {err}"
-    for name in adapters:  # the adapters really change the model
-        assert np.abs(refs[name] - refs[None]).max() > 0.05, name
+    assert_onnx_scores_are_peft(*qwen35, PROMPT_IDS, ["all", None, "dora", "ia3", "pattern", "bias", "all", None, "dora"])
 
 
 @pytest.mark.parametrize("adapter", [None, "all"])
 def test_prefill_then_single_token_decode_matches_scoring_the_whole_text(qwen35, adapter):
     """A prefill of 7 tokens (past the kernel), then 143 steps of one token each (past 64 new
     tokens), each step reading the states and KV cache the previous one wrote."""
-    base, adapters, session, info, feeds = qwen35
-    ref = reference_logits(base, adapters.get(adapter), PROMPT_IDS)
-    logits, cache = run(session, info, PROMPT_IDS[:7], 0, empty_cache(info), feeds.get(adapter))
-    steps = [logits]
-    for t in range(7, len(PROMPT_IDS)):
-        logits, cache = run(session, info, PROMPT_IDS[t:t + 1], t, cache, feeds.get(adapter))
-        steps.append(logits)
-    err = np.abs(np.concatenate(steps) - ref).max()
-    assert err <= TOL, f"adapter={adapter}: max abs {err}"
+    cache = assert_decode_steps_are_peft(*qwen35, adapter, PROMPT_IDS, 7)
     for state in ("conv", "recurrent"):
         assert np.abs(cache[state_names(0, state)[0]]).max() > 0
 
@@ -154,42 +121,16 @@ def test_gguf_base_has_llama_cpps_qwen35_layout(qwen35_gguf):
 
 def test_f32_gguf_with_lora_in_stock_llama_cpp_matches_peft(qwen35, qwen35_gguf):
     base, adapters = qwen35[:2]
-    model, files = qwen35_gguf
-    for name in [None, "all", "pattern"]:
-        llm = stock_llama(model, files[name], logits_all=True)
-        llm.eval(PROMPT_IDS)
-        got = np.array(llm.scores[:len(PROMPT_IDS)])
-        llm.close()
-        ref = reference_logits(base, adapters.get(name), PROMPT_IDS)
-        rel = np.abs(got - ref).max() / (ref.max() - ref.min())
-        assert rel <= GGUF_REL, f"adapter={name}: {rel}"
+    assert_stock_logits_are_peft(base, adapters, *qwen35_gguf, [None, "all", "pattern"], PROMPT_IDS)
 
 
 @pytest.mark.parametrize("adapter", [None, "all"])
 def test_stock_llama_cpp_greedy_tokens_are_peft_generates(qwen35, qwen35_gguf, adapter):
     """70 new tokens: llama.cpp carries each DeltaNet layer's states from step to step."""
-    import torch
-    from peft import PeftModel
-
-    from factory import load_reference
-
     base, adapters = qwen35[:2]
     model, files = qwen35_gguf
     prompt = PROMPT_IDS[:9]
-    ref = load_reference(base)
-    if adapter:
-        ref = PeftModel.from_pretrained(ref, adapters[adapter]).eval()
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([prompt]), max_new_tokens=70, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, len(prompt):].tolist()
-    llm = stock_llama(model, files[adapter])
-    got = []
-    for tok in llm.generate(prompt, top_k=1, temp=0.0):
-        got.append(tok)
-        if len(got) == 70:
-            break
-    llm.close()
-    assert got == want
+    assert stock_greedy(model, files[adapter], prompt, 70) == peft_greedy(base, adapters.get(adapter), prompt, 70)
 
 
 def test_gguf_refuses_layer_types_llama_cpp_would_run_otherwise(tmp_path):

@@ -9,15 +9,13 @@ it scores; --merge bakes an adapter in; prompt-learning kinds are refused at exp
 runs (serve: tests/server/test_lfm2_serve.py)."""
 
 import json
-import threading
-
 import numpy as np
 import pytest
 
 from edgepeft.errors import EngineError, UnsupportedAdapter
 from edgepeft.exporters import add_adapter, export_bundle
-from edgepeft.runtime import Engine
-from factory import all_linear, load_reference, make_base, make_lora, make_prompt_adapter
+from factory import all_linear, make_base, make_lora, make_prompt_adapter
+from hybrid_checks import concurrent_completions, greedy_engine, peft_tokens_by_adapter
 
 PROMPT = [int(i) for i in np.random.default_rng(3).integers(3, 260, 9)]  # longer than the kernel (5)
 NEW = 70  # past 64 new tokens
@@ -42,41 +40,20 @@ def lfm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def peft_tokens(lfm2):
-    """PeftModel.generate's greedy tokens after PROMPT, by adapter (None: the base)."""
-    import torch
-    from peft import PeftModel
-
-    base, adapters, _ = lfm2
-    want = {}
-    for name in (None, *adapters):
-        model = load_reference(base)
-        if name:
-            model = PeftModel.from_pretrained(model, str(adapters[name])).eval()
-        with torch.no_grad():
-            out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
-        want[name] = out[0, len(PROMPT):].tolist()
-    assert len({tuple(t) for t in want.values()}) == 3  # the adapters change the answer
-    return want
-
-
-def engine(bundle, backend: str, **kwargs) -> Engine:
-    e = Engine.open(bundle.root, backend=backend, **kwargs)
-    e.tokenizer.eos_ids = set()  # as generate(eos_token_id=None): every call runs NEW tokens
-    return e
+    return peft_tokens_by_adapter(*lfm2[:2], PROMPT, NEW)
 
 
 @pytest.mark.parametrize("backend", ["onnx", "gguf"])
 def test_engine_greedy_tokens_are_peft_generates_switching_adapters_in_any_order(lfm2, peft_tokens, backend):
     """Each call is a new sequence: a second call on the same adapter gives the same tokens."""
-    e = engine(lfm2[2], backend)
+    e = greedy_engine(lfm2[2], backend)
     for name in ORDER:
         assert e.complete(PROMPT, adapter=name, max_new_tokens=NEW).tokens == peft_tokens[name], name
 
 
 @pytest.mark.parametrize("backend", ["onnx", "gguf"])
 def test_a_sequence_resets_whole_and_never_drops_part_of_its_state(lfm2, backend):
-    e = engine(lfm2[2], backend)
+    e = greedy_engine(lfm2[2], backend)
     handle = e.adapter_handle("conv")
     with e.backend.open_sequence(handle, 64) as fresh:
         want = np.array(fresh.forward(PROMPT, all_logits=True))
@@ -93,7 +70,7 @@ def test_a_sequence_resets_whole_and_never_drops_part_of_its_state(lfm2, backend
 
 
 def test_onnx_sequence_holds_conv_states_beside_the_attention_layers_kv(lfm2):
-    e = engine(lfm2[2], "onnx")
+    e = greedy_engine(lfm2[2], "onnx")
     assert e.backend.kv_layers == [1, 3]
     with e.backend.open_sequence(None, 32) as seq:
         assert [names for names, _, _ in seq.states] == [("past_conv.0", "present_conv.0"),
@@ -108,32 +85,18 @@ def test_onnx_sequence_holds_conv_states_beside_the_attention_layers_kv(lfm2):
 
 @pytest.mark.parametrize("backend", ["onnx", "gguf"])
 def test_concurrent_calls_on_mixed_adapters_batch_and_give_peft_generates_tokens(lfm2, peft_tokens, backend):
-    e = engine(lfm2[2], backend, threads=1)
+    e = greedy_engine(lfm2[2], backend, threads=1)
     assert all(e.backend.can_batch(e.adapter_handle(n)) for n in (None, "all", "conv"))
-    got = concurrent(e, ORDER)
+    got = concurrent_completions(e, PROMPT, ORDER, NEW)
     assert e._scheduler  # the calls went through the batcher
     assert got == [peft_tokens[n] for n in ORDER]
-
-
-def concurrent(e, names):
-    out = [None] * len(names)
-
-    def call(i):
-        out[i] = e.complete(PROMPT, adapter=names[i], max_new_tokens=NEW).tokens
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(names))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 @pytest.mark.parametrize("backend", ["onnx", "gguf"])
 def test_batcher_rows_on_mixed_adapters_decode_as_each_row_alone(lfm2, backend):
     """Rows of different lengths and adapters; the first two decode (the second riding along
     the first's steps with a placeholder token) before the last two join."""
-    e = engine(lfm2[2], backend, threads=1)
+    e = greedy_engine(lfm2[2], backend, threads=1)
     be = e.backend
     rows_of = [(None, PROMPT[:6]), ("all", PROMPT), ("conv", PROMPT[:7]), ("all", PROMPT[2:])]
     batcher = be.batcher()
@@ -167,7 +130,7 @@ def test_int4_bundle_decodes_through_its_states_as_it_scores(lfm2, tmp_path):
     base, adapters, _ = lfm2
     bundle = export_bundle(str(base), tmp_path / "q", {n: str(p) for n, p in adapters.items()}, formats="onnx",
                            onnx_quant="int4", quiet=True)
-    e = engine(bundle, "onnx")
+    e = greedy_engine(bundle, "onnx")
     for name in ("conv", None, "all"):
         tokens = e.complete(PROMPT, adapter=name, max_new_tokens=NEW).tokens
         scores = e.score(PROMPT + tokens, adapter=name)
@@ -180,7 +143,7 @@ def test_a_merged_adapter_runs_as_peft_on_both_backends(lfm2, peft_tokens, tmp_p
     bundle = export_bundle(str(base), tmp_path / "m", {"all": str(adapters["all"])}, formats="onnx,gguf",
                            onnx_quant="fp32", gguf_quant="F32", merge="all", quiet=True)
     for backend in ("onnx", "gguf"):
-        assert engine(bundle, backend).complete(PROMPT, max_new_tokens=NEW).tokens == peft_tokens["all"], backend
+        assert greedy_engine(bundle, backend).complete(PROMPT, max_new_tokens=NEW).tokens == peft_tokens["all"], backend
 
 
 @pytest.mark.parametrize("kind", ["PROMPT_TUNING", "PREFIX_TUNING"])

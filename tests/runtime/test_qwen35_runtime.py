@@ -4,14 +4,12 @@ adapters, run by the Engine on both backends. Greedy tokens equal PeftModel.gene
 adapter and the base, switched in any order, on one engine (each call starts from zero states),
 one by one and as concurrent calls that the batcher decodes together."""
 
-import threading
-
 import numpy as np
 import pytest
 
 from edgepeft.exporters import export_bundle
-from edgepeft.runtime import Engine
-from factory import all_linear, load_reference, make_base, make_lora
+from factory import all_linear, make_base, make_lora
+from hybrid_checks import concurrent_completions, greedy_engine, peft_tokens_by_adapter
 
 ARCH = "qwen3_5_text"
 PROMPT = [int(i) for i in np.random.default_rng(5).integers(3, 260, 11)]  # longer than the kernel (4)
@@ -36,27 +34,7 @@ def qwen35(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def peft_tokens(qwen35):
-    import torch
-    from peft import PeftModel
-
-    base, adapters, _ = qwen35
-    want = {}
-    for name in (None, *adapters):
-        model = load_reference(base)
-        if name:
-            model = PeftModel.from_pretrained(model, str(adapters[name])).eval()
-        with torch.no_grad():
-            out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
-        want[name] = out[0, len(PROMPT):].tolist()
-    assert len({tuple(t) for t in want.values()}) == 3  # the adapters change the answer
-    return want
-
-
-def engine(bundle, backend: str, **kwargs) -> Engine:
-    e = Engine.open(bundle.root, backend=backend, **kwargs)
-    e.tokenizer.eos_ids = set()  # as generate(eos_token_id=None): every call runs NEW tokens
-    return e
+    return peft_tokens_by_adapter(*qwen35[:2], PROMPT, NEW)
 
 
 def test_the_onnx_sequence_carries_conv_and_recurrent_states_and_no_kv_for_deltanet_layers(qwen35):
@@ -67,23 +45,14 @@ def test_the_onnx_sequence_carries_conv_and_recurrent_states_and_no_kv_for_delta
 
 @pytest.mark.parametrize("backend", ["onnx", "gguf"])
 def test_engine_greedy_tokens_are_peft_generates_switching_adapters_in_any_order(qwen35, peft_tokens, backend):
-    e = engine(qwen35[2], backend)
+    e = greedy_engine(qwen35[2], backend)
     for name in ORDER:
         assert e.complete(PROMPT, adapter=name, max_new_tokens=NEW).tokens == peft_tokens[name], (backend, name)
 
 
 @pytest.mark.parametrize("backend", ["onnx", "gguf"])
 def test_concurrent_calls_on_mixed_adapters_batch_and_give_peft_generates_tokens(qwen35, peft_tokens, backend):
-    e = engine(qwen35[2], backend, threads=1)
-    out = [None] * len(ORDER)
-
-    def call(i):
-        out[i] = e.complete(PROMPT, adapter=ORDER[i], max_new_tokens=NEW).tokens
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(ORDER))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    e = greedy_engine(qwen35[2], backend, threads=1)
+    out = concurrent_completions(e, PROMPT, ORDER, NEW)
     assert e._scheduler  # the calls went through the batcher
     assert out == [peft_tokens[n] for n in ORDER]
