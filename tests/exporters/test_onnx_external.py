@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgepeft.exporters import onnx_graph
+from edgepeft.exporters import onnx_ends
 from edgepeft.exporters.checkpoint import EMBEDDING
 from edgepeft.exporters.hf_base import load_base
 from edgepeft.exporters.onnx_export import DATA_FILE, _save_onnx
@@ -36,7 +36,7 @@ def _contents(proto):
 
 
 def test_a_streamed_export_saves_the_graph_and_values_of_one_kept_in_memory(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_graph, "TABLE_ROWS", 7)  # the table in uneven blocks of rows
+    monkeypatch.setattr(onnx_ends, "TABLE_ROWS", 7)  # the table in uneven blocks of rows
     base = load_base(str(tiny_llama))
     whole = _export(base)
     (tmp_path / "whole").mkdir()
@@ -53,7 +53,7 @@ def test_a_streamed_export_saves_the_graph_and_values_of_one_kept_in_memory(tiny
         assert got[1][name].dtype == value.dtype and np.array_equal(got[1][name], value), name
     # the table is each value's float32 conversion rounded to fp16, block boundaries or not
     table = base.tensor(EMBEDDING).numpy().astype(np.float16)
-    assert np.array_equal(got[1][f"{onnx_graph.EMBEDDING}.weight"], table)
+    assert np.array_equal(got[1][f"{onnx_ends.EMBEDDING}.weight"], table)
     # nothing left out or written twice: the data file holds exactly the external tensors' bytes
     spans = sorted((int(e["offset"]), int(e["length"])) for e in
                    ({d.key: d.value for d in i.external_data} for i in
