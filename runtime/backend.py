@@ -3,7 +3,8 @@ each sequence, and the Batcher that decodes rows of several sequences together.
 
 Ownership (llama.h style): a Backend owns the base model and the native memory of every adapter
 it loads. A SequenceState is the backend's own object, holding whatever one sequence needs between
-two forward passes (a KV cache, and a hybrid family's convolution states: LFM2):
+two forward passes (a KV cache, and a hybrid family's per-layer states: LFM2's convolution,
+Qwen3.5's convolution and recurrent ones):
 the Engine only passes it around, asks its length and closes it. A Batcher owns its rows, each a
 SequenceState. Adapter handles are backend objects too; the Engine only passes them back.
 

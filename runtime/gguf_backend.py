@@ -62,7 +62,7 @@ class GgufBackend(Backend):
         if not self.model:
             raise BundleError(f"{path}: llama.cpp cannot load it (corrupt or unsupported GGUF)")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
-        # A hybrid (LFM2's convolution layers) or recurrent memory cannot drop a sequence's last
+        # A hybrid (LFM2's convolutions, Qwen3.5's DeltaNets) or recurrent memory cannot drop a sequence's last
         # positions (llama_memory_seq_rm fails on part of a sequence): its sequences reset whole.
         self.recurrent = bool(llama_cpp.llama_model_is_recurrent(self.model)
                               or llama_cpp.llama_model_is_hybrid(self.model))

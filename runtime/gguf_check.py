@@ -165,7 +165,7 @@ def check_base_gguf(path: Path, base: dict) -> tuple[str, dict[str, list[int]]]:
     per_layer = fields.get(kv_key)
     if (isinstance(per_layer, list) and len(per_layer) == dims["num_layers"]
             and set(per_layer) <= {0, dims["num_kv_heads"]} and any(per_layer)):
-        del want[kv_key]  # a hybrid's KV heads per layer: 0 for a layer without attention (LFM2's convolutions)
+        del want[kv_key]  # a hybrid's KV heads per layer: 0 for a layer without attention (LFM2's convolutions, Qwen3.5's DeltaNets)
     for key, value in want.items():
         if fields.get(key) != value:
             raise BundleError(f"{path}: {key} is {str(fields.get(key))[:20]}, the manifest says {value} "

@@ -3,8 +3,8 @@
 Ownership: the backend owns the InferenceSession (created once, freed with the backend). Each
 loaded adapter owns its memory-mapped parameters (runtime/onnx_adapter.py; freed when unloaded
 and no call uses it). Each sequence (`OnnxSequence`) owns its IOBinding and its KV cache, freed
-at `close()`, so calls on different threads never share state. In a hybrid family (LFM2), the
-sequence owns each short-convolution layer's state beside the attention layers' KV cache
+at `close()`, so calls on different threads never share state. In a hybrid family (LFM2, Qwen3.5), the
+sequence owns each convolution or DeltaNet layer's states beside the attention layers' KV cache
 (the graph's entry `kv` says which layers have which: `layers` and `states`); such a state
 cannot drop its last tokens, so those sequences do not trim (a shared prefix is recomputed).
 
@@ -134,7 +134,7 @@ class OnnxBackend(Backend):
         """Rows batch on a CPU base exported with row masks and without LongRoPE (one rotary
         table per step), on plain LoRA adapters (a row mask cannot separate what a scale or a
         prefix does to a whole output); everything else runs alone. A hybrid base's rows carry
-        their convolution states in the batcher (runtime/onnx_batch.py)."""
+        their per-layer states in the batcher (runtime/onnx_batch.py)."""
         return (bool(self.info.get("row_masks")) and self.rope_switch is None and self.device == "cpu"
                 and (adapter is None or adapter.lora_only))
 
@@ -196,7 +196,7 @@ class OnnxSequence(SequenceState):
             past.update_inplace(np.zeros(past.shape(), self.backend.dtype))
 
     def can_trim(self) -> bool:
-        return not self.states  # a convolution state cannot give back the tokens it has taken in
+        return not self.states  # a convolution or recurrent state cannot give back the tokens it has taken in
 
     def _bind_states(self) -> None:
         for (past_name, present_name), past, present in self.states:
@@ -212,7 +212,7 @@ class OnnxSequence(SequenceState):
 
     def trim(self, n: int) -> None:
         if self.states:
-            raise EngineError("a sequence with a convolution state cannot drop tokens once run")
+            raise EngineError("a sequence with a convolution or recurrent state cannot drop tokens once run")
         if not 0 <= n <= len(self.ids):
             raise EngineError(f"cannot drop {n} tokens from a sequence of {len(self.ids)}")
         self.length -= n

@@ -12,11 +12,12 @@ none), in one forward pass.
   one adapter bind it as one call does; rows all on the base run the slot-free path.
 - A newcomer's prompt runs alone over its own row of the buffer (`OnnxRow.forward`), in chunks
   the scheduler interleaves with the others' decode steps.
-- A hybrid base (LFM2): the KV buffers are the attention layers' only, and each convolution
-  layer's state has a buffer of its own, [rows, hidden, kernel - 1], read as the past state; the
-  graph writes the present state to a second array, and only the rows that ran copy theirs back,
-  so a row riding along a step with a placeholder token keeps its state. A row's state is zeroed
-  when it opens or resets; the state cannot drop tokens, so such rows do not trim.
+- A hybrid base (LFM2, Qwen3.5): the KV buffers are the attention layers' only, and each other
+  layer's state (convolution, recurrent) has a buffer of its own, [rows, *its shape], read as the
+  past state; the graph writes the present state to a second array, and only the rows that ran
+  copy theirs back, so a row riding along a step with a placeholder token keeps its state. A
+  row's state is zeroed when it opens or resets; the state cannot drop tokens, so such rows do
+  not trim.
 
 Which calls batch is OnnxBackend.can_batch's one rule; the others run alone.
 """
@@ -53,7 +54,7 @@ class OnnxRow(SequenceState):
 
     def trim(self, n: int) -> None:
         if self.batcher.states:
-            raise EngineError("a row with a convolution state cannot drop tokens once run")
+            raise EngineError("a row with a convolution or recurrent state cannot drop tokens once run")
         if not 0 <= n <= self.length:
             raise EngineError(f"cannot drop {n} tokens from a row of {self.length}")
         self.length -= n
@@ -69,7 +70,7 @@ class OnnxBatcher(Batcher):
         self.b = backend
         self.rows: list[OnnxRow] = []
         self.kv: list[np.ndarray] = []  # per attention layer: key, value [capacity, kv_heads, positions, head_dim]
-        self.states: list[np.ndarray] = []  # per convolution state (backend.states): [capacity, *shape]
+        self.states: list[np.ndarray] = []  # per layer state (backend.states): [capacity, *shape]
         self.capacity = self.positions = 0
         self._decode = None  # (key, IOBinding, logits array, present states, arrays it reads) of the last step's layout
         self._combined: dict = {}  # adapters (by id) -> their slots side by side, a few kept
