@@ -25,6 +25,8 @@ from .onnx_graph import check_onnx_shapes
 from .onnx_quant import ONNX_QUANTS, check_quant
 from .progress import Progress
 
+STATE_WORDS = {"conv": "convolution"}  # state names (runtime_contract.state_names) in an error
+
 FORMATS = ("onnx", "gguf")
 
 
@@ -86,8 +88,8 @@ def _write_adapter(bundle: Bundle, name: str, spec: AdapterSpec, formats: list[s
     for backend in formats:
         _check_kind(spec, backend, name)
     if "onnx" in formats:  # add-adapter to a hybrid's bundle: the layers with a state, from its graph's entry
-        _check_hybrid_kinds({name: spec}, sorted({s["layer"] for s in bundle.backends["onnx"]["kv"].get("states", [])}),
-                            None)
+        states = bundle.backends["onnx"]["kv"].get("states", [])
+        _check_hybrid_kinds({name: spec}, sorted({s["layer"] for s in states}), {s["name"] for s in states}, None)
     for backend in formats:
         rel = adapter_file(name, backend)
         if backend == "onnx":
@@ -141,7 +143,8 @@ def _read_request(base: str, adapters: dict[str, str], formats, onnx_quant: str,
     local = resolve_base_dir(base)
     config = read_config(local)
     dims, lay = config_layout(config)
-    _check_hybrid_kinds(specs, _stateful_layers(lay), merge)
+    stateful = _stateful_layers(lay)
+    _check_hybrid_kinds(specs, stateful, {n for i in stateful for n in lay.states[i]}, merge)
     if "onnx" in formats:
         check_onnx_shapes(local, dims, lay.rotary_dim)
     if "gguf" in formats:
@@ -150,18 +153,20 @@ def _read_request(base: str, adapters: dict[str, str], formats, onnx_quant: str,
     return formats, specs
 
 
-def _check_hybrid_kinds(specs: dict[str, AdapterSpec], stateful: list[int], merge: str | None) -> None:
-    """Refuse prompt-learning adapters (prompt and prefix tuning) on a base whose layers carry a
-    state other than a KV cache (a hybrid's short convolution): their virtual tokens reach the
-    runtime as a KV-cache prefix of every layer, and a convolution layer has no KV cache (prefix
-    tuning's keys and values have nothing to attach to there; prompt tuning would need each
-    layer's state after the virtual tokens, which no adapter file carries)."""
+def _check_hybrid_kinds(specs: dict[str, AdapterSpec], stateful: list[int], states: set[str],
+                        merge: str | None) -> None:
+    """Refuse prompt-learning adapters (prompt and prefix tuning) on a base whose layers carry
+    `states` other than a KV cache (a hybrid's convolution, a DeltaNet's recurrent matrix): their
+    virtual tokens reach the runtime as a KV-cache prefix of every layer, and such a layer has no
+    KV cache (prefix tuning's keys and values have nothing to attach to there; prompt tuning would
+    need each layer's state after the virtual tokens, which no adapter file carries)."""
     if not stateful:
         return
+    kinds = " and ".join(STATE_WORDS.get(n, n) for n in sorted(states))
     for name, spec in specs.items():
         if name != merge and needed_slots(spec) == "none":
             raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({spec.kind} tuning) cannot run on a base whose "
-                                     f"layers {stateful[:4]}{'...' if len(stateful) > 4 else ''} carry a convolution "
+                                     f"layers {stateful[:4]}{'...' if len(stateful) > 4 else ''} carry a {kinds} "
                                      "state instead of a KV cache; use a LoRA, DoRA or IA3 adapter")
 
 

@@ -7,8 +7,9 @@ one by one and as concurrent calls that the batcher decodes together."""
 import numpy as np
 import pytest
 
-from edgepeft.exporters import export_bundle
-from factory import all_linear, make_base, make_lora
+from edgepeft.errors import UnsupportedAdapter
+from edgepeft.exporters import add_adapter, export_bundle
+from factory import all_linear, make_base, make_lora, make_prompt_adapter
 from hybrid_checks import concurrent_completions, greedy_engine, peft_tokens_by_adapter
 
 ARCH = "qwen3_5_text"
@@ -56,3 +57,15 @@ def test_concurrent_calls_on_mixed_adapters_batch_and_give_peft_generates_tokens
     out = concurrent_completions(e, PROMPT, ORDER, NEW)
     assert e._scheduler  # the calls went through the batcher
     assert out == [peft_tokens[n] for n in ORDER]
+
+
+@pytest.mark.parametrize("kind", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_prompt_learning_kinds_are_refused_naming_both_states_in_one_line(qwen35, kind, tmp_path):
+    base, _, bundle = qwen35
+    adapter = make_prompt_adapter(base, tmp_path / "p", peft_type=kind)
+    with pytest.raises(UnsupportedAdapter, match=r"layers \[0, 1, 2\] carry a convolution and recurrent state "
+                                                 "instead of a KV cache") as e:
+        export_bundle(str(base), tmp_path / "b", {"p": str(adapter)}, formats="onnx", onnx_quant="fp32", quiet=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
+    with pytest.raises(UnsupportedAdapter, match="carry a convolution and recurrent state"):
+        add_adapter(bundle.root, "p", adapter, formats="onnx")
