@@ -12,7 +12,6 @@ from edgepeft.recovery import recover, replace_dir, staging_dir, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
 
 from . import heap
-from .archs import ATTENTION_MIXER
 from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, fingerprint_tensors, load_base,
                       read_config, resolve_base_dir)
 from .decode_bytes import gguf_decode_bytes
@@ -143,7 +142,7 @@ def _read_request(base: str, adapters: dict[str, str], formats, onnx_quant: str,
     local = resolve_base_dir(base)
     config = read_config(local)
     dims, lay = config_layout(config)
-    stateful = _stateful_layers(lay)
+    stateful = lay.state_layers()
     _check_hybrid_kinds(specs, stateful, {n for i in stateful for n in lay.states[i]}, merge)
     if "onnx" in formats:
         check_onnx_shapes(local, dims, lay.rotary_dim)
@@ -168,11 +167,6 @@ def _check_hybrid_kinds(specs: dict[str, AdapterSpec], stateful: list[int], stat
             raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({spec.kind} tuning) cannot run on a base whose "
                                      f"layers {stateful[:4]}{'...' if len(stateful) > 4 else ''} carry a {kinds} "
                                      "state instead of a KV cache; use a LoRA, DoRA or IA3 adapter")
-
-
-def _stateful_layers(lay) -> list[int]:
-    """The layers of a hybrid family that carry a state instead of a KV cache."""
-    return [i for i, m in enumerate(lay.mixers) if m != ATTENTION_MIXER]
 
 
 def _base_entry(source: str, base: BaseModel, merged: dict | None) -> dict:

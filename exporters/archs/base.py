@@ -237,6 +237,10 @@ class Layout:
         """The layers that have a KV cache."""
         return [i for i, m in enumerate(self.mixers) if m == ATTENTION_MIXER]
 
+    def state_layers(self) -> list[int]:
+        """A hybrid's layers that carry states instead of a KV cache."""
+        return [i for i, m in enumerate(self.mixers) if m != ATTENTION_MIXER]
+
 
 def layout(arch: Arch, config, dims: dict) -> Layout:
     """Read `config` the way `arch`'s family does."""
