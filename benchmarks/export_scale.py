@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Export and decode at real sizes: a random bf16 base shaped like Llama-3.2-1B or Qwen3-4B (no
-download) with a random rank-16 LoRA on all seven projections, in one sitting.
+"""Export and decode at real sizes: a random bf16 base shaped like Llama-3.2-1B, Qwen3-4B, Qwen3.5-0.8B
+or LFM2-350M (no download) with a random rank-16 LoRA on every linear layer of the text model, in
+one sitting.
 
-    python benchmarks/export_scale.py --shape {tiny,tiny-qwen3,llama-1b,qwen3-4b} [--rounds 5] [--skip-genai]
+    python benchmarks/export_scale.py --shape {tiny,tiny-qwen3,llama-1b,qwen3-4b,qwen35-0.8b,lfm2-350m} [--rounds 5] [--skip-genai]
         [--work DIR] [--name NAME] [--threads N] [--genai-python PATH] [--dry-run]
 
 1. writes the base (benchmarks/scale_models.py: one tensor group per shard, names and shapes
@@ -263,9 +264,10 @@ def prepare_base(shape: str, base: Path, lora: Path) -> dict:
     shutil.rmtree(lora, ignore_errors=True)
     adapter_bytes = scale_models.write_lora(base, lora)
     weights = json.loads(index.read_text())["metadata"]["total_size"]
+    targets = json.loads((lora / "adapter_config.json").read_text())["target_modules"]
     say(f"base {'reused' if reuse else 'written'} ({weights / 2**30:.2f} GiB bf16, names and shapes match "
         f"transformers) and rank-16 LoRA written ({adapter_bytes / 2**20:.1f} MiB): {time.perf_counter() - t:.1f} s")
-    return {"reused": reuse, "weight_bytes": weights, "adapter_bytes": adapter_bytes}
+    return {"reused": reuse, "weight_bytes": weights, "adapter_bytes": adapter_bytes, "targets": sorted(targets)}
 
 
 def dry_run(shape: str, work: Path) -> int:
@@ -324,7 +326,8 @@ def main(argv=None) -> int:
     results = {"shape": args.shape, "config": scale_models.config(args.shape), "when": started, "base": made,
                "argv": sys.argv[1:], "threads": args.threads, "new_tokens": args.new_tokens, "rounds": rounds,
                "exports": exports, "summary": summary, "machine": scale_report.machine(),
-               "versions": scale_report.versions(genai_version)}
+               "versions": scale_report.versions(genai_version),
+               "load_average_end": [round(x, 2) for x in os.getloadavg()]}
     name = args.name or f"export_scale-{args.shape}"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+import scale_hybrids
+
 SMOLLM2 = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}  # <|im_start|>, <|im_end|>
 CHUNK = 1 << 24  # values drawn per call: bounds the float32 scratch at 64 MiB per tensor
 
@@ -49,7 +50,12 @@ SHAPES = {
 }
 
 
+SHAPES.update(scale_hybrids.SHAPES)
+
+
 def config(shape: str) -> dict:
+    if shape in scale_hybrids.SHAPES:
+        return scale_hybrids.config(shape, SMOLLM2)
     return {**SHAPES[shape], "attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu",
             "initializer_range": 0.02, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
             **SMOLLM2}
@@ -57,7 +63,10 @@ def config(shape: str) -> dict:
 
 def tensor_groups(cfg: dict) -> list[list[tuple[str, tuple[int, ...]]]]:
     """The checkpoint's tensors as (name, shape), one group per shard: the embedding and final
-    norm, then each decoder layer. Tied embeddings: no lm_head.weight."""
+    norm, then each decoder layer. Tied embeddings: no lm_head.weight. The hybrids: scale_hybrids."""
+    if cfg["model_type"] in ("qwen3_5", "lfm2"):
+        vision = scale_hybrids.vision_tensors(cfg) if scale_hybrids.is_vlm(cfg) else None
+        return scale_hybrids.tensor_groups(cfg, vision)
     h, hd, inter = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     groups = [[("model.embed_tokens.weight", (cfg["vocab_size"], h)), ("model.norm.weight", (h,))]]
@@ -141,12 +150,30 @@ def written_shapes(base: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _meta_model(base: Path):
+    """transformers' model of `base` on the meta device: the class its checkpoint is released as
+    (Qwen3.5's vision-language class, whose text model sits under model.language_model.)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     cfg = AutoConfig.from_pretrained(base)
+    auto = AutoModelForImageTextToText if getattr(cfg, "vision_config", None) is not None else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg)
+        return auto.from_config(cfg)
+
+
+def lora_targets(model) -> list[str]:
+    """The module names a LoRA on every linear layer of the text model targets: each nn.Linear's
+    own name (q_proj, in_proj_qkv, w1, ...), in the model's order, the output head and a vision
+    tower left out (edgepeft exports a vision-language model's text model only)."""
+    import torch
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    leaves = [n.rsplit(".", 1)[-1] for n in names if n != "lm_head" and ".visual." not in f".{n}."]
+    vision = {n.rsplit(".", 1)[-1] for n in names if ".visual." in f".{n}."}
+    clash = sorted(vision & set(leaves))
+    if clash:  # a name shared with the tower would adapt it too
+        raise SystemExit(f"scale_models.py: text and vision layers share the names {clash}")
+    return list(dict.fromkeys(leaves))
 
 
 def check_base(base: Path) -> list[str]:
@@ -164,16 +191,18 @@ def check_base(base: Path) -> list[str]:
 
 
 def write_lora(base: Path, out: Path, rank: int = 16, seed: int = 1) -> int:
-    """A rank-`rank` LoRA on all seven projections, as PEFT saves one: PEFT wraps transformers'
-    model of `base` built on the meta device (no weights), which gives the adapter's config and
-    tensor names and shapes; the values are random (A as PEFT's default init, B N(0, 0.01), so
+    """A rank-`rank` LoRA on every linear layer of the text model (lora_targets: the seven
+    projections of Llama and Qwen3, the hybrids' own as well), as PEFT saves one: PEFT wraps
+    transformers' model of `base` built on the meta device (no weights), which gives the adapter's
+    config and tensor names and shapes; the values are random (A as PEFT's default init, B N(0, 0.01), so
     the adapter changes the output). Returns the adapter's bytes."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from safetensors.numpy import save_file
 
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM",
+    model = _meta_model(base)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=lora_targets(model), task_type="CAUSAL_LM",
                       base_model_name_or_path=str(base))
-    meta = get_peft_model_state_dict(get_peft_model(_meta_model(base), lora))
+    meta = get_peft_model_state_dict(get_peft_model(model, lora))
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, t in meta.items():

@@ -7,9 +7,10 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 
 from edgepeft.byte_sizes import format_bytes
+from scale_hybrids import LIKE as HYBRIDS
 
 LIKE = {"tiny": "a tiny Llama (llama3 rope scaling)", "tiny-qwen3": "a tiny Qwen3", "llama-1b": "Llama-3.2-1B",
-        "qwen3-4b": "Qwen3-4B"}
+        "qwen3-4b": "Qwen3-4B", **HYBRIDS}
 PACKAGES = ("edgepeft", "onnxruntime", "onnxruntime-genai", "llama_cpp_python", "transformers", "peft", "torch",
             "numpy", "gguf", "safetensors")
 
@@ -45,7 +46,7 @@ def _gib(n) -> str:
 
 def _commands(results: dict, args) -> list[str]:
     flags = f"--shape {args.shape} --rounds {args.rounds} --threads {args.threads}"
-    flags += (" --skip-genai" if args.skip_genai else "") + (f" --new-tokens {args.new_tokens}"
+    flags += (" --skip-genai" if args.skip_genai else f" --genai-python {args.genai_python}") + (f" --new-tokens {args.new_tokens}"
                                                              if args.new_tokens != 64 else "")
     lines = ["Commands (WORK is --work/SHAPE, default /tmp/export_scale/SHAPE):", "",
              f"- `python benchmarks/export_scale.py {flags}` (all of what follows, in one sitting)",
@@ -105,17 +106,28 @@ def _decode_table(results: dict) -> list[str]:
                    "backend and llama-cpp-python allocate min(context length, 4096) cells at load.", ""]
 
 
+def _shape(cfg: dict) -> str:
+    """The text model's dimensions, and its layer kinds where it mixes them."""
+    t = cfg.get("text_config", cfg)
+    kinds = t.get("layer_types") or []
+    mix = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) if len(set(kinds)) > 1 else ""
+    hd = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+    return (f"hidden {t['hidden_size']}, {t['num_hidden_layers']} layers{f' ({mix})' if mix else ''}, "
+            f"{t['num_attention_heads']}/{t['num_key_value_heads']} heads, head_dim {hd}, intermediate "
+            f"{t['intermediate_size']}, vocabulary {t['vocab_size']}")
+
+
 def markdown(results: dict, args) -> str:
-    cfg, m = results["config"], results["machine"]
+    cfg, m, base = results["config"], results["machine"], results["base"]
+    targets = ", ".join(base.get("targets") or ["all seven projections"])
     head = [f"# Export and decode at real sizes: {results['shape']}", "",
-            f"A random bf16 base shaped like {LIKE[results['shape']]} (hidden {cfg['hidden_size']}, "
-            f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, "
-            f"head_dim {cfg['head_dim']}, intermediate {cfg['intermediate_size']}, vocabulary {cfg['vocab_size']}, "
-            f"tied embeddings; {_gib(results['base']['weight_bytes'])} of weights, N(0, 0.02), norms 1) with the "
-            f"builtin SmolLM2 tokenizer, and a random rank-16 LoRA on all seven projections "
-            f"({format_bytes(results['base']['adapter_bytes'], 'MiB', 1)} fp32). Random weights: speed and "
+            f"A random bf16 base shaped like {LIKE[results['shape']]} ({_shape(cfg)}, tied embeddings; "
+            f"{_gib(base['weight_bytes'])} of weights, N(0, 0.02), norms 1) with the "
+            f"builtin SmolLM2 tokenizer, and a random rank-16 LoRA on every linear layer of the text model "
+            f"({targets}; {format_bytes(base['adapter_bytes'], 'MiB', 1)} fp32). Random weights: speed and "
             "memory only, no quality figures.", "",
             f"- when: {results['when']}; machine: {m['platform']}, {m['cpu']}, {m['cpus']} CPUs, "
-            f"{_gib(m['ram_bytes'])} RAM, load average at the start {m['load_average']}",
+            f"{_gib(m['ram_bytes'])} RAM, load average at the start {m['load_average']}"
+            + (f", at the end {results['load_average_end']}" if results.get("load_average_end") else ""),
             "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
     return "\n".join(head + _commands(results, args) + _export_table(results) + _decode_table(results))

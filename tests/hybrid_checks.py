@@ -38,8 +38,18 @@ def peft_greedy(base, adapter, prompt: list[int], new: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def stock_greedy(model, lora, prompt: list[int], new: int) -> list[int]:
-    llm = stock_llama(model, lora)
+def stock_greedy(model, lora, prompt: list[int], new: int, f32: bool = True) -> list[int]:
+    """Stock llama-cpp-python's `new` greedy tokens: on an F32 file as stock_llama runs it, or
+    (f32=False) with llama-cpp-python's defaults but flash attention on: our GGUF backend keeps
+    llama.cpp's automatic choice, which turns it on for the CPU, and greedy tokens of a random
+    model follow the attention kernel's rounding."""
+    if f32:
+        llm = stock_llama(model, lora)
+    else:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=256, verbose=False, seed=0,
+                    flash_attn=True)
     got = []
     for tok in llm.generate(prompt, top_k=1, temp=0.0):
         got.append(tok)

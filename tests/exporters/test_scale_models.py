@@ -28,6 +28,36 @@ def test_real_shapes_match_transformers_and_the_published_size(tmp_path, shape):
     assert size == 2 * params
 
 
+@pytest.mark.parametrize("shape, family", [("lfm2-350m", "lfm2"), ("qwen35-0.8b", "qwen3_5_text")])
+def test_hybrid_shapes_match_transformers_and_their_lora_adapts_every_text_linear_layer(tmp_path, shape, family):
+    """The hybrids' hand-written text tensors equal transformers' model of the published config
+    (Qwen3.5 as its vision-language class, the text model under model.language_model.), and the
+    LoRA targets every linear layer of the text model, the tower's none, under names edgepeft reads
+    as the text model's."""
+    from factory import all_linear
+
+    from edgepeft.kinds import read_peft_adapter
+
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    scale_models.write_base(shape, base, dry_run=True)
+    assert scale_models.check_base(base) == []
+    shapes = scale_models.written_shapes(base)
+    assert shapes["model.embed_tokens.weight" if family == "lfm2" else "model.language_model.embed_tokens.weight"] \
+        == (65536 if family == "lfm2" else 248320, 1024)
+    assert any(n.startswith("model.visual.") for n in shapes) == (family != "lfm2")
+    scale_models.write_lora(base, lora)
+    targets = json.loads((lora / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(targets) == sorted(all_linear(family))
+    spec = read_peft_adapter(lora)
+    layers = 16 if family == "lfm2" else 24
+    assert {m.split(".")[2] for m in spec.modules} == {str(i) for i in range(layers)}
+    assert all(m.startswith("model.layers.") for m in spec.modules)
+    per_layer = {"lfm2": {"conv": 5, "full_attention": 7}, "qwen3_5_text": {"linear_attention": 8,
+                                                                           "full_attention": 7}}[family]
+    kinds = scale_models.config(shape).get("text_config", scale_models.config(shape))["layer_types"]
+    assert len(spec.modules) == sum(per_layer[k] for k in kinds)
+
+
 def test_check_base_names_a_missing_and_a_misshapen_tensor(tmp_path):
     scale_models.write_base("qwen3-4b", tmp_path, dry_run=True)
     listed = json.loads((tmp_path / "tensors.json").read_text())
@@ -66,7 +96,7 @@ def test_tiny_base_and_lora_load_in_transformers_and_peft(tmp_path):
     in_out = (256 + 256) + (256 + 128) * 2 + (256 + 256) + (256 + 512) * 3
     assert scale_models.write_lora(base, lora) == 2 * 16 * in_out * 4
     adapted = PeftModel.from_pretrained(model, lora)
-    assert sorted(adapted.peft_config["default"].target_modules) == sorted(scale_models.PROJECTIONS)
+    assert sorted(adapted.peft_config["default"].target_modules) == sorted(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     with torch.no_grad():
         assert not torch.allclose(adapted(ids).logits, plain)
 
