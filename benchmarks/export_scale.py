@@ -304,6 +304,7 @@ def main(argv=None) -> int:
     work = args.work / args.shape
     base, lora, bundle_dir, genai_dir = work / "base", work / "lora", work / "bundle", work / "genai-int4"
     started = time.strftime("%Y-%m-%d %H:%M")
+    load_start = [round(x, 2) for x in os.getloadavg()]
     made = prepare_base(args.shape, base, lora)
     say("our export: ONNX int4 + GGUF Q4_K_M + the adapter")
     exports = {"edgepeft": export_ours(base, lora, bundle_dir)}
@@ -325,7 +326,8 @@ def main(argv=None) -> int:
     genai_version = next((r[k]["version"] for r in rounds for k in r if "version" in r[k]), None)
     results = {"shape": args.shape, "config": scale_models.config(args.shape), "when": started, "base": made,
                "argv": sys.argv[1:], "threads": args.threads, "new_tokens": args.new_tokens, "rounds": rounds,
-               "exports": exports, "summary": summary, "machine": scale_report.machine(),
+               "exports": exports, "summary": summary,
+               "machine": {**scale_report.machine(), "load_average": load_start},
                "versions": scale_report.versions(genai_version),
                "load_average_end": [round(x, 2) for x in os.getloadavg()]}
     name = args.name or f"export_scale-{args.shape}"
