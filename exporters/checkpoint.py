@@ -66,7 +66,7 @@ class CheckpointTensors:
     def rows(self, name: str, start: int, stop: int):
         """Rows start:stop of tensor `name` in its stored dtype (a slice: the rest is not read)."""
         with self._open(self.where[name]) as handle:
-            return handle.get_slice(name)[start:stop]
+            return handle.get_slice(self.stored_as[name])[start:stop]
 
     def equal(self, a: str, b: str, rows: int = 4096) -> bool:
         """Whether tensors a and b hold the same values, read a block of rows at a time."""

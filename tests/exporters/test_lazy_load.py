@@ -139,3 +139,18 @@ def test_merge_on_a_lazy_base_writes_the_bundle_a_whole_float32_merge_writes(kin
                                     gguf_quant="F32", merge="m", quiet=True)
         got[lazy] = (_digests(out), Bundle.open(out).fingerprint)
     assert len(got[True][0]) >= 3 and got[True] == got[False]
+
+
+def test_a_vision_language_checkpoints_text_weights_are_read_in_row_blocks_under_the_text_names(tmp_path):
+    """Qwen3.5's released layout (text under model.language_model.): a block of rows is read by
+    the stored name, as a whole tensor is (int4 ONNX writes the embedding table in row blocks)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edgepeft.exporters import checkpoint
+
+    table = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    save_file({"model.language_model.embed_tokens.weight": table}, str(tmp_path / "model.safetensors"))
+    tensors = checkpoint.CheckpointTensors(tmp_path)
+    assert torch.equal(tensors.get("model.embed_tokens.weight"), table)
+    assert torch.equal(tensors.rows("model.embed_tokens.weight", 2, 5), table[2:5])
