@@ -151,6 +151,9 @@ def _read_request(base: str, adapters: dict[str, str], formats, onnx_quant: str,
     _check_kv_sharing_kinds(specs, lay.kv_consumers(), merge)
     if "onnx" in formats:
         check_onnx_shapes(local, lay)
+        if onnx_quant not in ("fp32", "fp16") and (lay.per_layer_input or lay.kv_consumers()):
+            raise UnsupportedModel(f"{local}: --onnx-quant {onnx_quant} of {config.model_type} (per-layer inputs, KV "
+                                   "sharing) is not supported yet; export with --onnx-quant fp32 or fp16")
     if "gguf" in formats:
         check_gguf_layout(local, config, dims, lay)
         gguf_ftype(gguf_quant)

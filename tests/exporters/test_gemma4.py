@@ -5,7 +5,7 @@ a larger head and proportional partial rotary, q/k/v norms, layer scalars and so
 Logits match PyTorch+PEFT with LoRA on every linear layer (the per-layer input projections
 included), rank and alpha patterns and DoRA, switched in any order, over a prompt five times the
 sliding window; a prefill then single-token decode steps score as the whole text. The multimodal
-checkpoint's text model exports as the text model. GGUF is refused in one line (not written yet)."""
+checkpoint's text model exports as the text model. GGUF and int4/int8 ONNX are refused in one line (not done yet)."""
 
 import numpy as np
 import pytest
@@ -137,6 +137,9 @@ def test_gguf_and_unsupported_options_are_refused_in_one_line(gemma4, tmp_path):
 
     with pytest.raises(UnsupportedModel, match="GGUF export of gemma4_text .* not written yet") as e:
         export_bundle(str(gemma4[0]), tmp_path / "b", {}, formats="gguf", gguf_quant="F32", quiet=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
+    with pytest.raises(UnsupportedModel, match="--onnx-quant int4 of gemma4_text .* fp32 or fp16") as e:
+        export_bundle(str(gemma4[0]), tmp_path / "b", {}, formats="onnx", onnx_quant="int4", quiet=True)
     assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
     k_eq_v = make_base(tmp_path / "k_eq_v", ARCH, seed=1, attention_k_eq_v=True)
     with pytest.raises(UnsupportedModel, match="attention_k_eq_v") as e:
