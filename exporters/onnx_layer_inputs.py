@@ -3,8 +3,8 @@ says what the modules compute), part of onnx_graph._DecoderBuilder.
 
 Once per call, after the token embedding: a Gather from the per-layer table times sqrt(size),
 plus the RMS-normalised projection of the embedding, times the input scale -> [batch, seq,
-layers, size]. The table is an initializer; with an external data file it is written there a
-block of rows at a time (onnxruntime memory-maps it), so no whole copy of it is ever in memory.
+layers, size]. The table is an initializer (in the bundle's external data file, which onnxruntime
+memory-maps; the export holds it whole while it builds the graph).
 In each layer after the MLP: gate projection, activation, times the layer's input, projection,
 norm, added to the residual stream; then the layer's scalar."""
 
@@ -15,9 +15,6 @@ import numpy as np
 from edgepeft.runtime_contract import INPUT_IDS
 
 from .checkpoint import materialized
-from .onnx_external import tensor
-
-TABLE_ROWS = 4096  # table rows converted at a time
 
 
 class LayerInputs:
@@ -47,16 +44,9 @@ class LayerInputs:
         self.layer_inputs = g.node("Mul", [total, both], 1, "/per_layer/Scale")
 
     def layer_table(self, name: str) -> str:
-        """The per-layer table as an initializer in the graph's float type: in the external data
-        file, written a block of rows at a time, where there is one."""
-        g = self.g
-        if g.external is None:
-            return g.init(name, self.base.tensor(name).numpy())
-        shape = tuple(self.base.tensors.shapes[name]) if self.base.tensors is not None \
-            else tuple(self.base.tensor(name).shape)
-        blocks = (b.float().numpy().astype(g.np_dtype) for b in self.base.stored_rows(name, TABLE_ROWS))
-        g.inits.append(tensor(g.external.write_rows(g.np_dtype, shape, blocks), name))
-        return name
+        """The per-layer table as an initializer in the graph's float type (the export saves it
+        to the external data file, which onnxruntime memory-maps)."""
+        return self.g.init(name, self.base.tensor(name).numpy())
 
     def layer_input_block(self, i: int, layer, h: str) -> str:
         """Layer i's per-layer input mixed into the residual stream `h`; returns the new stream."""
