@@ -225,8 +225,9 @@ class _DecoderBuilder(GraphEnds, AttentionBlock, LayerInputs):
             o = self.plain_norm(o, getattr(layer, norms.post_attention).weight, f"{p}.{norms.post_attention}")
         x = self.norm(o, getattr(layer, norms.pre_mlp).weight, f"{p}.{norms.pre_mlp}")
         gate_up = self.group(x, p, "gate_up_proj", layer)
-        inter = self.groups["gate_up_proj"].members[0]  # the layer's MLP width (Gemma 4's double-wide layers)
-        inter = int(getattr(getattr(layer, self.groups["gate_up_proj"].parent), inter).weight.shape[0])
+        # the layer's MLP width (Gemma 4's double-wide layers): half the packed (or fused) output
+        grp = self.groups["gate_up_proj"]
+        inter = sum(int(getattr(getattr(layer, grp.parent), m).weight.shape[0]) for m in grp.members) // 2
         split = g.const(f"const.gate_up_split.{inter}", [inter, inter])
         gate, up = g.node("Split", [gate_up, split], 2, f"/{p}/{MLP}/Split", axis=-1)
         prod = g.node("Mul", [self.activation(gate, f"/{p}/{MLP}/act"), up], 1, f"/{p}/{MLP}/Mul")

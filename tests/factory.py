@@ -88,11 +88,13 @@ ARCHS = {
         "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4}),
     # Gemma 4 (text): 2 sliding layers (window 8, head 16) and a global one (head 32, a quarter
     # rotating, proportional rotary) store KV; the last 3 layers (2 sliding, 1 global) reuse
-    # theirs; per-layer inputs of 8 per layer; logits soft-capped.
+    # theirs, with MLPs twice as wide (use_double_wide_mlp); per-layer inputs of 8 per
+    # layer; logits soft-capped.
     "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM", {
         "num_hidden_layers": 6, "head_dim": 16, "global_head_dim": 32, "sliding_window": 8,
         "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
-        "num_kv_shared_layers": 3, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 300,
+        "num_kv_shared_layers": 3, "use_double_wide_mlp": True, "hidden_size_per_layer_input": 8,
+        "vocab_size_per_layer_input": 300,
         "final_logit_softcapping": 30.0, "rope_parameters": {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}}),
