@@ -21,6 +21,16 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
             f"present.{layer}.key", f"present.{layer}.value")
 
 
+def kv_shape(kv: dict, layer: int) -> tuple[int, int]:
+    """(KV heads, head size) of `layer`'s KV cache from the manifest's kv: the same for every
+    layer, or per KV layer where layers differ (kv["heads"], in kv["layers"] order: Gemma 4's
+    full-attention layers have a larger head)."""
+    if "heads" in kv:
+        nkv, hd = kv["heads"][list(kv["layers"]).index(layer)]
+        return int(nkv), int(hd)
+    return int(kv["num_kv_heads"]), int(kv["head_dim"])
+
+
 def state_names(layer: int, state: str) -> tuple[str, str]:
     """A state-carrying layer's per-sequence state (a hybrid family's layer without a KV cache:
     LFM2's short convolution carries its "conv" state, the last kernel-1 inputs of its

@@ -87,8 +87,12 @@ def _write_adapter(bundle: Bundle, name: str, spec: AdapterSpec, formats: list[s
     for backend in formats:
         _check_kind(spec, backend, name)
     if "onnx" in formats:  # add-adapter to a hybrid's bundle: the layers with a state, from its graph's entry
-        states = bundle.backends["onnx"]["kv"].get("states", [])
-        _check_hybrid_kinds({name: spec}, sorted({s["layer"] for s in states}), {s["name"] for s in states}, None)
+        kv = bundle.backends["onnx"]["kv"]
+        states = kv.get("states", [])
+        stateful = sorted({s["layer"] for s in states})
+        _check_hybrid_kinds({name: spec}, stateful, {s["name"] for s in states}, None)
+        own = set(kv.get("layers", range(kv["num_layers"]))) | set(stateful)
+        _check_kv_sharing_kinds({name: spec}, [i for i in range(kv["num_layers"]) if i not in own], None)
     for backend in formats:
         rel = adapter_file(name, backend)
         if backend == "onnx":
@@ -144,8 +148,12 @@ def _read_request(base: str, adapters: dict[str, str], formats, onnx_quant: str,
     dims, lay = config_layout(config)
     stateful = lay.state_layers()
     _check_hybrid_kinds(specs, stateful, {n for i in stateful for n in lay.states[i]}, merge)
+    _check_kv_sharing_kinds(specs, lay.kv_consumers(), merge)
     if "onnx" in formats:
-        check_onnx_shapes(local, dims, lay.rotary_dim)
+        check_onnx_shapes(local, lay)
+        if onnx_quant not in ("fp32", "fp16") and (lay.per_layer_input or lay.kv_consumers()):
+            raise UnsupportedModel(f"{local}: --onnx-quant {onnx_quant} of {config.model_type} (per-layer inputs, KV "
+                                   "sharing) is not supported yet; export with --onnx-quant fp32 or fp16")
     if "gguf" in formats:
         check_gguf_layout(local, config, dims, lay)
         gguf_ftype(gguf_quant)
@@ -167,6 +175,17 @@ def _check_hybrid_kinds(specs: dict[str, AdapterSpec], stateful: list[int], stat
             raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({spec.kind} tuning) cannot run on a base whose "
                                      f"layers {stateful[:4]}{'...' if len(stateful) > 4 else ''} carry a {kinds} "
                                      "state instead of a KV cache; use a LoRA, DoRA or IA3 adapter")
+
+
+def _check_kv_sharing_kinds(specs: dict[str, AdapterSpec], consumers: list[int], merge: str | None) -> None:
+    """Refuse prompt-learning adapters on a base whose `consumers` layers attend over an earlier
+    layer's KV cache (Gemma 4): their virtual tokens reach the runtime as a KV-cache prefix of
+    every layer, and such a layer has none of its own to carry its prefix."""
+    for name, spec in specs.items():
+        if consumers and name != merge and needed_slots(spec) == "none":
+            raise UnsupportedAdapter(f"{spec.path}: adapter {name!r} ({spec.kind} tuning) cannot run on a base whose "
+                                     f"layers {consumers[:4]}{'...' if len(consumers) > 4 else ''} reuse an earlier "
+                                     "layer's KV cache; use a LoRA, DoRA or IA3 adapter")
 
 
 def _base_entry(source: str, base: BaseModel, merged: dict | None) -> dict:

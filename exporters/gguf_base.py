@@ -48,6 +48,9 @@ def check_gguf_layout(where, config, dims: dict, lay: Layout) -> None:
     """Refuse, at export, a config llama.cpp would run differently from PyTorch because it
     hard-codes that part of the family (exporters/archs: gguf_swa_pattern, ...)."""
     fam = arch_of(config.model_type)
+    if fam.per_layer_input or fam.kv_shared_field:
+        raise UnsupportedModel(f"{where}: GGUF export of {config.model_type} (per-layer inputs, KV sharing) is not "
+                               "written yet; export --format onnx instead")
     if fam.gguf_swa_pattern and any(lay.windows):
         want = tuple(bool((i + 1) % fam.gguf_swa_pattern) for i in range(len(lay.windows)))
         if tuple(w is not None for w in lay.windows) != want:

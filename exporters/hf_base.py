@@ -119,9 +119,12 @@ def resolve_base_dir(source: str) -> Path:
 
 def _dims(config) -> dict:
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    window = getattr(config, "sliding_window", None)
     arch = arch_of(config.model_type)
+    # A family whose layers differ in head size (Layout.heads): the first layer's, which
+    # transformers gives through per_layer_config (it guards the config's own value).
+    own = config.per_layer_config[0] if arch.per_layer_heads else config
+    head_dim = getattr(own, "head_dim", None) or config.hidden_size // heads
+    window = getattr(config, "sliding_window", None)
     flag = arch.sliding_window_flag
     if flag is not None and not getattr(config, flag, False):
         window = None
@@ -130,7 +133,7 @@ def _dims(config) -> dict:
         "hidden_size": config.hidden_size,
         "num_layers": config.num_hidden_layers,
         "num_heads": heads,
-        "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "num_kv_heads": getattr(own, "num_key_value_heads", None) or heads,
         "head_dim": head_dim,
         "intermediate_size": arch.mlp_size(config) if arch.mlp_size else config.intermediate_size,
         "vocab_size": config.vocab_size,
@@ -170,7 +173,11 @@ def read_config(local: Path):
     except (OSError, ValueError) as e:
         raise UnsupportedModel(f"{local}/config.json: cannot be read ({str(e).splitlines()[0]})") from None
     config = text_config(config, local)
-    arch_of(config.model_type, local)
+    arch = arch_of(config.model_type, local)
+    for field, want, what in arch.refused:
+        if getattr(config, field, want) != want:
+            raise UnsupportedModel(f"{local}/config.json: {field}={getattr(config, field)!r} ({what}) is not "
+                                   "supported yet")
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModel(f"{local}: mlp_bias=True is not supported yet")
     return config

@@ -36,13 +36,15 @@ import numpy as np
 from edgepeft.errors import UnsupportedModel, require
 from edgepeft.runtime_contract import ATTENTION_MASK, INPUT_IDS, kv_names
 
-from .archs import ATTENTION, ATTENTION_MIXER, DELTA_NET, MLP, SHORT_CONV
+from .archs import ATTENTION_MIXER, DELTA_NET, MLP, SHORT_CONV
 from .checkpoint import materialized
 from .hf_base import BaseModel
+from .onnx_attention import AttentionBlock
 from .onnx_base_path import add_base_path
 from .onnx_conv import add_state_io, short_conv
 from .onnx_deltanet import gated_deltanet
 from .onnx_ends import GraphEnds, head_is_tied
+from .onnx_layer_inputs import LayerInputs
 from .onnx_rotary import add_rotary_tables
 from .onnx_slots import SLOT_SETS, Graph, Projections, slot_names, to_numpy
 
@@ -77,20 +79,24 @@ def build_decoder(base: BaseModel, dtype: str = "fp32", context_length: int | No
     return builder.build()
 
 
-def check_onnx_shapes(where, dims: dict, rotary_dim: int) -> None:
+def check_onnx_shapes(where, lay) -> None:
     """Refuse, at export, a shape onnxruntime's fused operators cannot run (else every call of the
-    bundle would fail inside onnxruntime)."""
-    hd = dims["head_dim"]
-    if hd % GQA_HEAD_MULTIPLE:
-        raise UnsupportedModel(f"{where}: head_dim {hd} cannot run on onnxruntime's GroupQueryAttention "
-                               f"(head sizes must be multiples of {GQA_HEAD_MULTIPLE}); export --format gguf instead")
-    if (rotary_dim // 2) % 8:  # its rotary tables: half the rotary width, a multiple of 8
-        raise UnsupportedModel(f"{where}: a rotary width of {rotary_dim} (partial_rotary_factor) cannot run on "
-                               "onnxruntime's GroupQueryAttention (half of it must be a multiple of 8); "
-                               "export --format gguf instead")
+    bundle would fail inside onnxruntime): each attention layer's head size and rotary width."""
+    for i, mixer in enumerate(lay.mixers):
+        if mixer != ATTENTION_MIXER:
+            continue
+        hd, rotary_dim = lay.heads[i][1], lay.rotary_dims[i]
+        if hd % GQA_HEAD_MULTIPLE:
+            raise UnsupportedModel(f"{where}: head_dim {hd} cannot run on onnxruntime's GroupQueryAttention "
+                                   f"(head sizes must be multiples of {GQA_HEAD_MULTIPLE}); export --format gguf "
+                                   "instead")
+        if (rotary_dim // 2) % 8:  # its rotary tables: half the rotary width, a multiple of 8
+            raise UnsupportedModel(f"{where}: a rotary width of {rotary_dim} (partial_rotary_factor) cannot run on "
+                                   "onnxruntime's GroupQueryAttention (half of it must be a multiple of 8); "
+                                   "export --format gguf instead")
 
 
-class _DecoderBuilder(GraphEnds):
+class _DecoderBuilder(GraphEnds, AttentionBlock, LayerInputs):
     """Builds the decoder in graph order, one method per block: inputs, attention lengths, rotary
     tables, embedding (and its slot), each decoder layer, the head. Projections (onnx_slots.py)
     adds every projection with its slot."""
@@ -106,7 +112,7 @@ class _DecoderBuilder(GraphEnds):
         self.base, self.d, self.dtype = base, base.dims, dtype
         self.arch, self.lay = base.arch, base.layout
         self.groups = {group.name: group for group in self.arch.groups}
-        check_onnx_shapes(base.local_dir, base.dims, self.lay.rotary_dim)
+        check_onnx_shapes(base.local_dir, self.lay)
         self.ctx = int(context_length or min(self.d["max_position_embeddings"], 8192))
         self.fp16_embedding = fp16_embedding and dtype == "fp32"
         self.slot_set = slot_set
@@ -115,6 +121,7 @@ class _DecoderBuilder(GraphEnds):
             raise UnsupportedModel("an exact head top-k needs a tied lm_head and an fp16 embedding table")
         self.proj = Projections(self.g, slot_set)
         self.residual: str | None = None  # the residual stream, from the first norm on
+        self.kv_new: dict[int, list[str]] = {}  # a KV producer's new keys and values, for its consumers
         self.mixers = {ATTENTION_MIXER: self.attention_block, SHORT_CONV: self.short_conv_block,
                        DELTA_NET: self.deltanet_block}
 
@@ -123,8 +130,8 @@ class _DecoderBuilder(GraphEnds):
         self.attention_lengths()
         self.rotary_tables()
         x = self.embedding()
-        inter = self.d["intermediate_size"]  # every layer's gate/up Split reads the same sizes
-        self.split_sizes = self.g.init("const.gate_up_split", np.array([inter, inter], np.int64), cast=False)
+        if self.lay.per_layer_input:
+            self.per_layer_inputs(x)
         for i, layer in enumerate(self.base.model.model.layers):
             with materialized(self.base, layer):  # one decoder layer's weights at a time
                 x = self.layer(i, layer, x)
@@ -138,12 +145,11 @@ class _DecoderBuilder(GraphEnds):
         g, TP, d = self.g, self.TP, self.d
         g.add_input(INPUT_IDS, TP.INT64, ["batch", "seq"])
         g.add_input(ATTENTION_MASK, TP.INT64, ["batch", "total_seq"])
-        nkv, hd = d["num_kv_heads"], d["head_dim"]
         for i in range(d["num_layers"]):
-            if self.lay.mixers[i] != ATTENTION_MIXER:
-                for state, shape in self.lay.states[i].items():
-                    add_state_io(g, i, state, shape)
-                continue
+            for state, shape in self.lay.states[i].items():
+                add_state_io(g, i, state, shape)
+        for i in self.lay.attention_layers():
+            nkv, hd = self.lay.heads[i]
             pk, pv, ok, ov = kv_names(i)
             for n in (pk, pv):
                 g.add_input(n, g.onnx_dtype, ["batch", nkv, "past_seq", hd])
@@ -169,8 +175,10 @@ class _DecoderBuilder(GraphEnds):
     def rotary_tables(self) -> None:
         """Each rotary table the layers use (onnx_rotary.py); a LongRoPE choice between two
         tables joins the prelude, both paths reading it."""
+        lay = self.lay
+        widths = {lay.rope[i]: lay.rotary_dims[i] for i, m in enumerate(lay.mixers) if m == ATTENTION_MIXER}
         self.rotary, ops, self.longrope_switch = add_rotary_tables(
-            self.g, self.torch, self.base.model, set(self.lay.rope), self.ctx, self.lay.rotary_dim, self.total)
+            self.g, self.torch, self.base.model, widths, self.ctx, self.total)
         self.prelude += ops
 
     def norm_weight(self, weight, name: str) -> str:
@@ -202,8 +210,9 @@ class _DecoderBuilder(GraphEnds):
     def group(self, x: str, layer_prefix: str, name: str, layer, in_scale: bool = False) -> str:
         """The family's projection group `name` of a decoder layer, with its slot."""
         grp = self.groups[name]
-        return self.proj.linear(x, f"{layer_prefix}.{grp.parent}", name, getattr(layer, grp.parent), grp.members,
-                                in_scale=in_scale)
+        parent = getattr(layer, grp.parent)
+        members = tuple(m for m in grp.members if getattr(parent, m, None) is not None)  # a KV consumer: q only
+        return self.proj.linear(x, f"{layer_prefix}.{grp.parent}", name, parent, members, in_scale=in_scale)
 
     def layer(self, i: int, layer, x: str) -> str:
         """Decoder layer i: attention, then the gated MLP, each after a norm (and, where the family
@@ -216,22 +225,18 @@ class _DecoderBuilder(GraphEnds):
             o = self.plain_norm(o, getattr(layer, norms.post_attention).weight, f"{p}.{norms.post_attention}")
         x = self.norm(o, getattr(layer, norms.pre_mlp).weight, f"{p}.{norms.pre_mlp}")
         gate_up = self.group(x, p, "gate_up_proj", layer)
-        gate, up = g.node("Split", [gate_up, self.split_sizes], 2, f"/{p}/{MLP}/Split", axis=-1)
+        # the layer's MLP width (Gemma 4's double-wide layers): half the packed (or fused) output
+        grp = self.groups["gate_up_proj"]
+        inter = sum(int(getattr(getattr(layer, grp.parent), m).weight.shape[0]) for m in grp.members) // 2
+        split = g.const(f"const.gate_up_split.{inter}", [inter, inter])
+        gate, up = g.node("Split", [gate_up, split], 2, f"/{p}/{MLP}/Split", axis=-1)
         prod = g.node("Mul", [self.activation(gate, f"/{p}/{MLP}/act"), up], 1, f"/{p}/{MLP}/Mul")
         out = self.group(prod, p, "down_proj", layer, in_scale=True)
         if norms.post_mlp:
             out = self.plain_norm(out, getattr(layer, norms.post_mlp).weight, f"{p}.{norms.post_mlp}")
+        if self.lay.per_layer_input or self.arch.layer_scalar:
+            return self.layer_end(i, layer, out)
         return out
-
-    def attention_block(self, i: int, layer, x: str) -> str:
-        """Packed q/k/v (GroupQueryAttention splits a packed query input itself), attention, o."""
-        p = f"model.layers.{i}"
-        qkv = self.group(x, p, "qkv_proj", layer)
-        out, gate = self.attention(i, qkv, getattr(layer, ATTENTION))
-        if gate is not None:  # Qwen3.5: the attention output times sigmoid(gate)
-            sig = self.g.node("Sigmoid", [gate], 1, f"/{p}/attn/gate/Sigmoid")
-            out = self.g.node("Mul", [out, sig], 1, f"/{p}/attn/gate/Mul")
-        return self.group(out, p, "o_proj", layer)
 
     def short_conv_block(self, i: int, layer, x: str) -> str:
         """The gated short convolution (onnx_conv.py), its state in and out."""
@@ -253,46 +258,21 @@ class _DecoderBuilder(GraphEnds):
         sig = self.g.node("Sigmoid", [x], 1, f"{name}/Sigmoid")
         return self.g.node("Mul", [x, sig], 1, f"{name}/Mul")
 
-    def attention(self, i: int, qkv: str, att) -> tuple[str, str | None]:
-        """GroupQueryAttention over layer i's packed q/k/v (split and normalised per head first
-        for families with q/k norms), rotary inside, its KV cache in and out. Returns its output
-        and, for families with an output gate, the gate [batch, seq, heads * head_dim]."""
-        d, lay, p = self.d, self.lay, f"model.layers.{i}"
-        pk, pv, ok, ov = kv_names(i)
-        qkv_in, gate = [qkv, "", ""], None
-        if self.arch.qk_norm:
-            qkv_in, gate = self.head_norms(qkv, att, f"{p}.{ATTENTION}")
-        cos, sin = self.rotary[lay.rope[i]]
-        attrs = {"softcap": float(lay.attn_softcap)} if lay.attn_softcap else {}
-        out = f"/{p}/attn/GQA/out"
-        self.g.node("GroupQueryAttention", [*qkv_in, pk, pv, self.seqlens, self.total, cos, sin],
-                    [out, ok, ov], f"/{p}/attn/GQA", domain=MS,
-                    num_heads=d["num_heads"], kv_num_heads=d["num_kv_heads"], scale=float(lay.attention_scale),
-                    do_rotary=1, rotary_interleaved=0, local_window_size=int(lay.windows[i] or -1), **attrs)
-        return out, gate
-
-    def head_norms(self, qkv: str, att, prefix: str) -> tuple[list[str], str | None]:
-        """q, k, v from the packed projection, q and k each RMS-normalised over every head
-        (Qwen3's and Gemma 3's q_norm / k_norm), as GroupQueryAttention's three inputs; with an
-        output gate (Qwen3.5), q_proj's heads are [query, gate] each, and the gate is returned."""
-        g, d, gated = self.g, self.d, self.arch.attn_output_gate
-        hd, q_size, kv_size = d["head_dim"], d["num_heads"] * d["head_dim"], d["num_kv_heads"] * d["head_dim"]
-        if not hasattr(self, "qkv_sizes"):
-            self.qkv_sizes = g.const("const.qkv_split", [q_size * (2 if gated else 1), kv_size, kv_size])
-            self.per_head = g.const("const.per_head", [0, 0, -1, hd])
-            self.flat = g.const("const.flat_heads", [0, 0, -1])
-        q, k, v = g.node("Split", [qkv, self.qkv_sizes], 3, f"/{prefix}/qkv/Split", axis=-1)
-        gate = None
-        if gated:
-            q = g.node("Reshape", [q, g.const("const.gated_heads", [0, 0, -1, 2 * hd])], 1, f"/{prefix}/q/Reshape")
-            q, gate = g.node("Split", [q, g.const("const.query_gate", [hd, hd])], 2, f"/{prefix}/q/Split", axis=-1)
-            gate = g.node("Reshape", [gate, self.flat], 1, f"/{prefix}/gate/Flatten")
-        normed = []
-        for x, norm in zip((q, k), self.arch.qk_norm_names):
-            heads = g.node("Reshape", [x, self.per_head], 1, f"/{prefix}/{norm}/Reshape")
-            heads = self.plain_norm(heads, getattr(att, norm).weight, f"{prefix}.{norm}")
-            normed.append(g.node("Reshape", [heads, self.flat], 1, f"/{prefix}/{norm}/Flatten"))
-        return [*normed, v], gate
+    def kv_info(self) -> dict:
+        """The manifest's kv: the KV cache's shape; where not every layer has one of its own, the
+        layers that have (a hybrid's attention layers, a KV-sharing family's producers) and the
+        others' states (state_names); where layers differ in head size, each KV layer's
+        [KV heads, head size] (runtime_contract.kv_shape)."""
+        d, lay = self.d, self.lay
+        kv = {"num_layers": d["num_layers"], "num_kv_heads": d["num_kv_heads"], "head_dim": d["head_dim"]}
+        layers = lay.attention_layers()
+        if layers != list(range(d["num_layers"])):
+            kv["layers"] = layers
+            kv["states"] = [{"layer": i, "name": n, "shape": list(shape)}
+                            for i, st in enumerate(lay.states) for n, shape in st.items()]
+        if any(lay.heads[i] != (d["num_kv_heads"], d["head_dim"]) for i in layers):
+            kv["heads"] = [list(lay.heads[i]) for i in layers]
+        return kv
 
     def finish(self):
         g, h = self.g, self.g.h
@@ -300,7 +280,6 @@ class _DecoderBuilder(GraphEnds):
         proto = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET), h.make_opsetid(MS, 1)],
                              producer_name="edgepeft")
         proto.ir_version = 8
-        d = self.d
         info = {
             "context_length": self.ctx,
             "dtype": self.dtype,
@@ -310,12 +289,7 @@ class _DecoderBuilder(GraphEnds):
             "lora_nodes": g.lora_nodes,
             "base_matmuls": g.base_matmuls,
             "exact_head_top_k": int(self.exact_head_top_k),
-            "kv": {"num_layers": d["num_layers"], "num_kv_heads": d["num_kv_heads"], "head_dim": d["head_dim"],
-                   # a hybrid's layers with a KV cache, and the others' states (state_names)
-                   **({"layers": self.lay.attention_layers(),
-                       "states": [{"layer": i, "name": n, "shape": list(shape)}
-                                  for i, st in enumerate(self.lay.states) for n, shape in st.items()]}
-                      if any(self.lay.states) else {})},
+            "kv": self.kv_info(),
             "projections": g.projections,
             "members": g.members,
             "slot_ops": g.slot_ops,

@@ -33,14 +33,15 @@ def _table(torch, module, positions: int, half: int) -> tuple[np.ndarray, np.nda
     return to_numpy(cos[0, :, :half]), to_numpy(sin[0, :, :half])
 
 
-def add_rotary_tables(g: Graph, torch, model, needed: set[str], ctx: int, rotary_dim: int,
+def add_rotary_tables(g: Graph, torch, model, needed: dict[str, int], ctx: int,
                       total: str) -> tuple[dict[str, tuple[str, str]], list[str], int | None]:
     """Initializers (and, for LongRoPE, the operators choosing between two tables) for each
-    table in `needed` ("global", "local"). Returns {table: (cos, sin)}, the names of the
-    operators added, which run before the base path's If (they read only the total length), and
-    the LongRoPE switch point (the original context) or None."""
-    half, out, ops, switch = rotary_dim // 2, {}, [], None
+    table in `needed` ({"global" or "local": its rotary width}). Returns {table: (cos, sin)}, the
+    names of the operators added, which run before the base path's If (they read only the total
+    length), and the LongRoPE switch point (the original context) or None."""
+    out, ops, switch = {}, [], None
     for key in sorted(needed):
+        half = needed[key] // 2
         module = rotary_call(model, FULL if key == "global" else SLIDING)
         if module is None:
             raise UnsupportedModel(f"{type(model).__name__} has no rotary table for its sliding-window layers")

@@ -25,7 +25,7 @@ import numpy as np
 from edgepeft.bundle import Bundle
 from edgepeft.errors import BundleError, EngineError, require
 from edgepeft.runtime.devices import pick_onnx
-from edgepeft.runtime_contract import (ADAPTERS_ACTIVE, ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, kv_names,
+from edgepeft.runtime_contract import (ADAPTERS_ACTIVE, ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, kv_names, kv_shape,
                                        slot_params, state_names)
 
 from .backend import Backend, SequenceState
@@ -75,6 +75,8 @@ class OnnxBackend(Backend):
         self.keeps_logits = LOGITS_TO_KEEP in overridable  # logits for the last n positions only
         self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.array([n], np.int64)) for n in (0, 1)}
         self.num_layers, self.kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
+        # Each KV layer's (KV heads, head size): layers may differ (Gemma 4's global layers).
+        self.kv_shapes = {i: kv_shape(kv, i) for i in self.kv_layers}
         self.context_length = min(int(info["context_length"]), int(max_context or info["context_length"]))
         # LongRoPE bases: past this position the long factors apply, and a sequence recomputes
         # its cache with them, as transformers' generate does (exporters/onnx_rotary.py).
@@ -157,9 +159,9 @@ class OnnxSequence(SequenceState):
         step = np.empty((1, 1, b.vocab_size), b.dtype)
         self.step_logits = (step, ort.OrtValue.ortvalue_from_numpy(step))
         self.kv, self.host_kv = [], []
-        shape = [1, b.kv_heads, max_len, b.head_dim]
         prefix = adapter.prefix if adapter is not None else []
         for i in b.kv_layers:
+            shape = [1, b.kv_shapes[i][0], max_len, b.kv_shapes[i][1]]
             past_key, past_value, present_key, present_value = kv_names(i)
             for j, (past, present) in enumerate(((past_key, present_key), (past_value, present_value))):
                 if prefix:

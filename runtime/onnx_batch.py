@@ -119,8 +119,8 @@ class OnnxBatcher(Batcher):
         b = self.b
         capacity = max(rows, min(2 * self.capacity, rows + 8)) if rows > self.capacity else self.capacity
         positions = max(self.positions, min(-(-budget // POSITION_STEP) * POSITION_STEP, b.context_length))
-        shape = (capacity, b.kv_heads, positions, b.head_dim)
-        new = [np.zeros(shape, b.dtype) for _ in range(2 * len(b.kv_layers))]
+        new = [np.zeros((capacity, b.kv_shapes[i][0], positions, b.kv_shapes[i][1]), b.dtype)
+               for i in b.kv_layers for _ in range(2)]
         for old, buf in zip(self.kv, new):
             for row in self.rows:
                 buf[row.index, :, : row.length] = old[row.index, :, : row.length]

@@ -86,6 +86,18 @@ ARCHS = {
     "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", {
         "num_hidden_layers": 4, "head_dim": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
         "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4}),
+    # Gemma 4 (text): 2 sliding layers (window 8, head 16) and a global one (head 32, a quarter
+    # rotating, proportional rotary) store KV; the last 3 layers (2 sliding, 1 global) reuse
+    # theirs, with MLPs twice as wide (use_double_wide_mlp); per-layer inputs of 8 per
+    # layer; logits soft-capped.
+    "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM", {
+        "num_hidden_layers": 6, "head_dim": 16, "global_head_dim": 32, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        "num_kv_shared_layers": 3, "use_double_wide_mlp": True, "hidden_size_per_layer_input": 8,
+        "vocab_size_per_layer_input": 300,
+        "final_logit_softcapping": 30.0, "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}}),
 }
 
 
@@ -139,6 +151,9 @@ def all_linear(arch: str) -> list[str]:
         return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     if ARCHS[arch][1] == "Lfm2ForCausalLM":  # out_proj: both the attention's and the convolution's
         return ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"]
+    if ARCHS[arch][1] == "Gemma4ForCausalLM":  # the per-layer inputs' projections too
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "per_layer_input_gate",
+                "per_layer_projection", "per_layer_model_projection"]
     if ARCHS[arch][1] == "Qwen3_5ForCausalLM":  # out_proj: the DeltaNet's
         return ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
                 "out_proj", "gate_proj", "up_proj", "down_proj"]

@@ -1,4 +1,4 @@
-"""Checks the hybrid families' tests share (LFM2, Qwen3.5): PeftModel's greedy tokens and
+"""Checks the hybrid families' tests share (LFM2, Qwen3.5; Gemma 4's KV sharing too): PeftModel's greedy tokens and
 logits against stock llama-cpp-python and against the runtime."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 
-from edgepeft.runtime_contract import ADAPTERS_ACTIVE, kv_names, state_names
+from edgepeft.runtime_contract import ADAPTERS_ACTIVE, kv_names, kv_shape, state_names
 from factory import load_reference, reference_logits
 
 TOL = 1e-3  # ONNX fp32: max abs logit error, as for the other families
@@ -99,8 +99,9 @@ def empty_cache(info) -> dict:
     """Each attention layer's empty KV cache and each convolution layer's zero state."""
     kv, cache = info["kv"], {}
     for i in kv["layers"]:
+        nkv, hd = kv_shape(kv, i)
         for name in kv_names(i)[:2]:
-            cache[name] = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+            cache[name] = np.zeros((1, nkv, 0, hd), np.float32)
     for st in kv["states"]:
         cache[state_names(st["layer"], st["name"])[0]] = np.zeros((1, *st["shape"]), np.float32)
     return cache

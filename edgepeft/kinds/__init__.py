@@ -52,16 +52,19 @@ def read_peft_adapter(path: str | Path) -> AdapterSpec:
 
 # An adapter trained on a vision-language model (Qwen3.5's released class) names the text
 # model's modules under model.language_model.: they are read under the text model's names, which
-# is what edgepeft exports; one that adapts the vision tower (model.visual.) is refused.
-_VLM_TEXT, _VLM_VISION, _TEXT = "model.language_model.", "model.visual.", "model."
+# is what edgepeft exports; one that adapts a vision or audio tower (Qwen3.5's model.visual.,
+# Gemma 4's model.vision_tower., model.audio_tower. and their embedders) is refused.
+_VLM_TEXT, _TEXT = "model.language_model.", "model."
+_VLM_TOWERS = ("model.visual.", "model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
+               "model.embed_audio.")
 
 
 def _text_model_names(spec: AdapterSpec, path: Path) -> AdapterSpec:
     names = [*spec.modules, *spec.biases, *spec.saved_base]
-    vision = next((n for n in names if n.startswith(_VLM_VISION)), None)
-    if vision is not None:
-        raise UnsupportedAdapter(f"{path}: adapts the vision tower ({vision}); edgepeft exports a vision-language "
-                                 "model's text model only")
+    tower = next((n for n in names if n.startswith(_VLM_TOWERS)), None)
+    if tower is not None:
+        raise UnsupportedAdapter(f"{path}: adapts a vision or audio tower ({tower}); edgepeft exports a "
+                                 "multimodal model's text model only")
     for field in ("modules", "biases", "saved_base"):
         table = getattr(spec, field)
         setattr(spec, field, {_TEXT + k[len(_VLM_TEXT):] if k.startswith(_VLM_TEXT) else k: v

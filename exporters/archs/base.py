@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..hf_config import partial_rotary_factor
+from ..hf_config import FULL, partial_rotary_factor, rope_parameters
 
 ATTENTION, MLP = "self_attn", "mlp"
 # A decoder layer's token mixer: attention over the KV cache, or a gated short convolution
@@ -157,6 +157,29 @@ class DeltaNet:
 
 
 @dataclass(frozen=True)
+class PerLayerInput:
+    """Per-layer inputs (Gemma 4's per-layer embeddings), by module and config names. Once per
+    call: a second table `table` ([vocab, layers x size], scaled by sqrt(size)) gives each token a
+    vector per layer, and `model_projection` of the scaled token embedding (times
+    hidden ** -0.5, RMS-normalised per layer by `projection_norm`) another; their sum times
+    `input_scale` is layer i's input. In layer i, after the MLP: the residual stream through
+    `gate` (the MLP's activation), times that input, through `projection` and `post_norm`, is
+    added to the residual stream."""
+
+    table: str = "embed_tokens_per_layer"
+    model_projection: str = "per_layer_model_projection"
+    projection_norm: str = "per_layer_projection_norm"
+    gate: str = "per_layer_input_gate"
+    projection: str = "per_layer_projection"
+    post_norm: str = "post_per_layer_input_norm"
+    size_field: str = "hidden_size_per_layer_input"
+    input_scale: float = 2.0 ** -0.5
+
+    def size(self, config) -> int:
+        return int(getattr(config, self.size_field, 0) or 0)
+
+
+@dataclass(frozen=True)
 class Arch:
     """One model family as the exporters see it."""
 
@@ -210,6 +233,26 @@ class Arch:
     # Qwen3.5's gated attention: q_proj gives each head's query and then its output gate
     # (2 x head_dim per head); the attention output times sigmoid(gate) goes into o_proj.
     attn_output_gate: bool = False
+    # Gemma 4: per-layer inputs (PerLayerInput; None: the family has none, or a config sets
+    # their size to 0).
+    per_layer_input: PerLayerInput | None = None
+    # Config field of the number of last layers that reuse an earlier layer's KV cache instead
+    # of keeping their own (Gemma 4's num_kv_shared_layers): each reads the last layer of its
+    # layer type before them (Layout.kv_source).
+    kv_shared_field: str | None = None
+    # An RMSNorm without weight over each head's values before they are cached (Gemma 4).
+    v_norm: bool = False
+    # A fixed attention scale (Gemma 4: 1.0, q and k being RMS-normalised per head); None:
+    # attention_scale_field or head_dim ** -0.5.
+    attention_scale: float | None = None
+    # A decoder layer's buffer its output is multiplied by (Gemma 4's layer_scalar).
+    layer_scalar: str | None = None
+    # Whether layers differ in head size and KV heads (Gemma 4's global_head_dim on its
+    # full-attention layers), read per layer from transformers' config.per_layer_config.
+    per_layer_heads: bool = False
+    # Config options the description does not cover, refused at export: (field, the value it
+    # must have, what the option is).
+    refused: tuple[tuple[str, object, str], ...] = ()
 
     def block(self, kind: str) -> ShortConv | DeltaNet | None:
         """The family's description of its `kind` token mixer (SHORT_CONV, DELTA_NET), None without one."""
@@ -232,10 +275,20 @@ class Layout:
     # for attention layers; a short convolution's "conv" state is [hidden, kernel - 1].
     mixers: tuple[str, ...]
     states: tuple[dict, ...]
+    # Per layer: (KV heads, head size), the layer whose KV cache it attends over (itself, or an
+    # earlier layer's for a KV-sharing consumer), and its rotary width.
+    heads: tuple[tuple[int, int], ...] = ()
+    kv_source: tuple[int, ...] = ()
+    rotary_dims: tuple[int, ...] = ()
+    per_layer_input: int = 0  # size of each layer's per-layer input (0: none)
 
     def attention_layers(self) -> list[int]:
-        """The layers that have a KV cache."""
-        return [i for i, m in enumerate(self.mixers) if m == ATTENTION_MIXER]
+        """The layers that have a KV cache of their own (not a KV-sharing consumer's)."""
+        return [i for i, m in enumerate(self.mixers) if m == ATTENTION_MIXER and self.kv_source[i] == i]
+
+    def kv_consumers(self) -> list[int]:
+        """The layers that attend over an earlier layer's KV cache."""
+        return [i for i, src in enumerate(self.kv_source) if src != i]
 
     def state_layers(self) -> list[int]:
         """A hybrid's layers that carry states instead of a KV cache."""
@@ -253,16 +306,57 @@ def layout(arch: Arch, config, dims: dict) -> Layout:
     local = arch.local_rope
     rope = tuple("local" if local and w else "global" for w in windows)
     scale_from = getattr(config, arch.attention_scale_field) if arch.attention_scale_field else dims["head_dim"]
+    scale = arch.attention_scale if arch.attention_scale is not None else float(scale_from) ** -0.5
     partial = partial_rotary_factor(config)
     mixers, states = _mixers(arch, config, dims)
+    heads = _heads(arch, config, dims)
+    ple = arch.per_layer_input.size(config) if arch.per_layer_input else 0
     return Layout(
-        windows=windows, rope=rope, attention_scale=float(scale_from) ** -0.5,
+        windows=windows, rope=rope, attention_scale=scale,
         attn_softcap=getattr(config, "attn_logit_softcapping", None) or None,
         final_softcap=getattr(config, "final_logit_softcapping", None) or None,
         rotary_dim=int(dims["head_dim"] * partial),
         embed_multiplier=float(dims["hidden_size"]) ** 0.5 if arch.embed_scale else None,
-        mixers=mixers, states=states,
+        mixers=mixers, states=states, heads=heads, kv_source=_kv_sources(arch, config, n),
+        rotary_dims=tuple(_rotary_dim(config, types[i] if types else None, hd, partial)
+                          for i, (_, hd) in enumerate(heads)),
+        per_layer_input=ple,
     )
+
+
+def _heads(arch: Arch, config, dims: dict) -> tuple[tuple[int, int], ...]:
+    """Each layer's (KV heads, head size): the config's, or per_layer_config's (per_layer_heads)."""
+    n, plain = dims["num_layers"], (int(dims["num_kv_heads"]), int(dims["head_dim"]))
+    if not arch.per_layer_heads:
+        return (plain,) * n
+    views = config.per_layer_config
+    return tuple((int(getattr(views[i], "num_key_value_heads", None) or plain[0]),
+                  int(getattr(views[i], "head_dim", None) or plain[1])) for i in range(n))
+
+
+def _rotary_dim(config, layer_type: str | None, head_dim: int, partial: float) -> int:
+    """The rotary width of a layer: the leading partial_rotary_factor of its head, or all of it
+    for transformers' "proportional" rotary, whose table spans the head with zero frequencies
+    past the rotated share (cos 1, sin 0: those dimensions pass unrotated)."""
+    params = rope_parameters(config, layer_type or FULL)
+    if params["rope_type"] == "proportional":
+        return head_dim
+    own = getattr(config, "partial_rotary_factor", None) or params.get("partial_rotary_factor")
+    per_type = isinstance(getattr(config, "rope_parameters", None), dict) and layer_type in config.rope_parameters
+    return int(head_dim * float(own or (1.0 if per_type else partial)))
+
+
+def _kv_sources(arch: Arch, config, n: int) -> tuple[int, ...]:
+    """Each layer's KV cache: its own, or for the last `kv_shared_field` layers the last earlier
+    layer of the same layer type (as transformers' kv_sharing_modes pairs them)."""
+    shared = int(getattr(config, arch.kv_shared_field, 0) or 0) if arch.kv_shared_field else 0
+    if not shared:
+        return tuple(range(n))
+    types, first = list(config.layer_types), n - shared
+    out = list(range(n))
+    for i in range(first, n):
+        out[i] = max(j for j in range(first) if types[j] == types[i])
+    return tuple(out)
 
 
 def _mixers(arch: Arch, config, dims: dict) -> tuple[tuple[str, ...], tuple[dict, ...]]:

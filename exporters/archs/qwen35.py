@@ -26,6 +26,3 @@ GROUPS = (
 
 QWEN35 = Arch(family="qwen35", gguf_arch="QWEN35", groups=GROUPS, norms=Norms(offset=1.0), qk_norm=True,
               attn_output_gate=True, gguf_pre_tokenizer="qwen35", mixers=(("linear_attention", _LINEAR),))
-
-# A vision-language checkpoint's model_type -> its text config's, which ARCHS holds.
-VLM_TEXT = {"qwen3_5": "qwen3_5_text"}

@@ -15,7 +15,7 @@ from edgepeft.exporters.hf_base import _dims
 from factory import ARCHS as FACTORY_ARCHS
 from factory import make_base
 
-SUPPORTED = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, lfm2, qwen3_5_text"
+SUPPORTED = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gemma4_text, phi3, lfm2, qwen3_5_text"
 
 
 def test_an_architecture_outside_the_table_is_refused_in_one_line():

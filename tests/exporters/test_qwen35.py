@@ -276,7 +276,7 @@ def test_an_adapter_trained_on_the_vision_language_model_exports_on_its_text(tmp
         peft = get_peft_model(vlm, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
         peft.save_pretrained(tmp_path / name, safe_serialization=True)
         vlm = peft.unload()
-    with pytest.raises(UnsupportedAdapter, match="adapts the vision tower") as e:
+    with pytest.raises(UnsupportedAdapter, match="adapts a vision or audio tower") as e:
         read_peft_adapter(tmp_path / "vision")
     assert "\n" not in str(e.value)
     spec = read_peft_adapter(tmp_path / "text")
