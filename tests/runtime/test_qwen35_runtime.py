@@ -2,7 +2,9 @@
 attention layers) through edgepeft's runtime: a bundle exported by export_bundle with two LoRA
 adapters, run by the Engine on both backends. Greedy tokens equal PeftModel.generate's with each
 adapter and the base, switched in any order, on one engine (each call starts from zero states),
-one by one and as concurrent calls that the batcher decodes together."""
+one by one and as concurrent calls that the batcher decodes together; verify passes on both backends."""
+
+import json
 
 import numpy as np
 import pytest
@@ -69,3 +71,14 @@ def test_prompt_learning_kinds_are_refused_naming_both_states_in_one_line(qwen35
     assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
     with pytest.raises(UnsupportedAdapter, match="carry a convolution and recurrent state"):
         add_adapter(bundle.root, "p", adapter, formats="onnx")
+
+
+def test_verify_passes_the_qwen35_bundle_on_both_backends(qwen35, capsys):
+    from edgepeft.cli import main
+
+    base, adapters, bundle = qwen35
+    assert main(["verify", str(bundle.root), "--reference", str(base), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["ok"] and {(c["backend"], c["adapter"]) for c in r["checks"]} == {
+        (b, a) for b in ("onnx", "gguf") for a in (None, *adapters)}
+    assert all(c["top1"] == 1.0 for c in r["checks"])
