@@ -115,7 +115,7 @@ def matrices(args) -> None:
         if len(impls) > 1:
             before = next(iter(med.values()))[0]
             errs = [_weighted_error(w, imp, o) for o in outs.values()]
-            row += f" | {before / med['current'][0]:.1f}x | {errs[-1] / errs[0]:.4f} |"
+            row += f" | {before / med['current'][0]:.1f}x | {errs[-1] / errs[0]:.4f}"
         print(row + " |", flush=True)
 
 
