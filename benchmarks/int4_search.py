@@ -8,8 +8,9 @@ matrices: times `int4_blocks` (exporters/int4_search.py) on random bf16-valued w
 shapes of Llama-3.2-1B's projections (q/o 2048x2048, k/v 512x2048, gate/up 8192x2048, down
 2048x8192, as [out, in]), with zero points (what `--onnx-quant int4` searches) unless
 --symmetric. With --before REV, also the int4_blocks of git revision REV (its
-exporters/onnx_quant.py), run alternately with the current one in the same sitting, and the two
-outputs compared bit for bit. Prints the median process CPU time (what one core spends; the
+exporters/int4_search.py), run alternately with the current one in the same sitting, and the
+current one's weighted error (what the search minimises, over the whole weight) as a ratio to
+REV's. Prints the median process CPU time (what one core spends; the
 export runs one search per core) and the median wall time over --runs, and the peak memory of
 one more run's allocations (tracemalloc, which sees numpy's; the output's own arrays included).
 
@@ -43,17 +44,20 @@ LLAMA_1B = {"q_proj/o_proj": (2048, 2048), "k_proj/v_proj": (512, 2048), "gate/u
 
 
 def _int4_blocks_at(rev: str):
-    """int4_blocks as git revision `rev` defined it (its exporters/onnx_quant.py, run as a module of
-    the current package so that its imports resolve)."""
-    try:
-        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:exporters/onnx_quant.py"],
-                             capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        raise SystemExit(f"int4_search.py: no exporters/onnx_quant.py at git revision {rev!r}")
-    module = types.ModuleType("edgepeft.exporters._onnx_quant_before")
-    module.__package__ = "edgepeft.exporters"
-    exec(compile(src, f"{rev}:exporters/onnx_quant.py", "exec"), module.__dict__)
-    return module.int4_blocks
+    """int4_blocks as git revision `rev` defined it (its exporters/int4_search.py, or before that
+    file its exporters/onnx_quant.py, run as a module of the current package so that its imports
+    resolve)."""
+    for path in ("exporters/int4_search.py", "exporters/onnx_quant.py"):
+        try:
+            src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"],
+                                 capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        module = types.ModuleType("edgepeft.exporters._int4_before")
+        module.__package__ = "edgepeft.exporters"
+        exec(compile(src, f"{rev}:{path}", "exec"), module.__dict__)
+        return module.int4_blocks
+    raise SystemExit(f"int4_search.py: no exporters/int4_search.py or onnx_quant.py at git revision {rev!r}")
 
 
 def _weights(out_features: int, in_features: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -64,9 +68,13 @@ def _weights(out_features: int, in_features: int, rng) -> tuple[np.ndarray, np.n
     return w, rng.lognormal(0.0, 1.5, in_features)
 
 
-def _same(a, b) -> bool:
-    return all((x is None and y is None) or (x is not None and y is not None and x.dtype == y.dtype
-                                             and np.array_equal(x, y)) for x, y in zip(a, b))
+def _weighted_error(w: np.ndarray, imp: np.ndarray, blocks) -> float:
+    """sum c (w - dequantized)^2 over the weight, with int4_blocks' c = importance * sqrt(sigma2 + w^2)."""
+    from edgepeft.exporters.onnx_quant import dequantize_int4
+
+    w64 = w.astype(np.float64)
+    c = imp[:, None] * np.sqrt((w64 ** 2).mean(0, keepdims=True) + w64 ** 2)
+    return float((c * (w64 - dequantize_int4(*blocks, w.shape[0])) ** 2).sum())
 
 
 def _peak_mib(fn, w, imp, zero_points: bool) -> float:
@@ -88,7 +96,7 @@ def matrices(args) -> None:
     rng = np.random.default_rng(0)
     print(f"zero points: {not args.symmetric}; median of {args.runs} runs; CPU = process time\n")
     print("| projection [out, in] | " + " | ".join(f"{n} CPU s | {n} wall s | {n} peak MiB" for n in impls)
-          + (" | speed-up (CPU) | identical |" if len(impls) > 1 else " |"))
+          + (" | speed-up (CPU) | weighted error vs before |" if len(impls) > 1 else " |"))
     print("|---|" + "---|---|---|" * len(impls) + ("---|---|" if len(impls) > 1 else ""))
     for name, (out_f, in_f) in LLAMA_1B.items():
         w, imp = _weights(out_f, in_f, rng)
@@ -106,7 +114,8 @@ def matrices(args) -> None:
         row = f"| {name} {out_f}x{in_f} | " + " | ".join(f"{c:.2f} | {t:.2f} | {m:.0f}" for c, t, m in med.values())
         if len(impls) > 1:
             before = next(iter(med.values()))[0]
-            row += f" | {before / med['current'][0]:.1f}x | {'yes' if _same(*outs.values()) else 'NO'}"
+            errs = [_weighted_error(w, imp, o) for o in outs.values()]
+            row += f" | {before / med['current'][0]:.1f}x | {errs[-1] / errs[0]:.4f}"
         print(row + " |", flush=True)
 
 
