@@ -32,9 +32,9 @@ RSS_BOUND = 24 << 20  # growth allowed from warm-up to the end
 def test_thousands_of_mixed_calls_get_their_adapters_output_with_flat_memory(llama_bundle, backend):
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"from test_thread_soak import soak; print(json.dumps(soak({str(llama_bundle.root)!r}, {backend!r})))")
-    # glibc gives each thread its own malloc arena, and 8 threads' arenas keep growing by
-    # fragmentation for minutes (measured: +85 MiB over a 30 s GGUF soak, +6 MiB with one arena):
-    # two arenas keep that out of the figure, so growth here means memory nobody frees.
+    # glibc gives each thread its own malloc arena, and 8 threads' arenas grow by fragmentation
+    # before they level off (a 30 s GGUF soak: +85 MiB, +6 MiB with one arena): two arenas keep
+    # that out of the figure, so growth here means memory nobody frees.
     env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
