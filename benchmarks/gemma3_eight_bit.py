@@ -8,6 +8,7 @@ within verify's int4 bounds (issue 35, item 6).
 
 Needs the gemma3 extra; the LoRA is trained once into /tmp/g3/reverse (about a minute)."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -19,7 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integrat
 import test_gemma3  # noqa: E402  (the test's LoRA recipe, reused as is)
 
 from edgepeft.exporters import export_bundle, onnx_export  # noqa: E402
+from edgepeft.exporters.archs.base import SPLIT_GROUPS  # noqa: E402
 from edgepeft.exporters.builtin import materialize  # noqa: E402
+
+GROUPS = {g.name for g in SPLIT_GROUPS} | {"lm_head"}
 
 
 def main(groups: str, out: str, lora: str = "/tmp/g3/reverse") -> None:
@@ -38,4 +42,12 @@ def main(groups: str, out: str, lora: str = "/tmp/g3/reverse") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("groups", help=f"comma-separated 8-bit groups, of: {', '.join(sorted(GROUPS))}")
+    ap.add_argument("out", help="the bundle directory to write")
+    ap.add_argument("--lora", default="/tmp/g3/reverse", help="where the trained LoRA is (trained there if absent)")
+    a = ap.parse_args()
+    unknown = set(a.groups.split(",")) - GROUPS
+    if unknown:
+        ap.error(f"unknown group(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(GROUPS))}")
+    main(a.groups, a.out, a.lora)
