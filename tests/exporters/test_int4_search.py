@@ -112,8 +112,9 @@ def test_search_is_near_the_exhaustive_one_and_never_worse_than_absmax(kind, zer
                 u, z, d = _unpacked(packed, scales, zp)
                 assert np.isfinite(d).all() and (z == 8).all() != (zp is not None)
                 got, c, x = _weighted_errors(w, importance, block, u, z, d)
-                # the search's closed-form errors cancel to about 1e-16 of sum(c x^2)
-                slack = 1e-13 * (c * x * x).sum(1) + 1e-300
+                # the search compares candidates in float32: errors closer than about 1e-7 of
+                # sum(c x^2) are ties to it (the worst seen here: 3e-7, on the "huge" weights)
+                slack = 1e-6 * (c * x * x).sum(1) + 1e-300
                 exhaustive = _weighted_errors(w, importance, block, *_reference(w, importance, block, zero_points))[0]
                 absmax = _absmax_errors(w, importance, block)
                 where = f"{kind} {k}x{n} block {block}"
