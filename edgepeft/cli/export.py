@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a PEFT adapter directory to export under NAME (repeatable)")
     p.add_argument("--format", default="onnx", help="comma-separated backends to export: onnx, gguf (default onnx)")
     p.add_argument("--onnx-quant", default="int4", choices=["int4", "int4-pure", "int8", "fp16", "fp32"],
-                   help="ONNX base precision (default int4: 4-bit MatMulNBits with zero points where they help, qkv, down_proj and lm_head at 8 bits, a head tied to the embedding at 4 bits with its top 64 logits recomputed from the fp16 table; int4-pure: every MatMul at 4 bits, symmetric, as onnxruntime-genai's int4; 4-bit blocks are weighted by activation statistics from a built-in calibration text)")
+                   help="ONNX base precision (default int4: 4-bit MatMulNBits with zero points where they help, qkv, down_proj and lm_head at 8 bits (and any projection a builtin base holds at more than 4 bits), a head tied to the embedding at 4 bits with its top 64 logits recomputed from the fp16 table; int4-pure: every MatMul at 4 bits, symmetric, as onnxruntime-genai's int4; 4-bit blocks are weighted by activation statistics from a built-in calibration text)")
     p.add_argument("--int4-target-kl", type=float, default=None, metavar="KL",
                    help="int4: choose the 8-bit MatMuls by measured sensitivity instead, the most sensitive per "
                         "byte first, until the KL to the float model on the built-in calibration text is at most "

@@ -52,18 +52,20 @@ def gemma_bundle(tmp_path_factory):
 
 
 def test_int4_and_q4_k_m_pass_verify_with_a_trained_lora(gemma_bundle):
-    """Both backends' base, and the LoRA on Q4_K_M, within verify's 4-bit bounds. The LoRA on
-    int4 ONNX misses them (max abs 38; open, see the stop note) and is checked only to run."""
+    """Both backends, base and LoRA, within verify's 4-bit bounds. The int4 export keeps the
+    MLP's gate/up at 8 bits because this base holds them at 5 (Q5_0 in its GGUF); at 4 bits the
+    LoRA's KL was 0.42 (benchmarks/results/gemma3_eight_bit.md)."""
     bundle, lora = gemma_bundle
     assert bundle.base["model_type"] == "gemma3_text"
+    mix = bundle.backends["onnx"]["int4_mix"]
+    assert mix["finer_in_source"] == ["gate_up_proj"] and "gate_up_proj" in mix["groups"]
     p = subprocess.run([sys.executable, "-m", "edgepeft", "verify", str(bundle.root), "--reference", BASE, "--json"],
                        capture_output=True, text=True)
     report = json.loads(p.stdout)
     checks = report["checks"]
     assert {(c["backend"], c["adapter"]) for c in checks} == {(b, a) for b in ("onnx", "gguf") for a in (None, "reverse")}
     for c in checks:
-        if (c["backend"], c["adapter"]) != ("onnx", "reverse"):
-            assert c["ok"], c
+        assert c["ok"], c
         assert c["positions"] > 100
 
 

@@ -105,6 +105,17 @@ def test_shipped_adapters_keep_their_accuracy_when_quantized(demo_bundle, backen
         assert base <= 0.5 * check["accuracy"], (backend, name, base, check)
 
 
+def test_int4_keeps_the_default_8_bit_groups_on_a_4_bit_source(demo_bundle):
+    """The builtin GGUF holds every projection at 4 bits (Q4_1): int4 adds no 8-bit group for
+    the source (builtin:gemma3-270m, with gate/up at 5 bits, does; tests/integration/test_gemma3.py)."""
+    from edgepeft.bundle import Bundle
+    from edgepeft.exporters.builtin import source_level_bits
+
+    assert set(source_level_bits("builtin:smollm2-135m").values()) == {4}
+    mix = Bundle.open(demo_bundle[0]).backends["onnx"]["int4_mix"]
+    assert mix == {"by": "groups", "groups": ["qkv_proj", "down_proj"]}  # the tied head is exact at 4 bits
+
+
 def test_shipped_adapters_are_small_real_peft_adapters():
     from edgepeft.kinds import read_peft_adapter
 
