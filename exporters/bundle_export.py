@@ -6,7 +6,6 @@ from pathlib import Path
 
 from edgepeft.bundle import Bundle, new_manifest
 from edgepeft.errors import AdapterMismatch, BundleError, UnsupportedAdapter, UnsupportedModel, require
-from edgepeft.files import TMP_PREFIX
 from edgepeft.layout import adapter_file, check_adapter_name
 from edgepeft.recovery import recover, replace_dir, staging_dir, writer_lock
 from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, needs_full_slots, read_checked_adapter
@@ -14,9 +13,9 @@ from edgepeft.kinds import KINDS, SUPPORT, AdapterSpec, features, needed_slots, 
 from . import heap
 from .hf_base import (BaseModel, config_layout, copy_tokenizer, fingerprint_state_dict, fingerprint_tensors, load_base,
                       read_config, resolve_base_dir)
-from .decode_bytes import gguf_decode_bytes
 from .gguf_adapter import export_adapter_gguf
-from .gguf_base import check_gguf_layout, gguf_ftype, quantize_gguf, quantize_source_type, write_base_gguf
+from .gguf_base import check_gguf_layout, gguf_ftype
+from .gguf_job import DIRECT as GGUF_DIRECT, GgufJob
 from .merge import MergedWeights
 from .onnx_adapter import export_adapter_onnx
 from .onnx_export import export_onnx
@@ -198,17 +197,6 @@ def _base_entry(source: str, base: BaseModel, merged: dict | None) -> dict:
             **({"merged_adapter": merged} if merged else {})}
 
 
-def _export_gguf(bundle: Bundle, base: BaseModel, quant: str, context_length: int | None,
-                 progress: Progress) -> dict:
-    """Write the base GGUF into the bundle, list it, and return the manifest's backends["gguf"]."""
-    progress.step(f"writing GGUF ({quant})")
-    rel = _write_gguf(base, bundle.root, quant)
-    bundle.record_file(rel)
-    progress.done()
-    return {"model": rel, "quant": quant.upper(), "decode_bytes": gguf_decode_bytes(bundle.root / rel),
-            "context_length": int(context_length or min(base.dims["max_position_embeddings"], 8192))}
-
-
 def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = None,
                   formats="onnx", onnx_quant: str = "int4", gguf_quant: str = "Q4_K_M", block_size: int = 32,
                   accuracy_level: int = 4, context_length: int | None = None,
@@ -218,7 +206,7 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
 
     int4_target_kl: int4 chooses its 8-bit MatMuls by measured sensitivity, until the calibration KL
     is at most this (sensitivity.py). Larger is faster and less faithful. Default: the fixed groups
-    (onnx_quant.EIGHT_BIT_GROUPS).
+    (onnx_quant.EIGHT_BIT_GROUPS, and for a builtin base any group its GGUF holds at more than 4 bits).
 
     slots: the ONNX base's adapter slots, "lora" (LoRA only), "full" (also the scale and bias
     slots IA3, DoRA and bias tuning need; slower in calls with an adapter, so not the default)
@@ -236,7 +224,8 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
         check_quant(onnx_quant, block_size)
     onnx_steps = 3 + (onnx_quant in ("int4", "int4-pure")) + (int4_target_kl is not None)
     # loading, manifest, the backends' steps, one per adapter (the merged one's is its merge)
-    progress = Progress(2 + onnx_steps * ("onnx" in formats) + ("gguf" in formats) + len(specs), quiet)
+    gguf_steps = 0 if "gguf" not in formats else 1 if gguf_quant.upper() in GGUF_DIRECT else 2
+    progress = Progress(2 + onnx_steps * ("onnx" in formats) + gguf_steps + len(specs), quiet)
     finished = False
     try:
         progress.step("loading base")
@@ -255,13 +244,22 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
             bundle = Bundle(tmp, new_manifest(base=_base_entry(base, base_model, merged), tokenizer=tokenizer))
             for name in tokenizer["files"]:
                 bundle.record_file(name)
-            if "onnx" in formats:
-                slot_set = slots or ("none" if merge is not None else
-                                     "full" if any(needs_full_slots(sp) for sp in specs.values()) else "lora")
-                bundle.backends["onnx"] = export_onnx(bundle, base_model, onnx_quant, slot_set, block_size,
-                                                       accuracy_level, context_length, progress, int4_target_kl)
-            if "gguf" in formats:
-                bundle.backends["gguf"] = _export_gguf(bundle, base_model, gguf_quant, context_length, progress)
+            # the GGUF first: its quantizer then runs beside the ONNX export (gguf_job.py)
+            gguf = GgufJob(tmp, base_model, gguf_quant, context_length, progress) if "gguf" in formats else None
+            try:
+                if "onnx" in formats:
+                    slot_set = slots or ("none" if merge is not None else
+                                         "full" if any(needs_full_slots(sp) for sp in specs.values()) else "lora")
+                    bundle.backends["onnx"] = export_onnx(bundle, base_model, onnx_quant, slot_set, block_size,
+                                                           accuracy_level, context_length, progress, int4_target_kl,
+                                                           before_head=gguf.wait if gguf else None)
+                if gguf:
+                    bundle.backends["gguf"] = gguf.finish(progress)
+                    bundle.record_file(gguf.rel)
+            except Exception:
+                if gguf:
+                    gguf.abandon()
+                raise
             for name, spec in specs.items():
                 progress.step(f"adapter {name}")
                 _write_adapter(bundle, name, spec, formats, base=base_model)
@@ -274,24 +272,6 @@ def export_bundle(base: str, out: str | Path, adapters: dict[str, str] | None = 
     finally:
         progress.close(summary=finished)
     return Bundle.open(out)
-
-
-def _write_gguf(base: BaseModel, root: Path, quant: str) -> str:
-    """Write the base GGUF: F32/F16 directly, anything else through llama.cpp's quantizer."""
-    quant = quant.upper()
-    rel = f"gguf/base-{quant}.gguf"
-    (root / "gguf").mkdir(exist_ok=True)
-    if quant in ("F32", "F16"):
-        write_base_gguf(base, root / rel, quant)
-    else:
-        source_type = quantize_source_type(base)
-        source = root / "gguf" / f"{TMP_PREFIX}base-{source_type}.gguf"
-        write_base_gguf(base, source, source_type)
-        try:
-            quantize_gguf(source, root / rel, quant)
-        finally:
-            source.unlink(missing_ok=True)
-    return rel
 
 
 def add_adapter(bundle_dir: str | Path, name: str, peft_dir: str | Path, formats=None) -> Bundle:

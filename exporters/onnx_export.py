@@ -47,12 +47,14 @@ def _eight_bit_groups(exact_head: int, source: str) -> tuple[list[str], list[str
 
 
 def _streamed_blocks(base: BaseModel, quant: str, graph_dtype: str, build: dict, block_size: int,
-                     exact_head: int, progress: Progress, path: Path) -> tuple:
+                     exact_head: int, progress: Progress, path: Path, before_head=None) -> tuple:
     """Build the graph with each base MatMul quantized as it is made (onnx_quant.WeightQuantizer):
     the activation statistics first (int4, int4-pure), then the graph. Returns (proto, info,
     blocks); fp16/fp32 keep float weights and have no blocks. The quantized blocks and the fp16
     embedding table go to the data file of the model at `path` as they are made (onnx_external)."""
     if quant not in WEIGHT_ONLY:
+        if before_head is not None:  # the float graph holds every weight: nothing beside it
+            before_head()
         progress.step(f"building ONNX graph ({quant})")
         proto, info = build_decoder(base, graph_dtype, **build)
         progress.done()
@@ -69,7 +71,8 @@ def _streamed_blocks(base: BaseModel, quant: str, graph_dtype: str, build: dict,
     external = ExternalData(path, DATA_FILE)
     quantizer = WeightQuantizer(lambda group: 8 if quant == "int8" or group in eight else 4, importance,
                                 block_size, zero_points=quant == "int4", progress=progress,
-                                total=len(base.arch.groups) * base.dims["num_layers"] + 1, external=external)
+                                total=len(base.arch.groups) * base.dims["num_layers"] + 1, external=external,
+                                before_head=before_head)
     try:
         proto, info = build_decoder(base, graph_dtype, quantizer=quantizer, external=external, **build)
     finally:
@@ -119,20 +122,24 @@ def _measured_mix(base: BaseModel, info: dict, four: dict, float_w: dict, block_
 
 def export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, block_size: int,
                  accuracy_level: int, context_length: int | None, progress: Progress,
-                 int4_target_kl: float | None = None) -> dict:
+                 int4_target_kl: float | None = None, before_head=None) -> dict:
     """Write onnx/ (the base graph, quantized, with `slot_set` adapter slots) into the bundle,
-    list its files, and return the manifest's backends["onnx"] entry."""
+    list its files, and return the manifest's backends["onnx"] entry. before_head() is called
+    before the head's weight is read (with --int4-target-kl, which holds the whole float graph,
+    before anything is)."""
     graph_dtype = "fp16" if quant == "fp16" else "fp32"
     # int4 with a tied head: the head at 4 bits, its top logits recomputed exactly
     exact_head = EXACT_HEAD_TOP_K if quant == "int4" and head_is_tied(base) else 0
     build = dict(context_length=context_length, slot_set=slot_set, fp16_embedding=quant in WEIGHT_ONLY,
                  exact_head_top_k=exact_head)
     if int4_target_kl is not None:
+        if before_head is not None:
+            before_head()
         proto, info, blocks, eight_bit, mix = _measured_blocks(base, graph_dtype, build, block_size, exact_head,
                                                                 int4_target_kl, progress)
     else:
         proto, info, blocks = _streamed_blocks(base, quant, graph_dtype, build, block_size, exact_head, progress,
-                                               bundle.root / "onnx" / "model.onnx")
+                                               bundle.root / "onnx" / "model.onnx", before_head)
         eight_bit = [n for n in info["base_matmuls"] if blocks[n][0] == 8] if quant == "int4" else []
         mix = None
         if quant == "int4":

@@ -120,8 +120,9 @@ class WeightQuantizer:
     graph, so the whole float32 graph would have to sit in memory first, and it copies it."""
 
     def __init__(self, bits, importance: dict[str, np.ndarray], block_size: int, zero_points: bool,
-                 progress=QUIET, total: int = 0, external=None):
+                 progress=QUIET, total: int = 0, external=None, before_head=None):
         self.bits, self.importance, self.block_size, self.zero_points = bits, importance, block_size, zero_points
+        self.before_head = before_head  # called before the head's weight is read (gguf_job.GgufJob.wait)
         self.external = external  # an onnx_external.ExternalData: each weight's blocks go there when done
         self.workers = os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(max_workers=self.workers)
@@ -133,6 +134,11 @@ class WeightQuantizer:
         if bits == 4 and importance is not None:
             return int4_blocks(w, importance, self.block_size, self.zero_points)
         return rtn_blocks(w, bits, self.block_size)
+
+    def reading(self, group: str) -> None:
+        """The graph builder is about to read a weight of projection `group`."""
+        if group == "lm_head" and self.before_head is not None:
+            self.before_head()
 
     def __call__(self, node: str, module: str, group: str, w: np.ndarray) -> None:
         """Quantize weight `w` [K, N] of MatMul `node`, whose input `module` reads. A large 4-bit

@@ -79,6 +79,15 @@ class Progress:
         if self.bar:
             self.bar.update(1)
 
+    def note(self, text: str) -> None:
+        """One line beside the steps (work that ran in the background), on a terminal too."""
+        if self.quiet:
+            return
+        if self.bar:
+            self.bar.write(f"edgepeft: {text}", file=self.stream)
+        else:
+            print(f"edgepeft: {text}", file=self.stream, flush=True)
+
     def items(self, iterable, total: int | None = None, unit: str = "items"):
         """Yield from `iterable`, counting its units for the current step."""
         total = len(iterable) if total is None else total

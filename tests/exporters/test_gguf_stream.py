@@ -2,13 +2,14 @@
 it writes reads back (gguf-py's GGUFReader) as the checkpoint's weights in llama.cpp's layout; and
 a bf16 checkpoint is quantized from a BF16 file, giving the bytes an F32 file gives."""
 
+import time
 import tracemalloc
 
 import gguf
 import numpy as np
 import pytest
 
-from edgepeft.exporters import bundle_export
+from edgepeft.exporters import bundle_export, gguf_job
 from edgepeft.exporters.gguf_base import quantize_gguf, quantize_source_type, write_base_gguf
 from edgepeft.exporters.hf_base import load_base
 from factory import bf16_copy, load_reference, make_base
@@ -103,7 +104,7 @@ def test_a_bf16_checkpoint_is_quantized_from_bf16_with_the_bytes_f32_gives(tmp_p
         sources.append({t.tensor_type.name for t in gguf.GGUFReader(str(src)).tensors})
         quantize_gguf(src, dest, quant, threads)
 
-    monkeypatch.setattr(bundle_export, "quantize_gguf", spy)
+    monkeypatch.setattr(gguf_job, "quantize_gguf", spy)
     out = tmp_path / "bundle"
     bundle_export.export_bundle(str(bf16_dir), out, formats="gguf", gguf_quant="Q4_K_M", quiet=True)
     assert sources == [{"BF16", "F32"}]  # matrices BF16, norms and biases F32
@@ -112,3 +113,48 @@ def test_a_bf16_checkpoint_is_quantized_from_bf16_with_the_bytes_f32_gives(tmp_p
     from_f32 = (tmp_path / "from-f32.gguf").read_bytes()
     assert (out / "gguf" / "base-Q4_K_M.gguf").read_bytes() == from_f32
     assert {t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "from-f32.gguf")).tensors} >= {"Q4_K", "F32"}
+
+
+def test_the_gguf_quantizer_runs_beside_the_onnx_export_and_ends_before_its_head(tiny_llama, tmp_path, monkeypatch):
+    """The quantizer starts once the GGUF source is written, while the ONNX graph is built, and
+    the graph reads its head only after the quantizer has finished (gguf_job.py); the files are
+    those of a GGUF-only export."""
+    from edgepeft.exporters import onnx_quant
+
+    events = []
+
+    def slow_quantize(src, dest, quant, threads=0):
+        events.append("quantize start")
+        time.sleep(0.5)  # long enough that the ONNX graph has begun meanwhile
+        quantize_gguf(src, dest, quant, threads)
+        events.append("quantize end")
+
+    reading = onnx_quant.WeightQuantizer.reading
+
+    def spy_reading(self, group):
+        events.append(f"read {group}")
+        reading(self, group)
+
+    monkeypatch.setattr(gguf_job, "quantize_gguf", slow_quantize)
+    monkeypatch.setattr(onnx_quant.WeightQuantizer, "reading", spy_reading)
+    both = bundle_export.export_bundle(str(tiny_llama), tmp_path / "both", formats="onnx,gguf", quiet=True)
+    first_read = next(i for i, e in enumerate(events) if e.startswith("read "))
+    assert events.index("quantize start") < first_read < events.index("quantize end")
+    head = events.index("read lm_head")
+    assert events.index("quantize end") < head
+    alone = bundle_export.export_bundle(str(tiny_llama), tmp_path / "alone", formats="gguf", quiet=True)
+    rel = both.backends["gguf"]["model"]
+    assert both.file(rel).read_bytes() == alone.file(rel).read_bytes()
+    assert not list((tmp_path / "both" / "gguf").glob(".*"))  # the float source is gone
+
+
+def test_a_quantizer_failure_in_the_background_fails_the_export_in_one_line(tiny_llama, tmp_path, monkeypatch):
+    from edgepeft.errors import UnsupportedModel
+
+    def broken(src, dest, quant, threads=0):
+        raise UnsupportedModel(f"{src}: llama.cpp could not quantize it to {quant} (code 1)")
+
+    monkeypatch.setattr(gguf_job, "quantize_gguf", broken)
+    with pytest.raises(UnsupportedModel, match="could not quantize it to Q4_K_M"):
+        bundle_export.export_bundle(str(tiny_llama), tmp_path / "b", formats="onnx,gguf", quiet=True)
+    assert not (tmp_path / "b").exists()
