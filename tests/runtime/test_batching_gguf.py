@@ -72,12 +72,14 @@ def test_mixed_adapters_batch_and_match_unbatched(engine, monkeypatch):
         assert [r.length for r in rows] == [0, 0, 0, 0]
         assert rows[2].bc is rows[3].bc and len({id(r.bc) for r in rows}) == 3
         assert rows[2].seq != rows[3].seq
+        firsts = []
         for i, (row, p) in enumerate(zip(rows, PROMPTS)):
             first = row.forward(p)[-1]
             assert first.shape == (be.n_vocab,) and first.dtype == np.float32
             assert row.length == len(p)
             close_enough(first, refs[i][0][0], f"row {i} prefill")
-            logits = first if i == 0 else np.vstack([logits, first])
+            firsts.append(first)
+        logits = np.vstack(firsts)
         calls = count_decodes(b, monkeypatch)
         toks = [[] for _ in rows]
         for t in range(steps):
