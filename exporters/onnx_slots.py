@@ -129,8 +129,9 @@ class Projections:
         mods = [getattr(parent, m) for m in members]
         module = f"{prefix}.{group}" if prefix else group
         name = f"/{prefix}/{group}" if prefix else f"/{group}"
-        if g.quantizer:
-            g.quantizer.reading(group)
+        reading = getattr(g.quantizer, "reading", None)  # optional: a plain callable quantizer has none
+        if reading:
+            reading(group)
         # [out_total, in]; one member's weight as it is (a copy of a tied head would be as large as the table)
         w = to_numpy(mods[0].weight) if len(mods) == 1 else np.concatenate([to_numpy(m.weight) for m in mods], axis=0)
         fan_in, fan_out = w.shape[1], w.shape[0]

@@ -2,7 +2,7 @@
 it writes reads back (gguf-py's GGUFReader) as the checkpoint's weights in llama.cpp's layout; and
 a bf16 checkpoint is quantized from a BF16 file, giving the bytes an F32 file gives."""
 
-import time
+import threading
 import tracemalloc
 
 import gguf
@@ -121,11 +121,12 @@ def test_the_gguf_quantizer_runs_beside_the_onnx_export_and_ends_before_its_head
     those of a GGUF-only export."""
     from edgepeft.exporters import onnx_quant
 
-    events = []
+    events, graph_begun = [], threading.Event()
 
     def slow_quantize(src, dest, quant, threads=0):
         events.append("quantize start")
-        time.sleep(0.5)  # long enough that the ONNX graph has begun meanwhile
+        # ends only once the ONNX graph has begun (or after 60 s, which the order below then catches)
+        graph_begun.wait(60)
         quantize_gguf(src, dest, quant, threads)
         events.append("quantize end")
 
@@ -133,13 +134,16 @@ def test_the_gguf_quantizer_runs_beside_the_onnx_export_and_ends_before_its_head
 
     def spy_reading(self, group):
         events.append(f"read {group}")
+        graph_begun.set()
         reading(self, group)
 
     monkeypatch.setattr(gguf_job, "quantize_gguf", slow_quantize)
     monkeypatch.setattr(onnx_quant.WeightQuantizer, "reading", spy_reading)
     both = bundle_export.export_bundle(str(tiny_llama), tmp_path / "both", formats="onnx,gguf", quiet=True)
     first_read = next(i for i, e in enumerate(events) if e.startswith("read "))
-    assert events.index("quantize start") < first_read < events.index("quantize end")
+    # the quantizer was still running when the graph began (it waits for that: a sequential
+    # export would deadlock here until the 60 s timeout, and then fail this order)
+    assert first_read < events.index("quantize end")
     head = events.index("read lm_head")
     assert events.index("quantize end") < head
     alone = bundle_export.export_bundle(str(tiny_llama), tmp_path / "alone", formats="gguf", quiet=True)
