@@ -133,9 +133,9 @@ def test_the_gguf_quantizer_runs_beside_the_onnx_export_and_ends_before_its_head
     reading = onnx_quant.WeightQuantizer.reading
 
     def spy_reading(self, group):
-        events.append(f"read {group}")
         graph_begun.set()
-        reading(self, group)
+        reading(self, group)  # the head's waits for the quantizer here, before the weight is read
+        events.append(f"read {group}")
 
     monkeypatch.setattr(gguf_job, "quantize_gguf", slow_quantize)
     monkeypatch.setattr(onnx_quant.WeightQuantizer, "reading", spy_reading)
