@@ -126,11 +126,11 @@ def source_level_bits(source: str) -> dict[str, int]:
         return {}
     gguf = require("gguf", "export")
     reader = gguf.GGUFReader(str(gguf_path(source.split(":", 1)[1])))
-    kinds = {t.name.split(".")[2]: 0 for t in reader.tensors if t.name.startswith("blk.")}
+    kinds: dict[str, int] = {}
     for t in reader.tensors:
         if t.name.startswith("blk."):
             kind = t.name.split(".")[2]
-            kinds[kind] = max(kinds[kind], _level_bits(t.tensor_type.name))
+            kinds[kind] = max(kinds.get(kind, 0), _level_bits(t.tensor_type.name))
     return {group: max(kinds[n] for n in names) for group, names in _GROUP_TENSORS.items()
             if all(n in kinds for n in names)}
 

@@ -47,8 +47,9 @@ def _eight_bit_groups(exact_head: int, source: str) -> tuple[list[str], list[str
 
 
 def _streamed_blocks(base: BaseModel, quant: str, graph_dtype: str, build: dict, block_size: int,
-                     exact_head: int, progress: Progress, path: Path, before_head=None) -> tuple:
-    """Build the graph with each base MatMul quantized as it is made (onnx_quant.WeightQuantizer):
+                     eight: set[str], progress: Progress, path: Path, before_head=None) -> tuple:
+    """Build the graph with each base MatMul quantized as it is made (onnx_quant.WeightQuantizer),
+    the projection groups in `eight` at 8 bits (int4):
     the activation statistics first (int4, int4-pure), then the graph. Returns (proto, info,
     blocks); fp16/fp32 keep float weights and have no blocks. The quantized blocks and the fp16
     embedding table go to the data file of the model at `path` as they are made (onnx_external)."""
@@ -64,7 +65,6 @@ def _streamed_blocks(base: BaseModel, quant: str, graph_dtype: str, build: dict,
         progress.step("calibrating 4-bit weights")
         importance = activation_importance(base, linear_modules(base.model), progress)
         progress.done()
-    eight = set(_eight_bit_groups(exact_head, base.source)[0]) if quant == "int4" else set()
     progress.step(f"building ONNX graph ({quant})")
     # zero points where a block's weighted error drops with one (int4_blocks); int4-pure stays
     # symmetric, as onnxruntime-genai's int4 is
@@ -138,13 +138,13 @@ def export_onnx(bundle: Bundle, base: BaseModel, quant: str, slot_set: str, bloc
         proto, info, blocks, eight_bit, mix = _measured_blocks(base, graph_dtype, build, block_size, exact_head,
                                                                 int4_target_kl, progress)
     else:
-        proto, info, blocks = _streamed_blocks(base, quant, graph_dtype, build, block_size, exact_head, progress,
+        # read once: for a builtin base, its GGUF's tensor types (gguf-py parses the whole vocabulary)
+        groups, finer = _eight_bit_groups(exact_head, base.source) if quant == "int4" else ([], [])
+        proto, info, blocks = _streamed_blocks(base, quant, graph_dtype, build, block_size, set(groups), progress,
                                                bundle.root / "onnx" / "model.onnx", before_head)
         eight_bit = [n for n in info["base_matmuls"] if blocks[n][0] == 8] if quant == "int4" else []
-        mix = None
-        if quant == "int4":
-            groups, finer = _eight_bit_groups(exact_head, base.source)
-            mix = {"by": "groups", "groups": groups, **({"finer_in_source": finer} if finer else {})}
+        mix = {"by": "groups", "groups": groups, **({"finer_in_source": finer} if finer else {})} \
+            if quant == "int4" else None
     progress.step(f"quantizing ({quant})")
     zero_points = sum(b[3] is not None for b in blocks.values() if b[0] == 4)
     proto = to_matmul_nbits(proto, blocks, block_size, accuracy_level)  # empties `blocks`
