@@ -89,9 +89,8 @@ class _Chunk:
 
     def __init__(self, x: np.ndarray, imp: np.ndarray, sigma2: np.ndarray):
         hi, lo = x.max(1).astype(np.float64), x.min(1).astype(np.float64)
-        a = np.maximum(hi, -lo)
-        self.a = np.where(a == 0, 1.0, a)  # the block's scale; an all-zero block keeps 1
-        m = x[np.arange(len(x)), np.abs(x).argmax(1)]  # the signed absmax, the first one on a tie
+        m = x[np.arange(len(x)), np.abs(x).argmax(1)].astype(np.float64)  # the signed absmax, the first on a tie
+        self.a = np.where(m == 0, 1.0, np.abs(m))  # the block's scale; an all-zero block keeps 1
         self.sign = np.where(m < 0, -1.0, 1.0)
         self.lo, self.span = lo / self.a, np.maximum((hi - lo) / self.a, 1e-30)
         self.xt = np.ascontiguousarray(x.T) * (1 / self.a).astype(np.float32)
